@@ -1,0 +1,14 @@
+"""dsnet: Dynamic Slimmable Networks (DS-Net) for PyTorch and timm.
+
+``import dsnet`` registers the supernets with timm::
+
+    model = timm.create_model("ds_mobilenet_v1", num_classes=1000)
+    model(x, subnet=3)            # static subnet 3 on dense slices
+    model(x, subnet="dynamic")    # each sample takes the route its gate picks
+"""
+from dsnet.export import extract_subnet
+from dsnet.madds import count_madds, count_params
+from dsnet.models import DSNet, DenseNet, MODELS
+
+__version__ = "0.1.0"
+__all__ = ["DSNet", "DenseNet", "MODELS", "count_madds", "count_params", "extract_subnet", "__version__"]

@@ -1,0 +1,416 @@
+"""Strict run configuration: a YAML file plus ``section.key=value`` overrides -> frozen dataclasses.
+
+    cfg = load_config("configs/cifar10.yaml", ["train.epochs=3", "gate.routing_space=[0,1,2]"])
+    cfg.train.epochs                         # 3
+    cfg = replace(cfg, **{"train.lr": 0.05})  # a validated copy; configs are frozen
+    save_config(cfg, "runs/x/config.yaml")   # load_config reads it back equal
+
+Validation is table-driven: types come from the dataclass annotations, enumerations from
+``_CHOICES``, ranges from ``_RULES`` and the few constraints between fields from ``_check_cross``.
+Checks that need the model (does ``gate.routing_space`` fit its width list?) belong to the model
+code. Every failure raises ``ConfigError`` with one sentence naming the key as ``section.key``
+and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Callable, Sequence
+
+import yaml
+
+__all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
+           "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
+           "save_config", "replace"]
+
+
+class ConfigError(ValueError):
+    """A bad config file, override, key or value; the message is one sentence naming it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "ds_resnet20"                   # a dsnet model registered with timm
+    num_classes: int | None = None              # None: taken from the dataset
+    drop_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic"                     # synthetic, folder, cifar10, cifar100
+    root: str | None = None                     # required unless synthetic; existence checked by data.py
+    input_size: int = 32
+    num_workers: int = 2
+    synthetic_train_size: int = 10000
+    synthetic_val_size: int = 2000
+    synthetic_classes: int = 10
+    synthetic_seed: int = 0
+    auto_augment: str | None = None             # a timm auto-augment string, e.g. "rand-m9-mstd0.5"
+    reprob: float = 0.0                         # random-erasing probability
+    mixup: float = 0.0                          # mixup alpha, 0 = off
+    cutmix: float = 0.0                         # cutmix alpha, 0 = off
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None               # None: timm's default
+    skip_bad_images: bool = False
+    val_batch_size: int | None = None           # None: train.batch_size
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64                        # per process
+    lr: float = 0.1                             # effective lr = lr * global_batch / lr_base_batch,
+    lr_base_batch: int = 256                    # global_batch = batch_size * world_size * grad_accum
+    opt: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    sched: str = "cosine"                       # cosine, step, none
+    warmup_epochs: float = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    label_smoothing: float = 0.1
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    amp: str = "none"                           # none, bf16, fp16, auto
+    channels_last: bool = False
+    device: str = "auto"                        # auto, cpu, cuda, cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    log_interval: int = 50                      # steps
+    eval_interval: int = 1                      # epochs
+    max_steps_per_epoch: int | None = None
+    resume: str | None = None                   # a checkpoint path
+    best_metric: str = "top1_largest"
+    recalibrate_bn: bool = True
+    recalibrate_batches: int = 20
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class IEBConfig:
+    num_random: int = 2                         # random subnets per step, between largest and slimmest
+    # ensemble: EMA-largest teaches all, the slimmest learns from the EMA ensemble (paper default);
+    # ema: EMA-largest teaches all (the published config); inplace: the live largest teaches,
+    # no EMA; none: every subnet learns from the labels.
+    teacher: str = "ensemble"
+    ema_decay: float = 0.997
+    ema_warmup: bool = False
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    routing_space: tuple[int, ...] | None = None  # choice indices of the gated group; None = all
+    rule: str = "slimmest"                      # SGS target rule: slimmest, slimmest_largest
+    sgs_weight: float = 1.0
+    task_weight: float = 1.0
+    # penalty = complexity_weight * max(mean GMAdds - complexity_target, 0) ** 2
+    complexity_weight: float = 0.5
+    complexity_target: float = 0.0              # GMAdds
+    gumbel_tau: float = 1.0
+    epochs: int = 10
+    lr: float = 0.01
+    lr_base_batch: int = 256
+    opt: str = "adamw"
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0
+    logit_bias: tuple[float, ...] | None = None  # initial gate logits, one per routing choice
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/default"
+    checkpoint_interval: int = 1                # epochs
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ieb: IEBConfig = field(default_factory=IEBConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
+               "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("synthetic", "folder", "cifar10", "cifar100"),
+    "data.interpolation": ("bilinear", "bicubic", "nearest"),
+    "train.opt": _OPTIMIZERS,
+    "train.sched": ("cosine", "step", "none"),
+    "train.amp": ("none", "bf16", "fp16", "auto"),
+    "ieb.teacher": ("ensemble", "ema", "inplace", "none"),
+    "gate.rule": ("slimmest", "slimmest_largest"),
+    "gate.opt": _OPTIMIZERS,
+}
+
+Rule = tuple[Callable[[Any], bool], str]  # (value is accepted, what is accepted)
+_POS_INT: Rule = (lambda v: v >= 1, "a positive integer")
+_NONNEG_INT: Rule = (lambda v: v >= 0, "a non-negative integer")
+_POS: Rule = (lambda v: v > 0, "positive")
+_NONNEG: Rule = (lambda v: v >= 0, "non-negative")
+_UNIT: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+_NONEMPTY: Rule = (lambda v: len(v) > 0, "a non-empty string")
+_RULES: dict[str, Rule] = {
+    "model.name": _NONEMPTY, "model.num_classes": _POS_INT, "model.drop_rate": _UNIT,
+    "data.root": _NONEMPTY, "data.input_size": _POS_INT, "data.num_workers": _NONNEG_INT,
+    "data.synthetic_train_size": _POS_INT, "data.synthetic_val_size": _POS_INT,
+    "data.synthetic_classes": (lambda v: v >= 2, "an integer >= 2"),
+    "data.synthetic_seed": _NONNEG_INT, "data.reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "data.mixup": _NONNEG, "data.cutmix": _NONNEG, "data.auto_augment": _NONEMPTY,
+    "data.crop_pct": (lambda v: 0 < v <= 1, "in (0, 1]"), "data.val_batch_size": _POS_INT,
+    "train.epochs": _POS_INT, "train.batch_size": _POS_INT, "train.lr": _POS,
+    "train.lr_base_batch": _POS_INT, "train.momentum": _UNIT, "train.weight_decay": _NONNEG,
+    "train.warmup_epochs": _NONNEG, "train.warmup_lr": _NONNEG, "train.min_lr": _NONNEG,
+    "train.label_smoothing": _UNIT, "train.grad_accum": _POS_INT, "train.clip_grad": _POS,
+    "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                     "auto, cpu, cuda or cuda:N"),
+    "train.seed": _NONNEG_INT, "train.log_interval": _POS_INT, "train.eval_interval": _POS_INT,
+    "train.max_steps_per_epoch": _POS_INT, "train.resume": _NONEMPTY,
+    "train.best_metric": _NONEMPTY, "train.recalibrate_batches": _POS_INT,
+    "ieb.num_random": _NONNEG_INT, "ieb.ema_decay": _UNIT,
+    "gate.routing_space": (lambda v: len(v) > 0 and v[0] >= 0 and all(a < b for a, b in zip(v, v[1:])),
+                           "a non-empty, strictly increasing list of non-negative integers"),
+    "gate.sgs_weight": _NONNEG, "gate.task_weight": _NONNEG, "gate.complexity_weight": _NONNEG,
+    "gate.complexity_target": _NONNEG, "gate.gumbel_tau": _POS, "gate.epochs": _POS_INT,
+    "gate.lr": _POS, "gate.lr_base_batch": _POS_INT, "gate.weight_decay": _NONNEG,
+    "gate.warmup_epochs": _NONNEG, "gate.logit_bias": (lambda v: len(v) > 0, "a non-empty list of numbers"),
+    "output.dir": _NONEMPTY, "output.checkpoint_interval": _POS_INT,
+}
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               dict: "a mapping with string keys"}
+_ITEM_NAMES = {int: "integers", float: "finite numbers"}
+_BAD = object()
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads ``1e-5`` as a float (YAML 1.2), not as the string '1e-5'."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+@cache
+def _fields(section: str) -> dict[str, Any]:
+    """Field name -> resolved annotation for one section."""
+    return typing.get_type_hints(_SECTIONS[section])
+
+
+def _suggest(name: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f"did you mean '{match[0]}'? " if match else ""
+
+
+def _scalar(tp: Any, v: Any) -> Any:
+    """``v`` converted to the plain type ``tp``, or ``_BAD``. bool and int never stand for each other."""
+    if tp is bool:
+        return v if isinstance(v, bool) else _BAD
+    if tp is int:
+        return v if isinstance(v, int) and not isinstance(v, bool) else _BAD
+    if tp is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else _BAD
+    if tp is str:
+        return v if isinstance(v, str) else _BAD
+    if (typing.get_origin(tp) or tp) is dict:
+        ok = isinstance(v, dict) and all(isinstance(k, str) for k in v)
+        return yaml.safe_load(yaml.safe_dump(v)) if ok else _BAD  # a deep, plain copy
+    raise TypeError(f"unsupported config annotation {tp!r}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (plain, ``X | None`` or ``tuple[X, ...]``)."""
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        out = tuple(_scalar(item, v) for v in value) if isinstance(value, (list, tuple)) else _BAD
+        what = f"a list of {_ITEM_NAMES[item]}"
+        if out is not _BAD and _BAD not in out:
+            return out
+    else:
+        out, what = _scalar(tp, value), _TYPE_NAMES[typing.get_origin(tp) or tp]
+        if out is not _BAD:
+            return out
+    raise ConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}")
+
+
+def _build_section(section: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section '{section}' must be a mapping of key: value, got {raw!r}")
+    hints = _fields(section)
+    for name in raw:
+        if name not in hints:
+            others = [f"{s}.{name}" for s in _SECTIONS if s != section and name in _fields(s)]
+            hint = f"did you mean '{others[0]}'? " if others else _suggest(str(name), list(hints))
+            if hint and not others:
+                hint = hint.replace("'", f"'{section}.", 1)
+            raise ConfigError(f"unknown key '{section}.{name}' ({hint}accepted: {', '.join(sorted(hints))})")
+    values = {}
+    for name, tp in hints.items():
+        key = f"{section}.{name}"
+        if name not in raw:
+            continue
+        value = values[name] = _coerce(key, raw[name], tp)
+        if value is None:
+            continue
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        if key in _RULES and not _RULES[key][0](value):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{key} must be {_RULES[key][1]}, got {shown!r}")
+    return _SECTIONS[section](**values)
+
+
+def _check_cross(cfg: Config) -> None:
+    """Constraints between fields that need no model."""
+    if cfg.data.name != "synthetic" and cfg.data.root is None:
+        raise ConfigError(f"data.root must be set when data.name is '{cfg.data.name}' "
+                          f"(only synthetic needs no root), got null")
+    for s in ("train", "gate"):
+        sec = getattr(cfg, s)
+        if sec.warmup_epochs >= sec.epochs:
+            raise ConfigError(f"{s}.warmup_epochs must be less than {s}.epochs ({sec.epochs}), "
+                              f"got {sec.warmup_epochs}")
+    space, bias = cfg.gate.routing_space, cfg.gate.logit_bias
+    if space is not None and bias is not None and len(space) != len(bias):
+        raise ConfigError(f"gate.logit_bias must have one value per gate.routing_space choice "
+                          f"({len(space)}), got {len(bias)}")
+
+
+def config_from_dict(d: dict | None) -> Config:
+    """Validate a ``{section: {key: value}}`` mapping (missing sections and keys take defaults)."""
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(sorted(_SECTIONS))}), got {d!r}")
+    for name in d:
+        if name not in _SECTIONS:
+            others = [f"{s}.{name}" for s in _SECTIONS if name in _fields(s)]
+            hint = f"did you mean '{others[0]}'? " if others else _suggest(str(name), list(_SECTIONS))
+            raise ConfigError(f"unknown section '{name}' ({hint}accepted: {', '.join(sorted(_SECTIONS))})")
+    cfg = Config(**{s: _build_section(s, d.get(s)) for s in _SECTIONS})
+    _check_cross(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain ``{section: {key: value}}`` of built-in types (tuples as lists); YAML/JSON-serialisable."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return {s: {f.name: plain(getattr(getattr(cfg, s), f.name)) for f in dataclasses.fields(_SECTIONS[s])}
+            for s in _SECTIONS}
+
+
+def _apply_override(d: dict, override: str) -> None:
+    """Set one ``section.key=value`` (``section.key.sub=value`` inside mapping fields) in ``d``."""
+    path, eq, text = override.partition("=")
+    parts = path.strip().split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override '{override}' needs the form section.key=value")
+    section, name = parts[0], parts[1]
+    hints = _fields(section) if section in _SECTIONS else {}
+    tp = hints.get(name)
+    if len(parts) > 2 and (typing.get_origin(tp) or tp) is not dict:
+        raise ConfigError(f"override '{override}' needs the form section.key=value "
+                          f"(only mapping fields such as model.kwargs take section.key.sub=value)")
+    try:
+        value = _parse_yaml(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{override}' has a value that is not valid YAML") from None
+    if tp in (str, str | None) and value is not None and not isinstance(value, str):
+        value = text.strip()  # `output.dir=2024`, `data.auto_augment=on` mean the text as written
+    node = d.setdefault(section, {})
+    if node is None:
+        node = d[section] = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"section '{section}' must be a mapping of key: value, got {node!r}")
+    for p in parts[1:-1]:
+        node[p] = dict(node[p]) if isinstance(node.get(p), dict) else {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """Read the YAML file at ``path`` (None: all defaults), apply ``section.key=value`` overrides
+    in order (values parsed as YAML: ``3``, ``[0, 1]``, ``null``), validate, return a Config."""
+    d: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = _parse_yaml(f.read())
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist (pass the path of a YAML file)") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        d = {} if d is None else d
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections "
+                              f"({', '.join(sorted(_SECTIONS))}), got {type(d).__name__}")
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for override in overrides:
+        _apply_override(d, override)
+    return config_from_dict(d)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML to ``path`` atomically; ``load_config(path)`` returns an equal Config."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    """A validated copy of ``cfg`` with ``changes`` keyed by ``"section.key"``:
+    ``replace(cfg, **{"train.epochs": 3, "gate.routing_space": (0, 1)})``."""
+    d = config_to_dict(cfg)
+    for key, value in changes.items():
+        section, dot, name = key.partition(".")
+        if not dot or not name or "." in name:
+            raise ConfigError(f"change '{key}' needs the form section.key")
+        if section not in d:
+            d[section] = {}
+        d[section][name] = value
+    return config_from_dict(d)

@@ -1,0 +1,201 @@
+"""DSNet: a supernet as a flat list of units, a route table and a classifier head.
+
+``model(x, subnet=...)`` walks the units in an explicit loop with one choice index per unit,
+looked up once per route. ``forward_dynamic`` runs the units before the gate once, lets the gate
+pick a route per sample, runs each group of samples that share a route on dense slices, and puts
+the outputs back in input order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsnet.layers import DSLinear
+from dsnet.models.blocks import GateUnit, Unit
+from dsnet.routes import Route, RouteTable
+
+__all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost"]
+
+
+class DynamicOutput(NamedTuple):
+    logits: Tensor       # [B, num_classes]
+    choice: Tensor       # [B] long, index into the routing space
+    gate_logits: Tensor  # [B, len(routing_space)]
+
+
+class RouteCost(NamedTuple):
+    madds: int
+    params: int
+
+
+class DSNet(nn.Module):
+    """A slice-able supernet. Build it through a model family (``dsnet.models``)."""
+
+    def __init__(self, units: Sequence[Unit], num_classes: int, group_sizes: Sequence[int],
+                 routing_space: Sequence[int] | None = None, drop_rate: float = 0.0,
+                 in_chans: int = 3, default_input_size: tuple[int, int, int] = (3, 224, 224)) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        gates = [i for i, u in enumerate(self.units) if isinstance(u, GateUnit)]
+        if len(gates) != 1:
+            raise ValueError(f"a DSNet needs exactly one GateUnit, found {len(gates)}")
+        self.gate_index = gates[0]
+        space = tuple(range(group_sizes[-1])) if routing_space is None else tuple(routing_space)
+        self.routes = RouteTable(tuple(group_sizes), space)
+        if self.gate.width_head.out_features != len(space):
+            raise ValueError("the gate's width head must have one logit per route of the routing space")
+        self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
+        self.default_input_size = default_input_size
+        self._unit_groups = [u.group for u in self.units]
+        self._choice_cache: dict[Route, list[int]] = {}
+        self._cost_cache: dict[tuple, RouteCost] = {}
+        self.num_features = self._trace_width(self.routes.largest)
+        self.classifier = DSLinear(self.num_features, num_classes)
+        self._init_weights()
+
+    # ---- routes -------------------------------------------------------------------------
+    @property
+    def gate(self):
+        return self.units[self.gate_index].gate
+
+    @property
+    def num_subnets(self) -> int:
+        return self.routes.num_subnets
+
+    @property
+    def routing_space(self) -> tuple[int, ...]:
+        return self.routes.routing_space
+
+    def set_routing_space(self, space: Sequence[int]) -> None:
+        """Route among static subnets ``space``; a new width head if the size changes."""
+        self.routes = RouteTable(self.routes.group_sizes, tuple(space))
+        head = self.gate.width_head
+        if head.out_features != len(space):
+            self.gate.width_head = nn.Linear(head.in_features, len(space)).to(head.weight.device)
+            nn.init.zeros_(self.gate.width_head.weight)
+            nn.init.zeros_(self.gate.width_head.bias)
+
+    def _choices(self, route: Route) -> list[int]:
+        ks = self._choice_cache.get(route)
+        if ks is None:
+            ks = [route[g] if g is not None else -1 for g in self._unit_groups]
+            self._choice_cache[route] = ks
+        return ks
+
+    # ---- forward paths --------------------------------------------------------------------
+    def forward(self, x: Tensor, subnet: int | str | Sequence[int] | None = None) -> Tensor:
+        """x: [B, C, H, W] -> logits [B, num_classes] along ``subnet`` (index, "largest", "dynamic")."""
+        if subnet == "dynamic":
+            return self.forward_dynamic(x).logits
+        route = self.routes.resolve(subnet)
+        return self.forward_head(self.forward_units(x, route, 0, len(self.units)), route)
+
+    def forward_units(self, x: Tensor, route: Route, start: int, stop: int) -> Tensor:
+        """Run units[start:stop] along ``route``; x: [B, C, H, W] -> features [B, C', H', W']."""
+        ks = self._choices(route)
+        for i in range(start, stop):
+            x = self.units[i](x, ks[i])
+        return x
+
+    def forward_head(self, x: Tensor, route: Route) -> Tensor:
+        """Features [B, C, H, W] -> logits [B, num_classes]; dropout on the largest route only."""
+        x = x.mean((2, 3))
+        if self.drop_rate > 0 and self.training and route == self.routes.largest:
+            x = F.dropout(x, self.drop_rate, True)
+        return self.classifier(x)
+
+    def forward_gate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B, C, H, W] -> (gate-attended features at the gate, route logits [B, R])."""
+        x = self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index)
+        return self.gate.forward_gate(x)
+
+    def forward_from_gate(self, h: Tensor, route: Route) -> Tensor:
+        """Features after the gate [B, C, H, W] -> logits along ``route``."""
+        return self.forward_head(self.forward_units(h, route, self.gate_index + 1, len(self.units)), route)
+
+    def forward_dynamic(self, x: Tensor, logit_bias: Tensor | None = None) -> DynamicOutput:
+        """Each sample takes the route its gate picks (argmax of logits + ``logit_bias`` [R]).
+
+        Samples sharing a route run together on dense slices; outputs return in input order.
+        One host sync per call (the group sizes decide which kernels run).
+        """
+        h, gate_logits = self.forward_gate(x)
+        scores = gate_logits if logit_bias is None else gate_logits + logit_bias
+        choice = scores.argmax(1)
+        routes = self.routes.dynamic_routes
+        if x.shape[0] == 1:
+            logits = self.forward_from_gate(h, routes[int(choice)])
+            return DynamicOutput(logits, choice, gate_logits)
+        order = torch.argsort(choice, stable=True)
+        counts = torch.bincount(choice, minlength=len(routes)).tolist()
+        parts = [self.forward_from_gate(part, routes[r])
+                 for r, part in enumerate(h[order].split(counts)) if counts[r] > 0]
+        sorted_logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        logits = torch.empty_like(sorted_logits).index_copy_(0, order, sorted_logits)
+        return DynamicOutput(logits, choice, gate_logits)
+
+    # ---- cost and extraction --------------------------------------------------------------
+    def _trace_width(self, route: Route) -> int:
+        c = self.in_chans
+        for unit, k in zip(self.units, self._choices(route)):
+            c = unit.out_width(c, k)
+        return c
+
+    def route_cost(self, route: Route, input_size: Sequence[int] | None = None) -> RouteCost:
+        """Analytic multiply-adds and parameters of one route (gate's width head excluded)."""
+        size = tuple(input_size or self.default_input_size)
+        key = (route, size)
+        if key not in self._cost_cache:
+            if len(size) != 3 or size[0] != self.in_chans or min(size) < 1:
+                raise ValueError(f"input_size must be (C, H, W) with C = {self.in_chans}, got {list(size)}")
+            madds = params = 0
+            c, hw = self.in_chans, (size[1], size[2])
+            for unit, k in zip(self.units, self._choices(route)):
+                m, p, hw = unit.cost(c, k, hw)
+                madds, params, c = madds + m, params + p, unit.out_width(c, k)
+            madds += c * hw[0] * hw[1] + c * self.num_classes
+            params += c * self.num_classes + self.num_classes
+            self._cost_cache[key] = RouteCost(madds, params)
+        return self._cost_cache[key]
+
+    def dynamic_costs(self, input_size: Sequence[int] | None = None) -> list[int]:
+        """Per-route MAdds of the dynamic model (gate width head included), routing-space order."""
+        head = self.units[self.gate_index].head_cost()[0]
+        return [self.route_cost(r, input_size).madds + head for r in self.routes.dynamic_routes]
+
+    def extract(self, route: Route) -> "DenseNet":
+        """A plain torch.nn copy of ``route``: sliced weights, that width's BN statistics."""
+        c, layers = self.in_chans, []
+        for unit, k in zip(self.units, self._choices(route)):
+            layers.append(unit.dense(c, k))
+            c = unit.out_width(c, k)
+        net = DenseNet(nn.Sequential(*layers), self.classifier.dense(c), self.drop_rate)
+        return net.train(self.training)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+
+class DenseNet(nn.Module):
+    """A static subnet as a plain model: ``features`` -> global average pool -> dropout -> fc."""
+
+    def __init__(self, features: nn.Sequential, fc: nn.Linear, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.features, self.fc = features, fc
+        self.dropout = nn.Dropout(drop_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> logits [B, num_classes]."""
+        return self.fc(self.dropout(self.features(x).mean((2, 3))))

@@ -1,0 +1,66 @@
+"""Typed architecture tables and the timm registration of dsnet's supernets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from timm.models import is_model, register_model
+
+__all__ = ["StageSpec", "register", "MODELS", "scale", "group_sizes"]
+
+MODELS: dict[str, Callable[..., Any]] = {}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: ``depth`` blocks whose output width is ``choices[k]`` at group choice ``k``.
+
+    ``group`` is the width group that controls the stage; ``gated`` puts the gate at its start.
+    ``mid`` (bottlenecks) holds the inner widths, one per choice.
+    """
+
+    choices: tuple[int, ...]
+    depth: int
+    stride: int
+    group: int
+    kernel: int = 3
+    gated: bool = False
+    mid: tuple[int, ...] | None = None
+
+
+def scale(width: int, mults: tuple[float, ...]) -> tuple[int, ...]:
+    """Widths ``round(width * m)`` for each multiplier (at least 1 channel each)."""
+    return tuple(max(1, int(round(width * m))) for m in mults)
+
+
+def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register a supernet entry point with timm; a name registered twice raises."""
+    name = fn.__name__
+    if name in MODELS or is_model(name):
+        raise RuntimeError(f"model name '{name}' is already registered with timm")
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> Any:
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        if pretrained:
+            raise ValueError(f"dsnet ships no pretrained weights for '{name}'; train one with "
+                             "train_supernet.py or load a run with dsnet.load_checkpoint")
+        model = fn(**kwargs)
+        model.model_name, model.model_kwargs = name, dict(kwargs)
+        return model
+
+    entry.__name__, entry.__doc__, entry.__module__ = name, fn.__doc__, fn.__module__
+    MODELS[name] = entry
+    register_model(entry)
+    return entry
+
+
+def group_sizes(pairs: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """Choice count per group from (group, count) pairs; stages of a group must agree."""
+    sizes: dict[int, int] = {}
+    for g, n in pairs:
+        if sizes.setdefault(g, n) != n:
+            raise ValueError(f"width group {g} has stages with {sizes[g]} and {n} choices")
+    if sorted(sizes) != list(range(len(sizes))):
+        raise ValueError(f"width groups must be numbered 0..N-1, got {sorted(sizes)}")
+    return tuple(sizes[g] for g in range(len(sizes)))

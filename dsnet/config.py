@@ -13,6 +13,7 @@ and what it accepts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -36,8 +37,17 @@ class ConfigError(ValueError):
     """A bad config file, override, key or value; the message is one sentence naming it."""
 
 
+class _Section:
+    """Validates and normalises its fields on construction (int -> float, list -> tuple)."""
+
+    def __post_init__(self) -> None:
+        section = _SECTION_NAMES[type(self)]
+        for name, tp in _fields(type(self)).items():
+            object.__setattr__(self, name, _check(f"{section}.{name}", getattr(self, name), tp))
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     name: str = "ds_resnet20"                   # a dsnet model registered with timm
     num_classes: int | None = None              # None: taken from the dataset
     drop_rate: float = 0.0
@@ -45,7 +55,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     name: str = "synthetic"                     # synthetic, folder, cifar10, cifar100
     root: str | None = None                     # required unless synthetic; existence checked by data.py
     input_size: int = 32
@@ -65,7 +75,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     epochs: int = 10
     batch_size: int = 64                        # per process
     lr: float = 0.1                             # effective lr = lr * global_batch / lr_base_batch,
@@ -75,7 +85,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     sched: str = "cosine"                       # cosine, step, none
-    warmup_epochs: float = 0
+    warmup_epochs: float = 0.0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     label_smoothing: float = 0.1
@@ -97,7 +107,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class IEBConfig:
+class IEBConfig(_Section):
     num_random: int = 2                         # random subnets per step, between largest and slimmest
     # ensemble: EMA-largest teaches all, the slimmest learns from the EMA ensemble (paper default);
     # ema: EMA-largest teaches all (the published config); inplace: the live largest teaches,
@@ -108,7 +118,7 @@ class IEBConfig:
 
 
 @dataclass(frozen=True)
-class GateConfig:
+class GateConfig(_Section):
     routing_space: tuple[int, ...] | None = None  # choice indices of the gated group; None = all
     rule: str = "slimmest"                      # SGS target rule: slimmest, slimmest_largest
     sgs_weight: float = 1.0
@@ -122,12 +132,12 @@ class GateConfig:
     lr_base_batch: int = 256
     opt: str = "adamw"
     weight_decay: float = 0.01
-    warmup_epochs: float = 0
+    warmup_epochs: float = 0.0
     logit_bias: tuple[float, ...] | None = None  # initial gate logits, one per routing choice
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class OutputConfig(_Section):
     dir: str = "runs/default"
     checkpoint_interval: int = 1                # epochs
     overwrite: bool = False
@@ -142,8 +152,16 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"section '{name}' must be a {cls.__name__}, got {getattr(self, name)!r}")
+        _check_cross(self)
+
 
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
+_ACCEPTED_SECTIONS = ", ".join(sorted(_SECTIONS))
 
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
                "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
@@ -212,14 +230,25 @@ def _parse_yaml(text: str) -> Any:
 
 
 @cache
-def _fields(section: str) -> dict[str, Any]:
-    """Field name -> resolved annotation for one section."""
-    return typing.get_type_hints(_SECTIONS[section])
+def _fields(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _suggest(name: str, options: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1)
-    return f"did you mean '{match[0]}'? " if match else ""
+def _base(tp: Any) -> Any:
+    """``dict[str, Any]`` -> dict, ``tuple[int, ...]`` -> tuple, plain types unchanged."""
+    return typing.get_origin(tp) or tp
+
+
+def _unknown(what: str, name: Any, section: str, options: Sequence[str]) -> ConfigError:
+    """'unknown key 'train.epoch' (did you mean 'train.epochs'? accepted: ...)'."""
+    prefix = f"{section}." if section else ""
+    elsewhere = [f"{s}.{name}" for s, cls in _SECTIONS.items() if s != section and name in _fields(cls)]
+    close = difflib.get_close_matches(str(name), options, n=1)
+    guess = elsewhere[0] if elsewhere else (prefix + close[0] if close else None)
+    hint = f"did you mean '{guess}'? " if guess else ""
+    return ConfigError(f"unknown {what} '{prefix}{name}' ({hint}accepted: {', '.join(sorted(options))})")
 
 
 def _scalar(tp: Any, v: Any) -> Any:
@@ -233,60 +262,32 @@ def _scalar(tp: Any, v: Any) -> Any:
         return float(v) if ok else _BAD
     if tp is str:
         return v if isinstance(v, str) else _BAD
-    if (typing.get_origin(tp) or tp) is dict:
-        ok = isinstance(v, dict) and all(isinstance(k, str) for k in v)
-        return yaml.safe_load(yaml.safe_dump(v)) if ok else _BAD  # a deep, plain copy
+    if _base(tp) is dict:
+        return copy.deepcopy(v) if isinstance(v, dict) and all(isinstance(k, str) for k in v) else _BAD
     raise TypeError(f"unsupported config annotation {tp!r}")
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` (plain, ``X | None`` or ``tuple[X, ...]``)."""
+def _check(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` and the tables, converted to its type."""
     args = typing.get_args(tp)
-    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    optional = _base(tp) in (typing.Union, types.UnionType) and type(None) in args
     if optional:
         if value is None:
             return None
         tp = next(a for a in args if a is not type(None))
-    if typing.get_origin(tp) is tuple:
+    if _base(tp) is tuple:
         item = typing.get_args(tp)[0]
         out = tuple(_scalar(item, v) for v in value) if isinstance(value, (list, tuple)) else _BAD
-        what = f"a list of {_ITEM_NAMES[item]}"
-        if out is not _BAD and _BAD not in out:
-            return out
+        out, what = (_BAD if out is not _BAD and _BAD in out else out), f"a list of {_ITEM_NAMES[item]}"
     else:
-        out, what = _scalar(tp, value), _TYPE_NAMES[typing.get_origin(tp) or tp]
-        if out is not _BAD:
-            return out
-    raise ConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}")
-
-
-def _build_section(section: str, raw: Any) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"section '{section}' must be a mapping of key: value, got {raw!r}")
-    hints = _fields(section)
-    for name in raw:
-        if name not in hints:
-            others = [f"{s}.{name}" for s in _SECTIONS if s != section and name in _fields(s)]
-            hint = f"did you mean '{others[0]}'? " if others else _suggest(str(name), list(hints))
-            if hint and not others:
-                hint = hint.replace("'", f"'{section}.", 1)
-            raise ConfigError(f"unknown key '{section}.{name}' ({hint}accepted: {', '.join(sorted(hints))})")
-    values = {}
-    for name, tp in hints.items():
-        key = f"{section}.{name}"
-        if name not in raw:
-            continue
-        value = values[name] = _coerce(key, raw[name], tp)
-        if value is None:
-            continue
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-        if key in _RULES and not _RULES[key][0](value):
-            shown = list(value) if isinstance(value, tuple) else value
-            raise ConfigError(f"{key} must be {_RULES[key][1]}, got {shown!r}")
-    return _SECTIONS[section](**values)
+        out, what = _scalar(tp, value), _TYPE_NAMES[_base(tp)]
+    if out is _BAD:
+        raise ConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}")
+    if key in _CHOICES and out not in _CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if key in _RULES and not _RULES[key][0](out):
+        raise ConfigError(f"{key} must be {_RULES[key][1]}, got {value!r}")
+    return out
 
 
 def _check_cross(cfg: Config) -> None:
@@ -309,15 +310,20 @@ def config_from_dict(d: dict | None) -> Config:
     """Validate a ``{section: {key: value}}`` mapping (missing sections and keys take defaults)."""
     d = {} if d is None else d
     if not isinstance(d, dict):
-        raise ConfigError(f"a config must be a mapping of sections ({', '.join(sorted(_SECTIONS))}), got {d!r}")
+        raise ConfigError(f"a config must be a mapping of sections ({_ACCEPTED_SECTIONS}), got {d!r}")
     for name in d:
         if name not in _SECTIONS:
-            others = [f"{s}.{name}" for s in _SECTIONS if name in _fields(s)]
-            hint = f"did you mean '{others[0]}'? " if others else _suggest(str(name), list(_SECTIONS))
-            raise ConfigError(f"unknown section '{name}' ({hint}accepted: {', '.join(sorted(_SECTIONS))})")
-    cfg = Config(**{s: _build_section(s, d.get(s)) for s in _SECTIONS})
-    _check_cross(cfg)
-    return cfg
+            raise _unknown("section", name, "", list(_SECTIONS))
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        raw = {} if d.get(name) is None else d[name]
+        if not isinstance(raw, dict):
+            raise ConfigError(f"section '{name}' must be a mapping of key: value, got {raw!r}")
+        for key in raw:
+            if key not in _fields(cls):
+                raise _unknown("key", key, name, list(_fields(cls)))
+        sections[name] = cls(**raw)
+    return Config(**sections)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -326,8 +332,7 @@ def config_to_dict(cfg: Config) -> dict:
         if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
-    return {s: {f.name: plain(getattr(getattr(cfg, s), f.name)) for f in dataclasses.fields(_SECTIONS[s])}
-            for s in _SECTIONS}
+    return {s: {k: plain(getattr(getattr(cfg, s), k)) for k in _fields(cls)} for s, cls in _SECTIONS.items()}
 
 
 def _apply_override(d: dict, override: str) -> None:
@@ -337,9 +342,8 @@ def _apply_override(d: dict, override: str) -> None:
     if not eq or len(parts) < 2 or not all(parts):
         raise ConfigError(f"override '{override}' needs the form section.key=value")
     section, name = parts[0], parts[1]
-    hints = _fields(section) if section in _SECTIONS else {}
-    tp = hints.get(name)
-    if len(parts) > 2 and (typing.get_origin(tp) or tp) is not dict:
+    tp = _fields(_SECTIONS[section]).get(name) if section in _SECTIONS else None
+    if len(parts) > 2 and _base(tp) is not dict:
         raise ConfigError(f"override '{override}' needs the form section.key=value "
                           f"(only mapping fields such as model.kwargs take section.key.sub=value)")
     try:

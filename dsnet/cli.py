@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -68,18 +69,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def guarded(prog: str, fn: Callable[[], int]) -> int:
+    """Run ``fn``; a user error becomes one line on stderr and exit 2 (DSNET_DEBUG=1 re-raises)."""
+    from dsnet.engine import TrainingError
+
+    try:
+        return fn()
+    except (UserError, ValueError, OSError) as err:
+        if os.environ.get("DSNET_DEBUG"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dsnet`` command; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"dsnet {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"dsnet {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return guarded(f"dsnet {args.command}", lambda: COMMANDS[args.command](args))
+
+
+def _train_parser(prog: str, description: str, supernet: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
+    if supernet:
+        parser.add_argument("--supernet", required=True, help="stage-one checkpoint, RUN_DIR/checkpoints/last.pth")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def train_supernet_main(argv: Sequence[str] | None = None) -> int:
+    """``train_supernet.py -c CONFIG [section.key=value ...]``: stage one."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _train_parser("train_supernet.py", "Stage one: train a DS-Net supernet with IEB", False).parse_args(argv)
+
+    def run() -> int:
+        from dsnet.config import load_config
+        from dsnet.runs import train_supernet
+
+        print(f"run directory: {train_supernet(load_config(args.config, args.overrides))}")
+        return 0
+
+    return guarded("train_supernet.py", run)
+
+
+def train_gate_main(argv: Sequence[str] | None = None) -> int:
+    """``train_gate.py -c CONFIG --supernet CKPT [section.key=value ...]``: stage two."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _train_parser("train_gate.py", "Stage two: train DS-Net gates with SGS", True).parse_args(argv)
+
+    def run() -> int:
+        from dsnet.config import load_config
+        from dsnet.runs import train_gate
+
+        print(f"run directory: {train_gate(load_config(args.config, args.overrides), args.supernet)}")
+        return 0
+
+    return guarded("train_gate.py", run)
 
 
 if __name__ == "__main__":

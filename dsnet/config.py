@@ -19,7 +19,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,14 +175,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "gate.opt": _OPTIMIZERS,
 }
 
-Rule = tuple[Callable[[Any], bool], str]  # (value is accepted, what is accepted)
-_POS_INT: Rule = (lambda v: v >= 1, "a positive integer")
-_NONNEG_INT: Rule = (lambda v: v >= 0, "a non-negative integer")
-_POS: Rule = (lambda v: v > 0, "positive")
-_NONNEG: Rule = (lambda v: v >= 0, "non-negative")
-_UNIT: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
-_NONEMPTY: Rule = (lambda v: len(v) > 0, "a non-empty string")
-_RULES: dict[str, Rule] = {
+_Rule = tuple[Callable[[Any], bool], str]  # (value is accepted, what is accepted)
+_POS_INT: _Rule = (lambda v: v >= 1, "a positive integer")
+_NONNEG_INT: _Rule = (lambda v: v >= 0, "a non-negative integer")
+_POS: _Rule = (lambda v: v > 0, "positive")
+_NONNEG: _Rule = (lambda v: v >= 0, "non-negative")
+_UNIT: _Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+_NONEMPTY: _Rule = (lambda v: len(v) > 0, "a non-empty string")
+_RULES: dict[str, _Rule] = {
     "model.name": _NONEMPTY, "model.num_classes": _POS_INT, "model.drop_rate": _UNIT,
     "data.root": _NONEMPTY, "data.input_size": _POS_INT, "data.num_workers": _NONNEG_INT,
     "data.synthetic_train_size": _POS_INT, "data.synthetic_val_size": _POS_INT,
@@ -313,7 +312,7 @@ def config_from_dict(d: dict | None) -> Config:
         raise ConfigError(f"a config must be a mapping of sections ({_ACCEPTED_SECTIONS}), got {d!r}")
     for name in d:
         if name not in _SECTIONS:
-            raise _unknown("section", name, "", list(_SECTIONS))
+            raise _unknown("section", name, "", _ACCEPTED_SECTIONS.split(", "))
     sections = {}
     for name, cls in _SECTIONS.items():
         raw = {} if d.get(name) is None else d[name]
@@ -336,31 +335,23 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def _apply_override(d: dict, override: str) -> None:
-    """Set one ``section.key=value`` (``section.key.sub=value`` inside mapping fields) in ``d``."""
+    """Set one ``section.key=value`` in the raw mapping ``d``; the value is parsed as YAML."""
     path, eq, text = override.partition("=")
-    parts = path.strip().split(".")
-    if not eq or len(parts) < 2 or not all(parts):
+    section, dot, name = path.strip().partition(".")
+    if not eq or not section or not name or "." in name:
         raise ConfigError(f"override '{override}' needs the form section.key=value")
-    section, name = parts[0], parts[1]
-    tp = _fields(_SECTIONS[section]).get(name) if section in _SECTIONS else None
-    if len(parts) > 2 and _base(tp) is not dict:
-        raise ConfigError(f"override '{override}' needs the form section.key=value "
-                          f"(only mapping fields such as model.kwargs take section.key.sub=value)")
     try:
         value = _parse_yaml(text)
     except yaml.YAMLError:
         raise ConfigError(f"override '{override}' has a value that is not valid YAML") from None
+    tp = _fields(_SECTIONS[section]).get(name) if section in _SECTIONS else None
     if tp in (str, str | None) and value is not None and not isinstance(value, str):
-        value = text.strip()  # `output.dir=2024`, `data.auto_augment=on` mean the text as written
-    node = d.setdefault(section, {})
-    if node is None:
-        node = d[section] = {}
-    if not isinstance(node, dict):
-        raise ConfigError(f"section '{section}' must be a mapping of key: value, got {node!r}")
-    for p in parts[1:-1]:
-        node[p] = dict(node[p]) if isinstance(node.get(p), dict) else {}
-        node = node[p]
-    node[parts[-1]] = value
+        value = text.strip()  # `output.dir=2024`, `data.auto_augment=on`: the text as written
+    if d.get(section) is None:
+        d[section] = {}
+    if not isinstance(d[section], dict):
+        raise ConfigError(f"section '{section}' must be a mapping of key: value, got {d[section]!r}")
+    d[section][name] = value
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -378,11 +369,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML "
+                              f"({getattr(e, 'problem', None) or 'parse error'}{where})") from None
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections "
-                              f"({', '.join(sorted(_SECTIONS))}), got {type(d).__name__}")
+                              f"({_ACCEPTED_SECTIONS}), got {type(d).__name__}")
     if isinstance(overrides, str):
         overrides = [overrides]
     for override in overrides:
@@ -391,19 +383,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML to ``path`` atomically; ``load_config(path)`` returns an equal Config."""
+    """Write ``cfg`` as YAML to ``path`` (via a temp file and rename); ``load_config`` reads it back equal."""
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(f"{path}.tmp", path)
 
 
 def replace(cfg: Config, **changes: Any) -> Config:

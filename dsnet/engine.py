@@ -1,0 +1,285 @@
+"""The training loop shared by both stages: devices, DDP, AMP, optimizer steps, EMA, logging,
+validation, checkpoints and exact resume.
+
+A stage supplies a *step* (``step(x, y, generator, backward) -> {"loss", "losses", ...}``) that
+runs its forwards and calls ``backward`` per loss, and an *evaluate* function. The loop owns
+everything else: gradient accumulation, clipping, the optimizer/scheduler/EMA updates, the
+progress bar, ``metrics.jsonl`` and atomic checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dsnet.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dsnet.config import Config, config_to_dict
+
+__all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "TrainingError",
+           "route_generator"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, lost peer); the last good checkpoint is kept."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str, seed: int, deterministic: bool, timeout_s: float = 300.0) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group
+    (nccl on CUDA, gloo on CPU) with a bounded timeout so a lost rank ends the run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={device} but no CUDA device is available (use cpu or auto)")
+    dev = torch.device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rank = 0
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        rank = dist.get_rank()
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return Runtime(dev, rank, world)
+
+
+def autocast_factory(amp: str, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
+    """A context factory for mixed precision and, for fp16, a gradient scaler.
+
+    ``auto``: bf16 where supported (CUDA with bf16, or CPU), else fp16 on CUDA.
+    """
+    if amp == "auto":
+        amp = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "none":
+        return contextlib.nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def route_generator(seed: int, step: int) -> torch.Generator:
+    """The route-sampling generator of one optimizer step. Seeded from (seed, step) only, so every
+    rank samples the same sandwich and a resumed run samples what the original would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
+    """Create ``output.dir``; refuse to write over an existing run unless resuming or told to."""
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output.dir {out} exists and is not a folder")
+    last = out / "checkpoints" / "last.pth"
+    if last.exists() and not resuming and not cfg.output.overwrite:
+        raise ValueError(f"output.dir {out} already holds a run; continue it with train.resume={last}, "
+                         "or choose another output.dir (output.overwrite=true replaces it)")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class Loop:
+    """Runs ``epochs`` epochs of ``step`` with one optimizer update per ``grad_accum`` batches."""
+
+    cfg: Config
+    runtime: Runtime
+    stage: str
+    model: nn.Module                      # the bare model (saved, evaluated)
+    train_model: nn.Module                # what the step calls: the model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: Callable[..., dict]
+    evaluate: Callable[[int], dict]
+    train_loader: Any
+    epochs: int
+    run_dir: Path
+    ema: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    mixup: Callable | None = None
+    clip_grad: float | None = None
+    train_mode: bool = True               # False: the model stays in eval mode (frozen stage two)
+    extra_state: dict = field(default_factory=dict)
+    epoch: int = 0
+    global_step: int = 0
+    best: float = -math.inf
+    last_metrics: dict = field(default_factory=dict)
+
+    # ---- state ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"stage": self.stage, "model_name": self.model.model_name,
+                "model_kwargs": dict(self.model.model_kwargs), "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": self.epoch, "step": self.global_step, "best": self.best, "rng": rng_state(),
+                "config": config_to_dict(self.cfg), "metrics": self.last_metrics, **self.extra_state}
+
+    def resume(self, path: str) -> None:
+        """Continue from a checkpoint of this stage: weights, EMA, optimizer, scheduler, RNG."""
+        state = read_checkpoint(path, self.stage)
+        if state["model_name"] != self.model.model_name or dict(state["model_kwargs"]) != dict(self.model.model_kwargs):
+            raise ValueError(f"train.resume={path} holds {state['model_name']}({state['model_kwargs']}), "
+                             f"but the config builds {self.model.model_name}({self.model.model_kwargs})")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step, self.best = state["epoch"], state["step"], state.get("best", -math.inf)
+        self.last_metrics = state.get("metrics") or {}
+        set_rng_state(state["rng"])
+        logger.info("resumed %s from %s at epoch %d (step %d)", self.stage, path, self.epoch, self.global_step)
+
+    def save(self, best: bool) -> None:
+        """Write ``last.pth`` (and ``best.pth`` when ``best``) on the main rank."""
+        if not self.runtime.is_main:
+            return
+        ckpt = self.run_dir / "checkpoints"
+        state = self.state()
+        save_checkpoint(state, ckpt / "last.pth")
+        if best:
+            save_checkpoint(state, ckpt / "best.pth")
+
+    def log(self, record: dict) -> None:
+        if self.runtime.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- loop -------------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        scaled = loss / self.cfg.train.grad_accum
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.global_step)
+
+    def _check_finite(self, out: dict) -> None:
+        losses = out["losses"]
+        finite = torch.isfinite(torch.stack(list(losses.values()))).tolist()  # host sync, one per step
+        for (name, _), ok in zip(losses.items(), finite):
+            if not ok:
+                raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}, "
+                                    f"subnet '{name}'; stopped, the last good checkpoint is "
+                                    f"{self.run_dir / 'checkpoints' / 'last.pth'}")
+
+    def train_epoch(self, progress: bool) -> dict:
+        from tqdm import tqdm
+
+        self.train_model.train(self.train_mode)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:  # the loader's own generator: order and worker seeds per epoch
+            generator.manual_seed(self.cfg.train.seed * 7919 + self.epoch)
+        limit = self.cfg.train.max_steps_per_epoch
+        total = len(self.train_loader) if limit is None else min(limit * self.cfg.train.grad_accum, len(self.train_loader))
+        bar = tqdm(total=total, desc=f"{self.stage} epoch {self.epoch + 1}/{self.epochs}",
+                   disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
+        sums: dict[str, Tensor] = {}
+        count, start = 0, time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= total:
+                break
+            x, y = x.to(self.runtime.device, non_blocking=True), y.to(self.runtime.device, non_blocking=True)
+            if self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            out = self.step(x, y, route_generator(self.cfg.train.seed, self.global_step), self.backward)
+            self._check_finite(out)
+            for name, value in out["losses"].items():
+                sums[name] = sums.get(name, 0) + value
+            count += 1
+            if (i + 1) % self.cfg.train.grad_accum == 0:
+                self._optimizer_step()
+                if self.global_step % self.cfg.train.log_interval == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    losses = {k: round(float(v), 5) for k, v in out["losses"].items()}  # sync at log interval
+                    self.log({"stage": self.stage, "epoch": self.epoch + 1, "step": self.global_step,
+                              "lr": lr, "loss": sum(losses.values()), "losses": losses})
+                    bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {f"train_loss_{k}": float(v) / max(count, 1) for k, v in sums.items()} | {
+            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.cfg.train.batch_size / max(elapsed, 1e-9), 1)}
+
+    def run(self) -> dict:
+        """Train from ``self.epoch`` to ``self.epochs``; returns the last epoch's metrics."""
+        progress = self.cfg.train.progress
+        while self.epoch < self.epochs:
+            train_metrics = self.train_epoch(progress)
+            if self.scheduler is not None:
+                self.scheduler.step(self.epoch + 1)
+            self.epoch += 1
+            metrics: dict = {"stage": self.stage, "epoch": self.epoch, **train_metrics}
+            metric = None
+            if self.epoch % self.cfg.train.eval_interval == 0 or self.epoch == self.epochs:
+                metrics.update(self.evaluate(self.epoch))
+                metric = metrics.get("best_metric")
+            self.last_metrics = metrics
+            improved = metric is not None and metric >= self.best
+            if improved:
+                self.best = metric
+            if improved or self.epoch % self.cfg.output.checkpoint_interval == 0 or self.epoch == self.epochs:
+                self.save(improved)
+            self.log(metrics)
+            if self.runtime.is_main:
+                logger.info("%s epoch %d/%d: %s", self.stage, self.epoch, self.epochs,
+                            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in metrics.items() if k not in ("stage", "eval")))
+        return self.last_metrics

@@ -1,0 +1,114 @@
+"""Evaluation: every static subnet and the largest route, and the gated (dynamic) model.
+
+One pass over the data runs every route on each batch; counts stay on the device and are read
+once at the end. The dynamic model is evaluated with the gate's argmax (deterministic): its
+accuracy, the mean per-sample MAdds (each sample priced at the route it took, gate included),
+the routing histogram, and the gate's agreement with the SGS targets.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from dsnet.models.net import DSNet
+from dsnet.routes import Route
+
+__all__ = ["topk_correct", "evaluate_static", "evaluate_dynamic", "format_report"]
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+def topk_correct(logits: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
+    """Counts of samples whose label is in the top-k, one per k; logits [B, K], y [B] -> [len(ks)]."""
+    k_max = min(max(ks), logits.shape[1])
+    hit = logits.topk(k_max, dim=1).indices.eq(y[:, None])
+    return torch.stack([hit[:, :min(k, k_max)].any(1).sum() for k in ks])
+
+
+def _batches(loader: Iterable, device: torch.device, max_batches: int | None):
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def evaluate_static(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
+                    autocast: Autocast = contextlib.nullcontext, max_batches: int | None = None,
+                    channels_last: bool = False) -> dict:
+    """Top-1/top-5 (percent) of the largest route and every static subnet, with their costs."""
+    model.eval()
+    routes: list[Route] = [model.routes.largest] + model.routes.static_routes
+    correct = torch.zeros(len(routes), 2, dtype=torch.long, device=device)
+    n = 0
+    for x, y in _batches(loader, device, max_batches):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            for j, route in enumerate(routes):
+                correct[j] += topk_correct(model(x, subnet=route), y)
+        n += y.shape[0]
+    acc = (correct.double() * 100.0 / max(n, 1)).tolist()  # the one host sync
+    largest = model.route_cost(routes[0], input_size)
+    static = []
+    for i, route in enumerate(routes[1:]):
+        cost = model.route_cost(route, input_size)
+        static.append({"subnet": i, "madds": cost.madds, "params": cost.params,
+                       "top1": acc[i + 1][0], "top5": acc[i + 1][1]})
+    return {"static": static, "largest": {"madds": largest.madds, "params": largest.params,
+                                          "top1": acc[0][0], "top5": acc[0][1]},
+            "num_samples": n}
+
+
+@torch.inference_mode()
+def evaluate_dynamic(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
+                     targets_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                     autocast: Autocast = contextlib.nullcontext, logit_bias: Tensor | None = None,
+                     max_batches: int | None = None) -> dict:
+    """Accuracy, mean MAdds, routing histogram and gate accuracy of the gated model.
+
+    ``targets_fn(x, y) -> [B]`` gives the SGS target (routing-space index) of each sample; the
+    gate's accuracy is measured against it when given.
+    """
+    model.eval()
+    costs = torch.tensor(model.dynamic_costs(input_size), dtype=torch.float64, device=device)
+    num_routes = len(model.routing_space)
+    correct = torch.zeros(2, dtype=torch.long, device=device)
+    hist = torch.zeros(num_routes, dtype=torch.long, device=device)
+    gate_hits = torch.zeros((), dtype=torch.long, device=device)
+    madds = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for x, y in _batches(loader, device, max_batches):
+        with autocast():
+            out = model.forward_dynamic(x, logit_bias)
+            if targets_fn is not None:
+                gate_hits += (targets_fn(x, y) == out.choice).sum()
+        correct += topk_correct(out.logits, y)
+        hist += torch.bincount(out.choice, minlength=num_routes)
+        madds += costs[out.choice].sum()
+        n += y.shape[0]
+    total = max(n, 1)
+    acc = (correct.double() * 100.0 / total).tolist()
+    return {"top1": acc[0], "top5": acc[1], "madds_mean": float(madds) / total,
+            "routing": (hist.double() / total).tolist(),
+            "gate_accuracy": float(gate_hits) * 100.0 / total if targets_fn is not None else None}
+
+
+def format_report(report: dict) -> str:
+    """A readable table of an eval.json-shaped report."""
+    lines = [f"{'route':>10} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
+    for row in report["static"]:
+        lines.append(f"{'subnet ' + str(row['subnet']):>10} {row['madds'] / 1e6:>10.2f} "
+                     f"{row['top1']:>7.2f} {row['top5']:>7.2f}")
+    big = report["largest"]
+    lines.append(f"{'largest':>10} {big['madds'] / 1e6:>10.2f} {big['top1']:>7.2f} {big.get('top5', float('nan')):>7.2f}")
+    dyn = report.get("dynamic")
+    if dyn:
+        lines.append(f"{'dynamic':>10} {dyn['madds_mean'] / 1e6:>10.2f} {dyn['top1']:>7.2f} {dyn['top5']:>7.2f}")
+        lines.append("routing: " + ", ".join(f"{f * 100:.1f}%" for f in dyn["routing"])
+                     + (f"; gate accuracy {dyn['gate_accuracy']:.1f}%" if dyn.get("gate_accuracy") is not None else ""))
+    lines.append(f"samples: {report['num_samples']}")
+    return "\n".join(lines)

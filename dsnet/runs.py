@@ -1,0 +1,273 @@
+"""Assembly of a run from a config: data, model, optimizer, schedule, and the stage-one job.
+
+``train_supernet(cfg)`` is what ``train_supernet.py`` calls; tests call it directly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import dsnet  # noqa: F401  (registers the models)
+from dsnet import data as dsdata
+from dsnet.config import Config, save_config
+from dsnet.engine import Loop, Runtime, autocast_factory, prepare_run_dir, setup_runtime
+from dsnet.evaluate import evaluate_static, format_report
+from dsnet.ieb import IEBStep
+from dsnet.recalibrate import recalibrate_bn
+
+__all__ = ["Data", "build_data", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
+           "BEST_METRICS", "best_metric", "train_gate", "write_eval"]
+
+logger = logging.getLogger(__name__)
+BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")
+
+
+@dataclass
+class Data:
+    train: Any          # DataLoader of augmented training batches
+    val: Any            # DataLoader of validation batches
+    calib: Any          # DataLoader of training images with evaluation transforms (BN recalibration)
+    classes: list[str]
+
+
+def build_data(cfg: Config, runtime: Runtime, batch_size: int | None = None) -> Data:
+    """Training, validation and calibration loaders for ``cfg.data``."""
+    d = cfg.data
+    size = d.input_size
+    train_tf = dsdata.build_transforms(size, True, auto_augment=d.auto_augment, reprob=d.reprob,
+                                       interpolation=d.interpolation, crop_pct=d.crop_pct)
+    eval_tf = dsdata.build_transforms(size, False, interpolation=d.interpolation, crop_pct=d.crop_pct)
+    options = dict(num_classes=d.synthetic_classes, seed=d.synthetic_seed, image_size=size,
+                   skip_bad_images=d.skip_bad_images)
+    train_set = dsdata.build_dataset(d.name, d.root, "train", train_tf, length=d.synthetic_train_size, **options)
+    val_set = dsdata.build_dataset(d.name, d.root, "val", eval_tf, length=d.synthetic_val_size, **options)
+    calib_set = dsdata.build_dataset(d.name, d.root, "train", eval_tf, length=d.synthetic_train_size, **options)
+    if list(train_set.classes) != list(val_set.classes):
+        raise dsdata.DataError(f"the train and val splits of {d.root} have different classes")
+    bs = batch_size or cfg.train.batch_size
+    common = dict(num_workers=d.num_workers, distributed=runtime.distributed, seed=cfg.train.seed,
+                  pin_memory=runtime.device.type == "cuda")
+    return Data(dsdata.build_loader(train_set, bs, True, **common),
+                dsdata.build_loader(val_set, d.val_batch_size or bs, False, **common),
+                dsdata.build_loader(calib_set, bs, True, **{**common, "distributed": False}),
+                list(train_set.classes))
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The supernet named by ``cfg.model`` with the dataset's number of classes."""
+    m = cfg.model
+    if m.name not in dsnet.MODELS:
+        raise ValueError(f"model.name '{m.name}' is not a dsnet model (accepted: {', '.join(sorted(dsnet.MODELS))})")
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise ValueError(f"model.num_classes={m.num_classes} but the dataset has {num_classes} classes")
+    kwargs = {"num_classes": num_classes, "drop_rate": m.drop_rate, **m.kwargs}
+    try:
+        return timm.create_model(m.name, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.kwargs {m.kwargs} do not fit {m.name}: {err}") from None
+
+
+def build_optimizer(model_or_params: Any, opt: str, lr: float, weight_decay: float, momentum: float,
+                    nesterov: bool) -> torch.optim.Optimizer:
+    """timm's optimizer factory; no weight decay on biases and norm weights."""
+    if opt == "sgd" and not nesterov:
+        opt = "momentum"  # timm's "sgd" is Nesterov SGD
+    return create_optimizer_v2(model_or_params, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int, updates_per_epoch: int,
+                    warmup_epochs: float, warmup_lr: float, min_lr: float) -> Any:
+    """timm's scheduler factory, stepped per optimizer update (None for a constant lr)."""
+    if sched == "none":
+        return None
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=epochs, warmup_epochs=warmup_epochs,
+                                       warmup_lr=warmup_lr, min_lr=min_lr, cooldown_epochs=0,
+                                       decay_epochs=max(1, epochs // 3), step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+def best_metric(report: dict, name: str) -> float:
+    """The checkpoint-selection metric of a static evaluation report."""
+    if name == "top1_largest":
+        return report["largest"]["top1"]
+    if name == "top1_slimmest":
+        return report["static"][0]["top1"]
+    return sum(r["top1"] for r in report["static"]) / len(report["static"])
+
+
+def _criterion(cfg: Config, mixup: Any) -> nn.Module:
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+
+def updates_per_epoch(loader: Any, cfg: Config) -> int:
+    steps = len(loader)
+    if cfg.train.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
+    return max(1, steps // cfg.train.grad_accum)
+
+
+def train_supernet(cfg: Config) -> Path:
+    """Stage one: train the supernet with IEB; returns the run directory."""
+    if cfg.train.best_metric not in BEST_METRICS:
+        raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got '{cfg.train.best_metric}'")
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
+    data = build_data(cfg, runtime)
+    model = build_model(cfg, len(data.classes)).to(runtime.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.gate.width_head.requires_grad_(False)  # stage two trains it
+    world = runtime.world_size * cfg.train.grad_accum
+    lr = cfg.train.lr * cfg.train.batch_size * world / cfg.train.lr_base_batch
+    optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
+                                cfg.train.nesterov)
+    steps = updates_per_epoch(data.train, cfg)
+    scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.train.epochs, steps, cfg.train.warmup_epochs,
+                                cfg.train.warmup_lr, cfg.train.min_lr)
+    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
+    ema = None
+    if cfg.ieb.teacher in ("ensemble", "ema"):
+        ema = timm.utils.ModelEmaV3(model, decay=cfg.ieb.ema_decay, use_warmup=cfg.ieb.ema_warmup)
+    train_model = model
+    if runtime.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
+    step = IEBStep(train_model, model.routes, ema.module if ema is not None else None, cfg.ieb.teacher,
+                   cfg.ieb.num_random, _criterion(cfg, mixup), autocast)
+    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+
+    def evaluate(epoch: int) -> dict:
+        report = evaluate_static(model, data.val, runtime.device, size, autocast,
+                                 channels_last=cfg.train.channels_last)
+        return {"eval": report, "top1_largest": report["largest"]["top1"],
+                "top1_slimmest": report["static"][0]["top1"], "best_metric": best_metric(report, cfg.train.best_metric)}
+
+    loop = Loop(cfg, runtime, "supernet", model, train_model, optimizer, scheduler,
+                lambda x, y, g, backward: step(x, y, g, backward), evaluate, data.train, cfg.train.epochs,
+                run_dir, ema=ema, scaler=scaler, mixup=mixup, clip_grad=cfg.train.clip_grad,
+                extra_state={"classes": data.classes})
+    if cfg.train.resume:
+        loop.resume(cfg.train.resume)
+    if runtime.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    loop.run()
+    if cfg.train.recalibrate_bn and loop.epoch == cfg.train.epochs:
+        for net in [model] + ([ema.module] if ema is not None else []):
+            recalibrate_bn(net, data.calib, runtime.device, cfg.train.recalibrate_batches, autocast)
+        loop.last_metrics = {**loop.last_metrics, **evaluate(loop.epoch), "recalibrated": True}
+        loop.log({"stage": "supernet", "epoch": loop.epoch, "recalibrated": True, **loop.last_metrics})
+        loop.save(False)
+    if runtime.is_main and "eval" in loop.last_metrics:
+        write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "dynamic": None})
+        print(format_report(loop.last_metrics["eval"]))
+    return run_dir
+
+
+def _gate_run_dir(cfg: Config, supernet_path: Path) -> Config:
+    """Stage two writes beside stage one: ``<output.dir>/gate`` when output.dir is the supernet's run."""
+    from dsnet.config import replace
+
+    out = Path(cfg.output.dir).resolve()
+    if out == supernet_path.resolve().parent.parent:
+        return replace(cfg, **{"output.dir": str(Path(cfg.output.dir) / "gate")})
+    return cfg
+
+
+def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) -> None:
+    """Refuse a supernet checkpoint that does not match the config or the data."""
+    if state["model_name"] != cfg.model.name:
+        raise ValueError(f"--supernet {path} holds {state['model_name']}, but model.name is {cfg.model.name}")
+    def plain(kwargs: dict) -> dict:  # tuples and lists compare equal; the gate's routing space may change
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != "routing_space"}
+
+    built = plain(dict(state["model_kwargs"]))
+    if any(built.get(k) != v for k, v in plain(cfg.model.kwargs).items()):
+        raise ValueError(f"--supernet {path} was built with {built}, but model.kwargs asks for "
+                         f"{dict(cfg.model.kwargs)}")
+    if state.get("classes") is not None and list(state["classes"]) != classes:
+        raise ValueError(f"--supernet {path} was trained on {len(state['classes'])} classes "
+                         f"({', '.join(state['classes'][:4])}, ...), the data has {len(classes)} "
+                         f"({', '.join(classes[:4])}, ...)")
+
+
+def train_gate(cfg: Config, supernet: str | Path) -> Path:
+    """Stage two: train the gate's width head with SGS on a frozen supernet; returns the run dir."""
+    from dsnet.checkpoint import build_model as rebuild, read_checkpoint
+    from dsnet.evaluate import evaluate_dynamic
+    from dsnet.sgs import SGSStep
+
+    supernet = Path(supernet)
+    state = read_checkpoint(supernet, "supernet")
+    cfg = _gate_run_dir(cfg, supernet)
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
+    data = build_data(cfg, runtime)
+    _check_supernet(cfg, state, supernet, data.classes)
+    model = rebuild(state).to(runtime.device)
+    space = cfg.gate.routing_space or model.routing_space
+    if max(space) >= model.num_subnets:
+        raise ValueError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
+                         f"static subnets (0..{model.num_subnets - 1})")
+    model.set_routing_space(space)
+    model.model_kwargs = {**model.model_kwargs, "routing_space": tuple(space)}
+    model.requires_grad_(False).eval()
+    head = model.gate.width_head.requires_grad_(True)
+    if cfg.gate.logit_bias is not None:
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor(cfg.gate.logit_bias))
+    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+    lr = cfg.gate.lr * cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum / cfg.gate.lr_base_batch
+    optimizer = build_optimizer(head, cfg.gate.opt, lr, cfg.gate.weight_decay, cfg.train.momentum, cfg.train.nesterov)
+    scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.gate.epochs, updates_per_epoch(data.train, cfg),
+                                cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)
+    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
+    gmadds = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device) / 1e9
+    step = SGSStep(model, cfg.gate.rule, cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight,
+                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, gmadds, autocast)
+
+    def targets(x, y):
+        return step.targets(step.frozen_forward(x)[1], y)
+
+    def evaluate(epoch: int) -> dict:
+        report = evaluate_static(model, data.val, runtime.device, size, autocast)
+        report["dynamic"] = evaluate_dynamic(model, data.val, runtime.device, size, targets, autocast)
+        return {"eval": report, "top1_dynamic": report["dynamic"]["top1"],
+                "madds_dynamic": report["dynamic"]["madds_mean"]}
+
+    loop = Loop(cfg, runtime, "gate", model, model, optimizer, scheduler, step, evaluate, data.train,
+                cfg.gate.epochs, run_dir, scaler=scaler, train_mode=False,
+                extra_state={"classes": data.classes, "supernet": str(supernet)})
+    if cfg.train.resume:
+        loop.resume(cfg.train.resume)
+    if runtime.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    loop.run()
+    if runtime.is_main and "eval" in loop.last_metrics:
+        write_eval(run_dir / "eval.json", loop.last_metrics["eval"])
+        print(format_report(loop.last_metrics["eval"]))
+    return run_dir
+
+
+def write_eval(path: Path, report: dict) -> None:
+    """Write an eval.json report (DESIGN.md's format)."""
+    import json
+
+    report = {"static": report["static"], "largest": {"madds": report["largest"]["madds"],
+                                                      "top1": report["largest"]["top1"]},
+              "dynamic": report.get("dynamic"), "num_samples": report["num_samples"]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,107 @@
+"""Stage two: train the gate's width head with Sandwich Gate Sparsification (SGS).
+
+The supernet is frozen (BN in eval mode). Per batch, the routes of the routing space run on the
+batch without autograd; the slimmest route's predictions label each sample online:
+
+- rule ``slimmest`` (the published rule): slimmest correct -> "easy" -> target the slimmest
+  choice; otherwise target the widest choice of the routing space;
+- rule ``slimmest_largest``: as above, but a sample that even the widest route of the routing
+  space gets wrong also targets the slimmest (width cannot save it, so do not pay for it).
+
+Loss = ``sgs_weight`` x CE(gate logits, targets) + ``task_weight`` x CE(ST-Gumbel mix of the
+routes' logits, labels) + ``complexity_weight`` x (mean GMAdds of the sampled routes - target)^2
+(0 below the target). A weight of 0 turns a term off. The task and complexity terms are the
+released recipe's answer to SGS alone driving gates to the first or last choice. Because the
+supernet is frozen, the routes' logits are constants: the gradients reach the width head only
+through the gate's logits, so nothing is back-propagated through the network.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from dsnet.models.net import DSNet
+
+__all__ = ["RULES", "sgs_targets", "complexity_penalty", "SGSStep"]
+
+RULES = ("slimmest", "slimmest_largest")
+
+
+def sgs_targets(slim_correct: Tensor, wide_correct: Tensor | None, rule: str, num_routes: int) -> Tensor:
+    """Routing-space index per sample: 0 (slimmest) for easy samples, ``num_routes - 1`` otherwise.
+
+    slim_correct / wide_correct: [B] bool, whether the slimmest / widest route of the routing
+    space classifies the sample correctly. Returns [B] long.
+    """
+    if rule not in RULES:
+        raise ValueError(f"gate.rule must be one of {', '.join(RULES)}, got {rule!r}")
+    easy = slim_correct
+    if rule == "slimmest_largest":
+        if wide_correct is None:
+            raise ValueError("rule slimmest_largest needs the widest route's correctness")
+        easy = easy | ~wide_correct
+    return torch.where(easy, 0, num_routes - 1).long()
+
+
+def complexity_penalty(route_weights: Tensor, route_gmadds: Tensor, target: float) -> Tensor:
+    """(mean GMAdds - target)^2 if above target, else 0. route_weights: [B, R] (one-hot or
+    probabilities); route_gmadds: [R] GMAdds per route."""
+    mean = (route_weights @ route_gmadds).mean()
+    return torch.clamp(mean - target, min=0.0) ** 2
+
+
+class SGSStep:
+    """One stage-two step on a frozen supernet; only ``model.gate.width_head`` gets gradients."""
+
+    def __init__(self, model: DSNet, rule: str, sgs_weight: float, task_weight: float,
+                 complexity_weight: float, complexity_target: float, tau: float, route_gmadds: Tensor,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        self.model, self.rule, self.tau, self.autocast = model, rule, tau, autocast
+        self.weights = {"sgs": sgs_weight, "task": task_weight, "complexity": complexity_weight}
+        self.complexity_target, self.route_gmadds = complexity_target, route_gmadds
+
+    @torch.no_grad()
+    def frozen_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate hidden features [B, hidden] and every route's logits [R, B, K], without autograd."""
+        m = self.model
+        with self.autocast():
+            feats = m.forward_units(x, m.routes.dynamic_routes[0], 0, m.gate_index)
+            hidden = m.gate.squeeze(feats)
+            attended = feats * torch.sigmoid(m.gate.expand(hidden, m.gate.choices.index(feats.shape[1])))
+            logits = torch.stack([m.forward_from_gate(attended, r).float() for r in m.routes.dynamic_routes])
+        return hidden.flatten(1).float(), logits
+
+    def targets(self, route_logits: Tensor, y: Tensor) -> Tensor:
+        """SGS targets [B] from every route's logits [R, B, K] and labels [B]."""
+        slim = route_logits[0].argmax(1) == y
+        wide = route_logits[-1].argmax(1) == y if self.rule == "slimmest_largest" else None
+        return sgs_targets(slim, wide, self.rule, route_logits.shape[0])
+
+    def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward: Callable[[Tensor], None]) -> dict:
+        hidden, route_logits = self.frozen_forward(x)
+        gate_logits = self.model.gate.width_head(hidden)
+        losses: dict[str, Tensor] = {}
+        total = gate_logits.new_zeros(())
+        if self.weights["sgs"] > 0:
+            losses["sgs"] = F.cross_entropy(gate_logits, self.targets(route_logits, y))
+            total = total + self.weights["sgs"] * losses["sgs"]
+        if self.weights["task"] > 0 or self.weights["complexity"] > 0:
+            sample = F.gumbel_softmax(gate_logits, tau=self.tau, hard=True)  # [B, R], straight-through
+            if self.weights["task"] > 0:
+                mixed = torch.einsum("br,rbk->bk", sample, route_logits)
+                losses["task"] = F.cross_entropy(mixed, y)
+                total = total + self.weights["task"] * losses["task"]
+            if self.weights["complexity"] > 0:
+                losses["complexity"] = complexity_penalty(sample, self.route_gmadds, self.complexity_target)
+                total = total + self.weights["complexity"] * losses["complexity"]
+        backward(total)
+        if dist.is_available() and dist.is_initialized():  # the head is tiny: average its grads by hand
+            for p in self.model.gate.width_head.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        return {"loss": total.detach(), "losses": {k: v.detach() for k, v in losses.items()}}

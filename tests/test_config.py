@@ -1,0 +1,153 @@
+"""Strict config: defaults round-trip, overrides parse by type, every bad input names its key."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dsnet.config import (Config, ConfigError, GateConfig, TrainConfig, config_from_dict,
+                          config_to_dict, load_config, replace, save_config)
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_round_trip_through_dict_json_and_yaml(tmp_path):
+    cfg = Config()
+    assert load_config(None) == cfg
+    d = config_to_dict(cfg)
+    assert json.loads(json.dumps(d)) == d
+    assert config_from_dict(d) == cfg
+    assert config_to_dict(config_from_dict(d)) == d
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(str(tmp_path / "run" / "config.yaml")) == cfg
+
+
+def test_non_default_round_trip(tmp_path):
+    cfg = load_config(None, ["gate.routing_space=[0, 1, 3]", "gate.logit_bias=[1, -0.5, 0]",
+                             "model.kwargs={drop_path_rate: 0.1, stem: [8, 16]}", "train.lr=1e-3",
+                             "data.name=cifar10", "data.root=/data/cifar"])
+    save_config(cfg, tmp_path / "config.yaml")
+    back = load_config(str(tmp_path / "config.yaml"))
+    assert back == cfg
+    assert config_to_dict(back) == config_to_dict(cfg)
+    assert back.gate.logit_bias == (1.0, -0.5, 0.0)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = _write(tmp_path, "train:\n  epochs: 5\n  warmup_lr: 1e-6\n  resume: last.pth\n"
+                            "data:\n  name: folder\n  root: /data\nieb:\n")
+    cfg = load_config(path, ["train.epochs=3", "train.resume=null", "train.nesterov=false",
+                             "train.clip_grad=5", "gate.routing_space=[0,1,2]", "output.dir=2024",
+                             "train.device=cuda:1", "data.auto_augment=rand-m9-mstd0.5"])
+    assert cfg.train.epochs == 3 and cfg.train.resume is None and cfg.train.nesterov is False
+    assert cfg.train.warmup_lr == 1e-6                      # YAML 1.2 float, not the string '1e-6'
+    assert cfg.train.clip_grad == 5.0 and isinstance(cfg.train.clip_grad, float)
+    assert cfg.gate.routing_space == (0, 1, 2)              # list -> tuple
+    assert cfg.output.dir == "2024"                         # string fields keep the text as written
+    assert cfg.train.device == "cuda:1"
+    assert cfg.data.name == "folder" and cfg.data.root == "/data"
+    assert cfg.ieb == Config().ieb                          # an empty section takes the defaults
+
+
+def test_frozen_and_replace():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = TrainConfig()
+    new = replace(cfg, **{"train.epochs": 3, "gate.routing_space": [0, 2]})
+    assert new.train.epochs == 3 and new.gate.routing_space == (0, 2) and cfg.train.epochs == 10
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        replace(cfg, **{"train.batch_size": 0})
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.epoch'"):
+        replace(cfg, **{"train.epoch": 3})
+
+
+def test_sections_validate_on_construction():
+    with pytest.raises(ConfigError, match=r"^train\.batch_size must be a positive integer, got 0$"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"gate\.warmup_epochs"):
+        Config(gate=GateConfig(epochs=2, warmup_epochs=2))
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", r"^unknown key 'train\.epoch' \(did you mean 'train\.epochs'\? accepted: amp, "
+                      r"batch_size, .*epochs.*\)$"),
+    ("trian.epochs=3", r"^unknown section 'trian' \(did you mean 'train'\? accepted: data, gate, ieb, "
+                       r"model, output, train\)$"),
+    ("train.ema_decay=0.9", r"unknown key 'train\.ema_decay' \(did you mean 'ieb\.ema_decay'\?"),
+    ("train.batch_size=0", r"^train\.batch_size must be a positive integer, got 0$"),
+    ("train.epochs=ten", r"^train\.epochs must be an integer, got 'ten'$"),
+    ("train.epochs=3.0", r"^train\.epochs must be an integer, got 3\.0$"),
+    ("train.epochs=true", r"^train\.epochs must be an integer, got True$"),
+    ("train.nesterov=1", r"^train\.nesterov must be true or false, got 1$"),
+    ("train.lr=null", r"^train\.lr must be a finite number, got None$"),
+    ("train.lr=.nan", r"^train\.lr must be a finite number, got nan$"),
+    ("train.lr=0", r"^train\.lr must be positive, got 0"),
+    ("train.clip_grad=[1]", r"^train\.clip_grad must be a finite number or null, got \[1\]$"),
+    ("train.grad_accum=0", r"train\.grad_accum must be a positive integer"),
+    ("train.label_smoothing=1", r"train\.label_smoothing must be in \[0, 1\)"),
+    ("data.reprob=1.5", r"data\.reprob must be in \[0, 1\]"),
+    ("ieb.ema_decay=1.0", r"ieb\.ema_decay must be in \[0, 1\)"),
+    ("ieb.num_random=-1", r"ieb\.num_random must be a non-negative integer"),
+    ("data.num_workers=-1", r"data\.num_workers must be a non-negative integer"),
+    ("gate.epochs=0", r"gate\.epochs must be a positive integer"),
+    ("train.warmup_epochs=10",
+     r"^train\.warmup_epochs must be less than train\.epochs \(10\), got 10\.0$"),
+    ("train.warmup_epochs=-1", r"train\.warmup_epochs must be non-negative"),
+    ("data.name=imagenet",
+     r"^data\.name must be one of synthetic, folder, cifar10, cifar100, got 'imagenet'$"),
+    ("data.name=cifar10", r"^data\.root must be set when data\.name is 'cifar10'"),
+    ("train.opt=sgdd", r"^train\.opt must be one of sgd, .*adamw.*, got 'sgdd'$"),
+    ("train.sched=linear", r"train\.sched must be one of cosine, step, none"),
+    ("train.amp=fp8", r"train\.amp must be one of none, bf16, fp16, auto"),
+    ("ieb.teacher=student", r"ieb\.teacher must be one of ensemble, ema, inplace, none"),
+    ("gate.rule=widest", r"gate\.rule must be one of slimmest, slimmest_largest"),
+    ("train.device=gpu", r"^train\.device must be auto, cpu, cuda or cuda:N, got 'gpu'$"),
+    ("gate.routing_space=[]", r"gate\.routing_space must be a non-empty, strictly increasing list"),
+    ("gate.routing_space=[1,1]", r"gate\.routing_space must be a non-empty, strictly increasing"),
+    ("gate.routing_space=[2,1]", r"gate\.routing_space must be a non-empty, strictly increasing"),
+    ("gate.routing_space=[-1,0]", r"gate\.routing_space must be a non-empty, strictly increasing"),
+    ("gate.routing_space=[0,1.5]",
+     r"^gate\.routing_space must be a list of integers or null, got \[0, 1\.5\]$"),
+    ("gate.routing_space=[true]", r"gate\.routing_space must be a list of integers or null"),
+    ("gate.routing_space=3", r"gate\.routing_space must be a list of integers or null, got 3"),
+    ("model.kwargs=[1]", r"^model\.kwargs must be a mapping with string keys, got \[1\]$"),
+    ("model.num_classes=0", r"model\.num_classes must be a positive integer"),
+    ("output.dir=", r"^output\.dir must be a string, got None$"),
+])
+def test_bad_values_name_their_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_logit_bias_must_match_routing_space():
+    with pytest.raises(ConfigError, match=r"gate\.logit_bias must have one value per gate\.routing_space"):
+        load_config(None, ["gate.routing_space=[0,1]", "gate.logit_bias=[0,0,0]"])
+
+
+@pytest.mark.parametrize("override", ["train.epochs", "epochs=3", "train.=3", ".epochs=3",
+                                      "train.epochs.x=3"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError, match=rf"^override '{override}' needs the form section\.key=value$"):
+        load_config(None, [override])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope\.yaml' does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"is not valid YAML \(mapping values .* at line 2, column 12\)$"):
+        load_config(_write(tmp_path, "train:\n  epochs: a: b\n"))
+    with pytest.raises(ConfigError, match=r"must hold a mapping of sections"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match=r"^section 'train' must be a mapping of key: value, got 5$"):
+        load_config(_write(tmp_path, "train: 5\n"))
+    with pytest.raises(ConfigError, match=r"^unknown section 'epochs' \(did you mean 'train\.epochs'\?"):
+        load_config(_write(tmp_path, "epochs: 5\n"))
+    assert load_config(_write(tmp_path, "")) == Config()

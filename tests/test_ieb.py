@@ -1,0 +1,81 @@
+"""IEB loss math on hand-made tensors: which target each subnet of the sandwich learns from."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from dsnet.ieb import IEBStep, ensemble_probs, sandwich_targets, soft_cross_entropy
+from dsnet.routes import RouteTable
+
+LARGEST = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+RANDOM = torch.tensor([[0.0, 3.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+def test_soft_cross_entropy_matches_hard_cross_entropy_on_one_hot():
+    logits = torch.randn(4, 5)
+    y = torch.tensor([0, 3, 1, 4])
+    assert_close(soft_cross_entropy(logits, F.one_hot(y, 5).float()), F.cross_entropy(logits, y))
+
+
+def test_ensemble_is_mean_of_probabilities():
+    p = ensemble_probs([LARGEST, RANDOM])
+    assert_close(p, (F.softmax(LARGEST, 1) + F.softmax(RANDOM, 1)) / 2)
+    assert_close(p.sum(1), torch.ones(2))
+
+
+def test_ensemble_teacher_gives_slimmest_the_ensemble_and_randoms_the_largest():
+    random_t, slim_t = sandwich_targets("ensemble", LARGEST, [RANDOM])
+    assert_close(random_t, F.softmax(LARGEST, 1))
+    assert_close(slim_t, ensemble_probs([LARGEST, RANDOM]))
+    assert not torch.allclose(slim_t, random_t)
+
+
+@pytest.mark.parametrize("teacher", ["ema", "inplace"])
+def test_single_teacher_modes_give_everyone_the_largest(teacher):
+    random_t, slim_t = sandwich_targets(teacher, LARGEST, [RANDOM])
+    assert_close(random_t, F.softmax(LARGEST, 1))
+    assert_close(slim_t, F.softmax(LARGEST, 1))
+
+
+def test_no_teacher_means_labels():
+    assert sandwich_targets("none", None, []) == (None, None)
+
+
+def test_unknown_teacher_is_refused_by_name():
+    with pytest.raises(ValueError, match="ieb.teacher must be one of"):
+        sandwich_targets("bogus", LARGEST, [])
+
+
+class _Recorder(torch.nn.Module):
+    """A fake supernet whose logits depend on the route, recording each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, x, subnet=None):
+        self.calls.append(tuple(subnet))
+        return torch.full((x.shape[0], 3), float(sum(subnet))) + self.w * torch.arange(3.0)
+
+
+def test_step_runs_the_sandwich_and_backwards_once_per_subnet():
+    routes = RouteTable((2, 5), (0, 1))
+    model, ema = _Recorder(), _Recorder()
+    losses = []
+    step = IEBStep(model, routes, ema, "ensemble", 2, torch.nn.CrossEntropyLoss())
+    out = step(torch.zeros(2, 1), torch.tensor([0, 1]), torch.Generator().manual_seed(0), losses.append)
+    plan = out["routes"]
+    assert plan[0] == routes.largest and plan[-1] == routes.static(0) and len(plan) == 4
+    assert all(1 <= r[-1] <= 4 and r[0] == 0 for r in plan[1:-1])
+    assert model.calls == plan                       # student: every subnet once, in sandwich order
+    assert ema.calls == plan[:-1]                    # teacher: largest + random subnets (no slimmest)
+    assert len(losses) == 4 and list(out["losses"]) == ["largest", "random0", "random1", "slimmest"]
+
+
+def test_step_sampling_is_reproducible_from_the_generator():
+    routes = RouteTable((2, 14), (0, 1, 2, 3))
+    step = IEBStep(_Recorder(), routes, _Recorder(), "ensemble", 3, torch.nn.CrossEntropyLoss())
+    a = step.plan(torch.Generator().manual_seed(7))
+    b = step.plan(torch.Generator().manual_seed(7))
+    assert a == b

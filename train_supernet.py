@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Stage one: train a slice-able supernet with In-place Ensemble Bootstrapping.
+
+    python train_supernet.py -c configs/quickstart.yml [section.key=value ...]
+"""
+import sys
+
+from dsnet.cli import train_supernet_main
+
+if __name__ == "__main__":
+    sys.exit(train_supernet_main())

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["main", "UserError"]
@@ -56,7 +57,86 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"profile": cmd_profile}
+def _load_run(path: str, data_root: str | None, use_ema: bool = False, stages=("supernet", "gate")):
+    """(checkpoint state, model in eval mode, config with ``--data`` applied, runtime)."""
+    from dsnet.checkpoint import build_model, read_checkpoint
+    from dsnet.config import config_from_dict, replace
+    from dsnet.engine import setup_runtime
+
+    state = read_checkpoint(path, stages)
+    cfg = config_from_dict(state["config"])
+    if data_root is not None:
+        cfg = replace(cfg, **{"data.root": data_root})
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, False)
+    return state, build_model(state, use_ema).to(runtime.device).eval(), cfg, runtime
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Static subnets, largest route and (after stage two) the dynamic model on validation data."""
+    from dsnet.engine import autocast_factory
+    from dsnet.evaluate import (evaluate_dynamic, evaluate_static, format_report, plot_report,
+                                sweep_dynamic)
+    from dsnet.runs import build_val_loader, write_eval
+    from dsnet.sgs import frozen_forward, route_targets
+
+    state, model, cfg, runtime = _load_run(args.checkpoint, args.data, args.ema)
+    loader, classes = build_val_loader(cfg, runtime)
+    if state.get("classes") is not None and list(state["classes"]) != classes:
+        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
+                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
+    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
+    report = evaluate_static(model, loader, runtime.device, size, autocast, args.max_batches)
+    report["dynamic"], sweep = None, None
+    if state["stage"] == "gate":
+        def targets(x, y):
+            return route_targets(frozen_forward(model, x, autocast)[1], y, cfg.gate.rule)
+
+        report["dynamic"] = evaluate_dynamic(model, loader, runtime.device, size, targets, autocast,
+                                             max_batches=args.max_batches)
+        if args.sweep:
+            strengths = [round(-3 + 6 * i / (args.sweep - 1), 3) for i in range(args.sweep)] if args.sweep > 1 else [0.0]
+            sweep = sweep_dynamic(model, loader, runtime.device, size, strengths, autocast, args.max_batches)
+            report["sweep"] = sweep
+    elif args.sweep:
+        raise UserError(f"--sweep needs a gate: {args.checkpoint} is a stage-one checkpoint (run train_gate.py first)")
+    print(format_report(report))
+    for row in sweep or []:
+        print(f"sweep strength {row['strength']:+.2f}: {row['madds_mean'] / 1e6:.2f} M MAdds, top-1 {row['top1']:.2f}")
+    if args.json:
+        write_eval(Path(args.json), report)
+    if args.plot:
+        plot_report(report, args.plot, sweep, title=f"{state['model_name']} ({Path(args.checkpoint).name})")
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    """Re-estimate every width's BN statistics (model and EMA) and write a new checkpoint."""
+    from dsnet.checkpoint import save_checkpoint
+    from dsnet.engine import autocast_factory
+    from dsnet.recalibrate import recalibrate_bn
+    from dsnet.runs import build_data
+
+    out = Path(args.output or Path(args.checkpoint).with_name("recalibrated.pth"))
+    if out.exists():
+        raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
+    state, model, cfg, runtime = _load_run(args.checkpoint, args.data, stages=("supernet",))
+    data = build_data(cfg, runtime)
+    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
+    batches = args.batches or cfg.train.recalibrate_batches
+    recalibrate_bn(model, data.calib, runtime.device, batches, autocast)
+    state["model"] = model.state_dict()
+    if state.get("ema") is not None:
+        ema = _load_run(args.checkpoint, args.data, use_ema=True, stages=("supernet",))[1]
+        recalibrate_bn(ema, data.calib, runtime.device, batches, autocast)
+        state["ema"] = ema.state_dict()
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, out)
+    print(f"recalibrated {batches} batches per route -> {out}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a dsnet model name, e.g. ds_mobilenet_v1")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="C H W (default: the model's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("evaluate", help="accuracy vs MAdds of every static subnet and the dynamic model")
+    p.add_argument("checkpoint", help="a stage-one or stage-two checkpoint")
+    p.add_argument("--data", metavar="ROOT", help="dataset root (default: the one the run used)")
+    p.add_argument("--json", metavar="FILE", help="write eval.json-format results")
+    p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
+    p.add_argument("--sweep", type=int, default=0, metavar="N",
+                   help="trace N operating points of the gate (cost bias from -3 to +3)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N batches only")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p = sub.add_parser("recalibrate", help="re-estimate BN statistics per width of a stage-one checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", help="output checkpoint (default: recalibrated.pth beside the input)")
+    p.add_argument("--batches", type=int, default=None, help="batches per route (default: the config's)")
+    p.add_argument("--data", metavar="ROOT", help="dataset root (default: the one the run used)")
     return parser
 
 

@@ -122,9 +122,11 @@ class GateConfig(_Section):
     rule: str = "slimmest"                      # SGS target rule: slimmest, slimmest_largest
     sgs_weight: float = 1.0
     task_weight: float = 1.0
-    # penalty = complexity_weight * max(mean GMAdds - complexity_target, 0) ** 2
+    # penalty = complexity_weight * max(mean cost - complexity_target, 0) ** 2, the cost of a route
+    # being its MAdds as a fraction of the widest route of the routing space (the release uses
+    # GMAdds, which ties the weight to the model's size; a fraction works for every model)
     complexity_weight: float = 0.5
-    complexity_target: float = 0.0              # GMAdds
+    complexity_target: float = 0.0              # fraction of the widest routing-space route
     gumbel_tau: float = 1.0
     epochs: int = 10
     lr: float = 0.01

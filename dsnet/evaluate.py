@@ -16,7 +16,8 @@ from torch import Tensor
 from dsnet.models.net import DSNet
 from dsnet.routes import Route
 
-__all__ = ["topk_correct", "evaluate_static", "evaluate_dynamic", "format_report"]
+__all__ = ["topk_correct", "evaluate_static", "evaluate_dynamic", "format_report", "cost_bias", "sweep_dynamic",
+           "plot_report"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -112,3 +113,69 @@ def format_report(report: dict) -> str:
                      + (f"; gate accuracy {dyn['gate_accuracy']:.1f}%" if dyn.get("gate_accuracy") is not None else ""))
     lines.append(f"samples: {report['num_samples']}")
     return "\n".join(lines)
+
+
+def cost_bias(model: DSNet, strength: float, input_size: Sequence[int]) -> Tensor:
+    """Gate-logit bias of one operating point: ``-strength`` x each route's cost, scaled to [0, 1].
+
+    strength > 0 favours slimmer routes, < 0 wider ones, 0 is the trained gate. Add it to the
+    gate's width-head bias to deploy that operating point.
+    """
+    costs = torch.tensor(model.dynamic_costs(input_size), dtype=torch.float32)
+    span = float(costs.max() - costs.min()) or 1.0
+    return -strength * (costs - costs.min()) / span
+
+
+@torch.inference_mode()
+def sweep_dynamic(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
+                  strengths: Sequence[float], autocast: Autocast = contextlib.nullcontext,
+                  max_batches: int | None = None) -> list[dict]:
+    """Accuracy and mean MAdds of the gate at several operating points (``cost_bias`` strengths).
+
+    Every route of the routing space runs once per sample and the gate's logits are kept; an
+    operating point is then a table lookup (routed inference gives these same logits).
+    """
+    model.eval()
+    routes = model.routes.dynamic_routes
+    hits, gates = [], []
+    for x, y in _batches(loader, device, max_batches):
+        with autocast():
+            h, gate_logits = model.forward_gate(x)
+            hits.append(torch.stack([model.forward_from_gate(h, r).argmax(1) == y for r in routes], 1))
+        gates.append(gate_logits.float())
+    hit, gate = torch.cat(hits), torch.cat(gates)
+    costs = torch.tensor(model.dynamic_costs(input_size), dtype=torch.float64, device=device)
+    rows = []
+    for s in strengths:
+        choice = (gate + cost_bias(model, s, input_size).to(device)).argmax(1)
+        rows.append({"strength": float(s), "top1": float(hit.gather(1, choice[:, None]).double().mean()) * 100,
+                     "madds_mean": float(costs[choice].mean()),
+                     "routing": (torch.bincount(choice, minlength=len(routes)).double() / len(choice)).tolist()})
+    return rows
+
+
+def plot_report(report: dict, path: str, sweep: Sequence[dict] | None = None, title: str = "") -> None:
+    """Accuracy vs MAdds: static subnets as a curve, the largest route and the dynamic model as points."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    static = report["static"]
+    ax.plot([r["madds"] / 1e6 for r in static], [r["top1"] for r in static], "o-", label="static subnets")
+    ax.plot([report["largest"]["madds"] / 1e6], [report["largest"]["top1"]], "s", label="largest route")
+    if sweep:
+        ax.plot([r["madds_mean"] / 1e6 for r in sweep], [r["top1"] for r in sweep], ".--", label="dynamic (sweep)")
+    if report.get("dynamic"):
+        d = report["dynamic"]
+        ax.plot([d["madds_mean"] / 1e6], [d["top1"]], "*", markersize=14, label="dynamic (gate)")
+    ax.set_xlabel("MAdds per image (M)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

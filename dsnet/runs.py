@@ -25,7 +25,7 @@ from dsnet.evaluate import evaluate_static, format_report
 from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
 
-__all__ = ["Data", "build_data", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
+__all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
            "BEST_METRICS", "best_metric", "train_gate", "write_eval"]
 
 logger = logging.getLogger(__name__)
@@ -40,27 +40,37 @@ class Data:
     classes: list[str]
 
 
-def build_data(cfg: Config, runtime: Runtime, batch_size: int | None = None) -> Data:
-    """Training, validation and calibration loaders for ``cfg.data``."""
+def _datasets(cfg: Config, split: str, train_transform: bool) -> Any:
     d = cfg.data
-    size = d.input_size
-    train_tf = dsdata.build_transforms(size, True, auto_augment=d.auto_augment, reprob=d.reprob,
-                                       interpolation=d.interpolation, crop_pct=d.crop_pct)
-    eval_tf = dsdata.build_transforms(size, False, interpolation=d.interpolation, crop_pct=d.crop_pct)
-    options = dict(num_classes=d.synthetic_classes, seed=d.synthetic_seed, image_size=size,
-                   skip_bad_images=d.skip_bad_images)
-    train_set = dsdata.build_dataset(d.name, d.root, "train", train_tf, length=d.synthetic_train_size, **options)
-    val_set = dsdata.build_dataset(d.name, d.root, "val", eval_tf, length=d.synthetic_val_size, **options)
-    calib_set = dsdata.build_dataset(d.name, d.root, "train", eval_tf, length=d.synthetic_train_size, **options)
-    if list(train_set.classes) != list(val_set.classes):
-        raise dsdata.DataError(f"the train and val splits of {d.root} have different classes")
-    bs = batch_size or cfg.train.batch_size
-    common = dict(num_workers=d.num_workers, distributed=runtime.distributed, seed=cfg.train.seed,
-                  pin_memory=runtime.device.type == "cuda")
-    return Data(dsdata.build_loader(train_set, bs, True, **common),
-                dsdata.build_loader(val_set, d.val_batch_size or bs, False, **common),
-                dsdata.build_loader(calib_set, bs, True, **{**common, "distributed": False}),
-                list(train_set.classes))
+    tf = dsdata.build_transforms(d.input_size, train_transform, auto_augment=d.auto_augment if train_transform else None,
+                                 reprob=d.reprob if train_transform else 0.0, interpolation=d.interpolation,
+                                 crop_pct=d.crop_pct)
+    length = d.synthetic_train_size if split == "train" else d.synthetic_val_size
+    return dsdata.build_dataset(d.name, d.root, split, tf, length=length, num_classes=d.synthetic_classes,
+                                seed=d.synthetic_seed, image_size=d.input_size, skip_bad_images=d.skip_bad_images)
+
+
+def _loader(cfg: Config, runtime: Runtime, dataset: Any, batch_size: int, training: bool, distributed: bool) -> Any:
+    return dsdata.build_loader(dataset, batch_size, training, num_workers=cfg.data.num_workers,
+                               distributed=distributed, seed=cfg.train.seed, pin_memory=runtime.device.type == "cuda")
+
+
+def build_val_loader(cfg: Config, runtime: Runtime) -> tuple[Any, list[str]]:
+    """The validation loader of ``cfg.data`` and its class names."""
+    val_set = _datasets(cfg, "val", False)
+    bs = cfg.data.val_batch_size or cfg.train.batch_size
+    return _loader(cfg, runtime, val_set, bs, False, runtime.distributed), list(val_set.classes)
+
+
+def build_data(cfg: Config, runtime: Runtime) -> Data:
+    """Training, validation and calibration loaders for ``cfg.data``."""
+    train_set = _datasets(cfg, "train", True)
+    val, classes = build_val_loader(cfg, runtime)
+    if list(train_set.classes) != classes:
+        raise dsdata.DataError(f"the train and val splits of {cfg.data.root} have different classes")
+    bs = cfg.train.batch_size
+    return Data(_loader(cfg, runtime, train_set, bs, True, runtime.distributed), val,
+                _loader(cfg, runtime, _datasets(cfg, "train", False), bs, True, False), classes)
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -207,7 +217,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     """Stage two: train the gate's width head with SGS on a frozen supernet; returns the run dir."""
     from dsnet.checkpoint import build_model as rebuild, read_checkpoint
     from dsnet.evaluate import evaluate_dynamic
-    from dsnet.sgs import SGSStep
+    from dsnet.sgs import SGSStep, frozen_forward, route_targets
 
     supernet = Path(supernet)
     state = read_checkpoint(supernet, "supernet")
@@ -234,12 +244,12 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.gate.epochs, updates_per_epoch(data.train, cfg),
                                 cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)
     autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
-    gmadds = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device) / 1e9
+    costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device)
     step = SGSStep(model, cfg.gate.rule, cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight,
-                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, gmadds, autocast)
+                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs / costs[-1], autocast)
 
     def targets(x, y):
-        return step.targets(step.frozen_forward(x)[1], y)
+        return route_targets(frozen_forward(model, x, autocast)[1], y, cfg.gate.rule)
 
     def evaluate(epoch: int) -> dict:
         report = evaluate_static(model, data.val, runtime.device, size, autocast)

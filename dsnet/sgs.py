@@ -9,8 +9,9 @@ batch without autograd; the slimmest route's predictions label each sample onlin
   space gets wrong also targets the slimmest (width cannot save it, so do not pay for it).
 
 Loss = ``sgs_weight`` x CE(gate logits, targets) + ``task_weight`` x CE(ST-Gumbel mix of the
-routes' logits, labels) + ``complexity_weight`` x (mean GMAdds of the sampled routes - target)^2
-(0 below the target). A weight of 0 turns a term off. The task and complexity terms are the
+routes' logits, labels) + ``complexity_weight`` x (mean cost of the sampled routes - target)^2
+(0 below the target), a route's cost being its MAdds as a fraction of the widest route's (the
+release uses GMAdds, which ties the weight to the model's size). A weight of 0 turns a term off. The task and complexity terms are the
 released recipe's answer to SGS alone driving gates to the first or last choice. Because the
 supernet is frozen, the routes' logits are constants: the gradients reach the width head only
 through the gate's logits, so nothing is back-propagated through the network.
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from dsnet.models.net import DSNet
 
-__all__ = ["RULES", "sgs_targets", "complexity_penalty", "SGSStep"]
+__all__ = ["RULES", "sgs_targets", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep"]
 
 RULES = ("slimmest", "slimmest_largest")
 
@@ -48,39 +49,47 @@ def sgs_targets(slim_correct: Tensor, wide_correct: Tensor | None, rule: str, nu
     return torch.where(easy, 0, num_routes - 1).long()
 
 
-def complexity_penalty(route_weights: Tensor, route_gmadds: Tensor, target: float) -> Tensor:
-    """(mean GMAdds - target)^2 if above target, else 0. route_weights: [B, R] (one-hot or
-    probabilities); route_gmadds: [R] GMAdds per route."""
-    mean = (route_weights @ route_gmadds).mean()
+def complexity_penalty(route_weights: Tensor, route_costs: Tensor, target: float) -> Tensor:
+    """(mean cost - target)^2 if above target, else 0. route_weights: [B, R] (one-hot or
+    probabilities); route_costs: [R] cost per route."""
+    mean = (route_weights @ route_costs).mean()
     return torch.clamp(mean - target, min=0.0) ** 2
+
+
+@torch.no_grad()
+def frozen_forward(model: DSNet, x: Tensor, autocast: Callable[[], contextlib.AbstractContextManager]
+                   = contextlib.nullcontext) -> tuple[Tensor, Tensor]:
+    """Gate hidden features [B, hidden] and every routing-space route's logits [R, B, K], no autograd."""
+    with autocast():
+        feats = model.forward_units(x, model.routes.dynamic_routes[0], 0, model.gate_index)
+        hidden = model.gate.squeeze(feats)
+        attended = feats * torch.sigmoid(model.gate.expand(hidden, model.gate.choices.index(feats.shape[1])))
+        logits = torch.stack([model.forward_from_gate(attended, r).float() for r in model.routes.dynamic_routes])
+    return hidden.flatten(1).float(), logits
+
+
+def route_targets(route_logits: Tensor, y: Tensor, rule: str) -> Tensor:
+    """SGS targets [B] from every route's logits [R, B, K] and labels [B]."""
+    slim = route_logits[0].argmax(1) == y
+    wide = route_logits[-1].argmax(1) == y if rule == "slimmest_largest" else None
+    return sgs_targets(slim, wide, rule, route_logits.shape[0])
 
 
 class SGSStep:
     """One stage-two step on a frozen supernet; only ``model.gate.width_head`` gets gradients."""
 
     def __init__(self, model: DSNet, rule: str, sgs_weight: float, task_weight: float,
-                 complexity_weight: float, complexity_target: float, tau: float, route_gmadds: Tensor,
+                 complexity_weight: float, complexity_target: float, tau: float, route_costs: Tensor,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         self.model, self.rule, self.tau, self.autocast = model, rule, tau, autocast
         self.weights = {"sgs": sgs_weight, "task": task_weight, "complexity": complexity_weight}
-        self.complexity_target, self.route_gmadds = complexity_target, route_gmadds
+        self.complexity_target, self.route_costs = complexity_target, route_costs
 
-    @torch.no_grad()
     def frozen_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Gate hidden features [B, hidden] and every route's logits [R, B, K], without autograd."""
-        m = self.model
-        with self.autocast():
-            feats = m.forward_units(x, m.routes.dynamic_routes[0], 0, m.gate_index)
-            hidden = m.gate.squeeze(feats)
-            attended = feats * torch.sigmoid(m.gate.expand(hidden, m.gate.choices.index(feats.shape[1])))
-            logits = torch.stack([m.forward_from_gate(attended, r).float() for r in m.routes.dynamic_routes])
-        return hidden.flatten(1).float(), logits
+        return frozen_forward(self.model, x, self.autocast)
 
     def targets(self, route_logits: Tensor, y: Tensor) -> Tensor:
-        """SGS targets [B] from every route's logits [R, B, K] and labels [B]."""
-        slim = route_logits[0].argmax(1) == y
-        wide = route_logits[-1].argmax(1) == y if self.rule == "slimmest_largest" else None
-        return sgs_targets(slim, wide, self.rule, route_logits.shape[0])
+        return route_targets(route_logits, y, self.rule)
 
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward: Callable[[Tensor], None]) -> dict:
         hidden, route_logits = self.frozen_forward(x)
@@ -97,7 +106,7 @@ class SGSStep:
                 losses["task"] = F.cross_entropy(mixed, y)
                 total = total + self.weights["task"] * losses["task"]
             if self.weights["complexity"] > 0:
-                losses["complexity"] = complexity_penalty(sample, self.route_gmadds, self.complexity_target)
+                losses["complexity"] = complexity_penalty(sample, self.route_costs, self.complexity_target)
                 total = total + self.weights["complexity"] * losses["complexity"]
         backward(total)
         if dist.is_available() and dist.is_initialized():  # the head is tiny: average its grads by hand

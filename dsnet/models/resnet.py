@@ -44,7 +44,7 @@ def resnet_stages(widths: Sequence[int], depths: Sequence[int], base_mults: Mult
 
 def build_resnet(stem: Sequence[int], stages: Sequence[StageSpec], num_classes: int,
                  routing_space: Sequence[int] | None, imagenet_stem: bool, drop_rate: float = 0.0,
-                 in_chans: int = 3, input_size: int = 224) -> DSNet:
+                 in_chans: int = 3, input_size: int = 224, gate_ratio: float = 0.25) -> DSNet:
     """A residual supernet from a stem width list and a stage table."""
     units: list[Unit] = [ConvBNAct((in_chans,), stem, 7 if imagenet_stem else 3,
                                    2 if imagenet_stem else 1, nn.ReLU, group=0)]
@@ -54,7 +54,7 @@ def build_resnet(stem: Sequence[int], stages: Sequence[StageSpec], num_classes: 
     space = tuple(routing_space) if routing_space is not None else tuple(range(len(stages[-1].choices)))
     for spec in stages:
         if spec.gated:
-            units.append(GateUnit(in_choices, len(space)))
+            units.append(GateUnit(in_choices, len(space), gate_ratio))
         for d in range(spec.depth):
             stride = spec.stride if d == 0 else 1
             if spec.mid is None:
@@ -69,8 +69,10 @@ def build_resnet(stem: Sequence[int], stages: Sequence[StageSpec], num_classes: 
 def _cifar(n: int, num_classes: int, base_mults: Mults, width_mults: Mults,
            routing_space: Sequence[int] | None, drop_rate: float, in_chans: int) -> DSNet:
     stages = resnet_stages((16, 32, 64), (n, n, n), base_mults, width_mults)
+    # the gate's hidden layer is as wide as its input (16 units at full width, not 4): it must
+    # tell easy from hard images, not only reweight channels
     return build_resnet(scale(16, tuple(base_mults)), stages, num_classes, routing_space, False,
-                        drop_rate, in_chans, 32)
+                        drop_rate, in_chans, 32, gate_ratio=1.0)
 
 
 @register

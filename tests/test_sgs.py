@@ -1,0 +1,111 @@
+"""Stage two: SGS targets on hand-made tables, the loss terms, and dynamic evaluation's bookkeeping."""
+import pytest
+import timm
+import torch
+from torch.testing import assert_close
+
+import dsnet
+from dsnet.evaluate import cost_bias, evaluate_dynamic, sweep_dynamic
+from dsnet.sgs import SGSStep, complexity_penalty, sgs_targets
+
+SLIM = torch.tensor([True, False, True, False])
+WIDE = torch.tensor([True, True, False, False])
+
+
+def test_published_rule_easy_to_slimmest_rest_to_widest():
+    assert sgs_targets(SLIM, WIDE, "slimmest", 4).tolist() == [0, 3, 0, 3]
+
+
+def test_largest_rule_sends_hopeless_samples_to_the_slimmest():
+    assert sgs_targets(SLIM, WIDE, "slimmest_largest", 4).tolist() == [0, 3, 0, 0]
+
+
+def test_unknown_rule_names_the_key():
+    with pytest.raises(ValueError, match="gate.rule must be one of"):
+        sgs_targets(SLIM, WIDE, "widest", 4)
+
+
+def test_complexity_penalty_is_squared_excess_over_target():
+    costs = torch.tensor([0.25, 0.5, 1.0])
+    onehot = torch.eye(3)[[0, 2]]  # mean cost (0.25 + 1.0) / 2 = 0.625
+    assert_close(complexity_penalty(onehot, costs, 0.0), torch.tensor(0.625 ** 2))
+    assert_close(complexity_penalty(onehot, costs, 0.5), torch.tensor(0.125 ** 2))
+    assert complexity_penalty(onehot, costs, 0.7) == 0
+
+
+def _tiny(routing_space=(0, 1, 2)):
+    torch.manual_seed(0)
+    model = timm.create_model("ds_resnet20", num_classes=4, base_mults=(0.5, 1.0),
+                              width_mults=(0.25, 0.5, 1.0), routing_space=routing_space)
+    return model.eval()
+
+
+def _spread_gate(model, loader):
+    """A hand-set width head whose argmax varies across the loader's inputs: random directions
+    over the gate's hidden features, centred on their mean and scaled by their spread."""
+    from dsnet.sgs import frozen_forward
+
+    hidden = torch.cat([frozen_forward(model, x)[0] for x, _ in loader])
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(model.gate.width_head.out_features, hidden.shape[1], generator=g)
+    weight = weight / (hidden @ weight.T).std(0)[:, None].clamp_min(1e-6)
+    with torch.no_grad():
+        model.gate.width_head.weight.copy_(weight)
+        model.gate.width_head.bias.copy_(-(hidden.mean(0) @ weight.T))
+
+
+def test_sgs_step_sends_gradients_to_the_width_head_only():
+    model = _tiny()
+    model.requires_grad_(False)
+    model.gate.width_head.requires_grad_(True)
+    step = SGSStep(model, "slimmest", 1.0, 1.0, 0.5, 0.0, 1.0, torch.tensor([0.2, 0.5, 1.0]))
+    out = step(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)), torch.Generator(), lambda l: l.backward())
+    assert set(out["losses"]) == {"sgs", "task", "complexity"}
+    assert all(p.grad is None for n, p in model.named_parameters() if "width_head" not in n)
+    assert model.gate.width_head.weight.grad.abs().sum() > 0
+
+
+def test_zero_weights_turn_terms_off():
+    model = _tiny()
+    step = SGSStep(model, "slimmest", 1.0, 0.0, 0.0, 0.0, 1.0, torch.tensor([0.2, 0.5, 1.0]))
+    out = step(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)), torch.Generator(), lambda l: None)
+    assert set(out["losses"]) == {"sgs"}
+
+
+def _loader(n=24, batch=8):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def test_dynamic_evaluation_prices_each_sample_at_the_route_it_took():
+    model, loader = _tiny(), _loader()
+    _spread_gate(model, loader)
+    size = (3, 32, 32)
+    report = evaluate_dynamic(model, loader, torch.device("cpu"), size)
+    head = model.gate.width_head.in_features * model.gate.width_head.out_features
+    taken, correct = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            choice = model.forward_gate(x)[1].argmax(1)
+            for xi, yi, c in zip(x, y, choice.tolist()):
+                subnet = model.routing_space[c]
+                taken.append(c)
+                correct.append(int(model(xi[None], subnet=subnet).argmax(1).item() == yi.item()))
+                assert model.dynamic_costs(size)[c] == dsnet.count_madds(model, subnet, size) + head
+    assert len(set(taken)) >= 2, "the hand-set gate should use several routes"
+    expected = sum(dsnet.count_madds(model, model.routing_space[c], size) + head for c in taken) / len(taken)
+    assert report["madds_mean"] == pytest.approx(expected, rel=1e-12)
+    assert report["routing"] == pytest.approx([taken.count(r) / len(taken) for r in range(3)])
+    assert report["top1"] == pytest.approx(100.0 * sum(correct) / len(correct))
+
+
+def test_sweep_at_zero_strength_equals_the_routed_evaluation_and_trades_cost_monotonically():
+    model, loader, size = _tiny(), _loader(), (3, 32, 32)
+    _spread_gate(model, loader)
+    report = evaluate_dynamic(model, loader, torch.device("cpu"), size)
+    rows = sweep_dynamic(model, loader, torch.device("cpu"), size, [-50.0, 0.0, 50.0])
+    assert rows[1]["top1"] == pytest.approx(report["top1"]) and rows[1]["madds_mean"] == pytest.approx(report["madds_mean"])
+    assert rows[0]["routing"][-1] == 1.0 and rows[2]["routing"][0] == 1.0
+    assert rows[0]["madds_mean"] >= rows[1]["madds_mean"] >= rows[2]["madds_mean"]
+    assert cost_bias(model, 1.0, size).tolist()[0] == 0.0

@@ -120,6 +120,7 @@ class IEBConfig(_Section):
 class GateConfig(_Section):
     routing_space: tuple[int, ...] | None = None  # choice indices of the gated group; None = all
     rule: str = "slimmest"                      # SGS target rule: slimmest, slimmest_largest
+    balance: bool = True                        # weight SGS targets by inverse batch frequency
     sgs_weight: float = 1.0
     task_weight: float = 1.0
     # penalty = complexity_weight * max(mean cost - complexity_target, 0) ** 2, the cost of a route

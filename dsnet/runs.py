@@ -246,7 +246,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
     costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device)
     step = SGSStep(model, cfg.gate.rule, cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight,
-                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs / costs[-1], autocast)
+                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs / costs[-1], autocast, cfg.gate.balance)
 
     def targets(x, y):
         return route_targets(frozen_forward(model, x, autocast)[1], y, cfg.gate.rule)
@@ -275,9 +275,11 @@ def write_eval(path: Path, report: dict) -> None:
     """Write an eval.json report (DESIGN.md's format)."""
     import json
 
-    report = {"static": report["static"], "largest": {"madds": report["largest"]["madds"],
-                                                      "top1": report["largest"]["top1"]},
-              "dynamic": report.get("dynamic"), "num_samples": report["num_samples"]}
+    out = {"static": report["static"], "largest": {"madds": report["largest"]["madds"],
+                                                   "top1": report["largest"]["top1"]},
+           "dynamic": report.get("dynamic"), "num_samples": report["num_samples"]}
+    if report.get("sweep") is not None:
+        out["sweep"] = report["sweep"]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
+    tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)

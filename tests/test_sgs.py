@@ -25,6 +25,17 @@ def test_unknown_rule_names_the_key():
         sgs_targets(SLIM, WIDE, "widest", 4)
 
 
+def test_balanced_weights_give_each_present_target_equal_total_weight():
+    from dsnet.sgs import balanced_weights
+
+    targets = torch.tensor([0, 0, 0, 3])
+    w = balanced_weights(targets, 4)
+    assert w[1] == 0 and w[2] == 0
+    assert_close(w[targets].sum() / 2, w[0] * 3)  # class 0's total == class 3's total
+    assert_close(w[0] * 3, w[3] * 1)
+    assert_close(w[targets].sum(), torch.tensor(4.0))
+
+
 def test_complexity_penalty_is_squared_excess_over_target():
     costs = torch.tensor([0.25, 0.5, 1.0])
     onehot = torch.eye(3)[[0, 2]]  # mean cost (0.25 + 1.0) / 2 = 0.625

@@ -117,6 +117,16 @@ def test_stage_two_changes_only_the_width_head_bit_for_bit(tmp_path):
     assert abs(sum(dyn["routing"]) - 1) < 1e-9 and 0 <= dyn["gate_accuracy"] <= 100
     costs = load_checkpoint(gate_run / "checkpoints/last.pth").dynamic_costs((3, 32, 32))
     assert min(costs) <= dyn["madds_mean"] <= max(costs)
+    # dsnet evaluate reproduces the run's own evaluation exactly (argmax routing, no noise)
+    from dsnet.cli import main as dsnet_main
+
+    out, plot = tmp_path / "again.json", tmp_path / "plot.png"
+    assert dsnet_main(["evaluate", str(gate_run / "checkpoints/last.pth"), "--json", str(out),
+                       "--plot", str(plot), "--sweep", "3"]) == 0
+    again = json.loads(out.read_text())
+    assert again["dynamic"] == dyn and again["static"] == report["static"]
+    assert [row["strength"] for row in again["sweep"]] == [-3.0, 0.0, 3.0]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_stage_two_refuses_a_mismatched_supernet(tmp_path):

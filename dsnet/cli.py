@@ -135,8 +135,17 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a static subnet or the gated model of a checkpoint as TorchScript or ONNX."""
+    from dsnet.export import export_command
+
+    size = tuple(_positive_size(args.input_size)) if args.input_size else None
+    print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, size))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate}
+    "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "export": cmd_export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output checkpoint (default: recalibrated.pth beside the input)")
     p.add_argument("--batches", type=int, default=None, help="batches per route (default: the config's)")
     p.add_argument("--data", metavar="ROOT", help="dataset root (default: the one the run used)")
+    p = sub.add_parser("export", help="a static subnet or the gated model as TorchScript or ONNX")
+    p.add_argument("checkpoint", help="a stage-one or stage-two checkpoint (--dynamic wants stage two's)")
+    route = p.add_mutually_exclusive_group(required=True)
+    route.add_argument("--subnet", type=int, metavar="I", help="static subnet I (0 = slimmest)")
+    route.add_argument("--dynamic", action="store_true",
+                       help="the gated model: each sample takes the route its gate picks")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="output file (a folder for --dynamic --format onnx); never overwritten")
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                   help="C H W of the example input (default: the run's data.input_size); ONNX keeps H and W")
     return parser
 
 

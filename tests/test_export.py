@@ -1,0 +1,265 @@
+"""Export: the extracted dynamic model equals the routed supernet; TorchScript files run where dsnet
+cannot be imported; ONNX files (static, and the dynamic folder through its runner) equal dsnet's
+outputs; ``export_command`` refuses bad input with one sentence naming the value."""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch.testing import assert_close
+
+import dsnet
+from dsnet.checkpoint import save_checkpoint
+from dsnet.export import DynamicOnnxRunner, export_command, extract_dynamic, run_dynamic_onnx
+from tests.conftest import randomize_bn_
+
+KWARGS = {"num_classes": 4, "base_mults": (0.5, 1.0), "width_mults": (0.25, 0.5, 1.0)}
+# float32 comparisons of dense kernels with the supernet's sliced ones, which round differently
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+# Runs first in every "no dsnet" subprocess: importing dsnet (and any names in BLOCKED) fails.
+BLOCKER = textwrap.dedent("""
+    import sys
+    BLOCKED = {blocked!r}
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{{name}} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    for name in BLOCKED:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit(f"{{name}} could still be imported")
+""")
+
+
+def _spread_gate(model: dsnet.DSNet, x: torch.Tensor) -> None:
+    """A hand-set width head whose argmax varies over ``x``: random directions over the gate's
+    hidden features, centred on their mean and scaled by their spread (as tests/test_sgs.py)."""
+    with torch.no_grad():
+        feats = model.forward_units(x, model.routes.dynamic_routes[0], 0, model.gate_index)
+        hidden = model.gate.squeeze(feats).flatten(1)
+        g = torch.Generator().manual_seed(3)
+        weight = torch.randn(model.gate.width_head.out_features, hidden.shape[1], generator=g)
+        weight = weight / (hidden @ weight.T).std(0)[:, None].clamp_min(1e-6)
+        model.gate.width_head.weight.copy_(weight)
+        model.gate.width_head.bias.copy_(-(hidden.mean(0) @ weight.T))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here: these tiny convs gain nothing from two, and on a busy machine
+    two threads that wait for each other make the module several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def supernet(one_thread) -> dsnet.DSNet:
+    """A tiny ds_resnet20 in eval mode: BN statistics differ per width, the gate uses every route."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = timm.create_model("ds_resnet20", **KWARGS)
+    x = torch.randn(16, 3, 32, 32, generator=g)
+    randomize_bn_(net, g, x)
+    _spread_gate(net, x)
+    return net
+
+
+@pytest.fixture
+def model(supernet) -> dsnet.DSNet:
+    return copy.deepcopy(supernet)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def _checkpoint(model: dsnet.DSNet, path, stage: str = "gate") -> str:
+    save_checkpoint({"stage": stage, "model_name": "ds_resnet20", "model_kwargs": KWARGS,
+                     "model": model.state_dict(), "config": {"data": {"input_size": 32}}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(supernet, tmp_path_factory) -> str:
+    return _checkpoint(supernet, tmp_path_factory.mktemp("run") / "gate.pth")
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(checkpoint, tmp_path_factory):
+    """(folder, summaries) of subnet 2 as ``subnet2.onnx`` and the gated model as ``dynamic/``."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("onnx")
+    return folder, [export_command(checkpoint, 2, False, "onnx", str(folder / "subnet2.onnx")),
+                    export_command(checkpoint, None, True, "onnx", str(folder / "dynamic"))]
+
+
+def _routes_used(model: dsnet.DSNet, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        choice = model.forward_dynamic(x).choice
+    assert len(set(choice.tolist())) >= 2, "the hand-set gate should use several routes"
+    return choice
+
+
+def _one_per_route(choice: torch.Tensor) -> list[int]:
+    """The index of the first sample of each route taken (batch-1 inputs that differ in route)."""
+    return [choice.tolist().index(r) for r in sorted(set(choice.tolist()))]
+
+
+def _run_isolated(code: str, blocked: tuple[str, ...], cwd) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    script = BLOCKER.format(blocked=set(blocked)) + textwrap.dedent(code)
+    done = subprocess.run([sys.executable, "-I", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---- the dynamic model as plain torch.nn ------------------------------------------------------
+
+@torch.no_grad()
+def test_extracted_dynamic_model_equals_the_routed_supernet_and_owns_its_weights(model, x, device):
+    # float64: the supernet may run a strided 1x1 slice as a matrix product where the dense copy
+    # runs a conv kernel; float32 rounding would blur the check
+    model, x = model.double().to(device), x.double().to(device)
+    choice = _routes_used(model, x)
+    net = extract_dynamic(model)
+    leaves = [m for m in net.modules() if next(m.children(), None) is None]
+    assert all(type(m).__module__.startswith("torch.nn.") for m in leaves), {type(m).__name__ for m in leaves}
+    assert not net.training and len(net.posts) == len(model.routing_space)
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not storages & {t.untyped_storage().data_ptr() for t in net.state_dict().values()}
+    logits, got_choice, gate_logits = net.routed(x)
+    assert_close(logits, model(x, subnet="dynamic"))
+    assert torch.equal(got_choice, choice)
+    assert_close(gate_logits, model.forward_gate(x)[1])
+    for i in _one_per_route(choice):
+        assert_close(net(x[i:i + 1]), model(x[i:i + 1], subnet="dynamic"))
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def test_torchscript_files_run_without_dsnet(model, checkpoint, x, tmp_path):
+    static_summary = export_command(checkpoint, 1, False, "torchscript", str(tmp_path / "subnet1.pt"))
+    dynamic_summary = export_command(checkpoint, None, True, "torchscript", str(tmp_path / "dynamic.pt"))
+    assert "subnet 1" in static_summary and "dynamic model" in dynamic_summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamic.pt", "subnet1.pt"]
+    choice = _routes_used(model, x)
+    single = x[_one_per_route(choice)[-1]][None]
+    torch.save({"x": x, "single": single}, tmp_path / "inputs.pt")
+    _run_isolated("""
+        import torch
+        inputs = torch.load("inputs.pt")
+        static, dynamic = torch.jit.load("subnet1.pt"), torch.jit.load("dynamic.pt")
+        with torch.no_grad():
+            out = {"static": static(inputs["x"]), "dynamic": dynamic(inputs["x"]),
+                   "single": dynamic(inputs["single"]), "choice": dynamic.routed(inputs["x"])[1]}
+        torch.save(out, "outputs.pt")
+    """, ("dsnet", "timm"), tmp_path)
+    out = torch.load(tmp_path / "outputs.pt")
+    with torch.no_grad():
+        assert_close(out["static"], model(x, subnet=1), **TOL)
+        assert_close(out["dynamic"], model(x, subnet="dynamic"), **TOL)
+        assert_close(out["single"], model(single, subnet="dynamic"), **TOL)
+    assert torch.equal(out["choice"], choice)
+
+
+def test_onnx_static_and_dynamic_equal_dsnet(model, onnx_exports, x):
+    import onnxruntime as ort
+
+    tmp_path, summaries = onnx_exports
+    assert all("max |diff| vs dsnet" in line for line in summaries)
+    folder = tmp_path / "dynamic"
+    assert sorted(p.name for p in folder.iterdir()) == ["dynamic.json", "gate.onnx", "route_0.onnx",
+                                                        "route_1.onnx", "route_2.onnx"]
+    spec = json.loads((folder / "dynamic.json").read_text())
+    assert spec["subnets"] == [0, 1, 2] and spec["num_classes"] == 4 and spec["input_size"] == [3, 32, 32]
+    choice = _routes_used(model, x)
+    static = ort.InferenceSession(str(tmp_path / "subnet2.onnx"), providers=["CPUExecutionProvider"])
+    runner = DynamicOnnxRunner(folder)
+    with torch.no_grad():
+        for batch in (x, x[:3], *(x[i:i + 1] for i in _one_per_route(choice))):
+            assert_close(torch.from_numpy(static.run(None, {"input": batch.numpy()})[0]), model(batch, subnet=2), **TOL)
+            assert_close(torch.from_numpy(runner(batch.numpy())), model(batch, subnet="dynamic"), **TOL)
+    assert_close(torch.from_numpy(run_dynamic_onnx(folder, x.numpy())), torch.from_numpy(runner(x.numpy())))
+
+
+def test_the_dynamic_onnx_runner_is_copyable_without_torch_or_dsnet(model, onnx_exports, x, tmp_path):
+    (tmp_path / "dynamic").symlink_to(onnx_exports[0] / "dynamic")
+    np.save(tmp_path / "x.npy", x.numpy())
+    (tmp_path / "runner.py").write_text("import json\nimport numpy as np\nfrom pathlib import Path\n\n\n"
+                                        + inspect.getsource(DynamicOnnxRunner))
+    _run_isolated("""
+        import numpy as np
+        exec(open("runner.py").read())
+        np.save("y.npy", DynamicOnnxRunner("dynamic")(np.load("x.npy")))
+    """, ("dsnet", "torch", "timm"), tmp_path)
+    with torch.no_grad():
+        assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), model(x, subnet="dynamic"), **TOL)
+
+
+# ---- export_command errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("subnet", [3, -1])
+def test_subnet_out_of_range_names_the_index(checkpoint, tmp_path, subnet):
+    with pytest.raises(ValueError, match=rf"--subnet {subnet} is out of range: ds_resnet20 has 3 static subnets \(0\.\.2\)"):
+        export_command(checkpoint, subnet, False, "torchscript", str(tmp_path / "out.pt"))
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_existing_output_is_refused(checkpoint, tmp_path):
+    (tmp_path / "out.pt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"out\.pt exists; dsnet export never overwrites"):
+        export_command(checkpoint, 0, False, "torchscript", str(tmp_path / "out.pt"))
+    assert (tmp_path / "out.pt").read_text() == "keep me"
+
+
+def test_unknown_format_and_route_choice_are_named(checkpoint, tmp_path):
+    ckpt, out = checkpoint, str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"unknown export format 'tflite'; choose one of torchscript, onnx"):
+        export_command(ckpt, 0, False, "tflite", out)
+    for subnet, dynamic in ((None, False), (0, True)):
+        with pytest.raises(ValueError, match=r"exactly one of --subnet I .* or --dynamic"):
+            export_command(ckpt, subnet, dynamic, "torchscript", out)
+    with pytest.raises(ValueError, match=r"--input-size must be C H W with C = 3.*got \[1, 32, 32\]"):
+        export_command(ckpt, 0, False, "torchscript", out, (1, 32, 32))
+    with pytest.raises(ValueError, match=r"writes a folder .* such as .*dyn, not .*dyn\.onnx"):
+        export_command(ckpt, None, True, "onnx", str(tmp_path / "dyn.onnx"))
+
+
+def test_onnx_without_the_package_says_how_to_install(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    with pytest.raises(ValueError, match=r"pip install 'dsnet\[onnx\]'"):
+        export_command(checkpoint, 0, False, "onnx", str(tmp_path / "a.onnx"))
+
+
+def test_dynamic_export_of_a_stage_one_checkpoint_warns(model, tmp_path, caplog):
+    with torch.no_grad():
+        model.gate.width_head.weight.zero_()
+        model.gate.width_head.bias.zero_()
+    ckpt = _checkpoint(model, tmp_path / "last.pth", stage="supernet")
+    with caplog.at_level(logging.WARNING, logger="dsnet.export"):
+        summary = export_command(ckpt, None, True, "torchscript", str(tmp_path / "dynamic.pt"))
+    assert "stage-one checkpoint" in caplog.text and "width head is untrained" in caplog.text
+    assert (tmp_path / "dynamic.pt").is_file() and summary.startswith("exported dynamic model")

@@ -4,14 +4,24 @@ Width is an argument or the input's shape, never module state: ``DSConv2d.forwar
 its input width from ``x.shape[1]`` and produces ``out_choices[k]`` channels. Every layer can
 hand back a plain ``torch.nn`` twin holding the sliced weights (``dense``), which is what
 ``dsnet.extract_subnet`` assembles.
+
+Where no autograd graph is recorded (evaluation, inference, BN recalibration, frozen weights) the
+slices are views cached per width (``_SliceViews``), and the forwards read their tensors from
+``self._parameters`` / ``self._buffers``: at batch 1, making a view or going through
+``nn.Module.__getattr__`` costs about a microsecond per tensor, a tenth of a small layer's time.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
 
 __all__ = ["DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "SqueezeExcite", "SqueezeExciteDense",
            "check_choices"]
@@ -26,33 +36,61 @@ def check_choices(choices: Sequence[int], what: str) -> tuple[int, ...]:
     return choices
 
 
-class _SliceCache:
-    """Contiguous copies of 2-D weight slices, reused while the weight is unchanged.
+def _reuse_views(source: Tensor) -> bool:
+    """Whether cached slices of ``source`` may stand in for fresh ones: no autograd graph is
+    recorded through it, and no tracer or compiler is watching (they must see the slicing)."""
+    return (not (torch.is_grad_enabled() and source.requires_grad) and not torch.jit.is_tracing()
+            and not _is_compiling())
 
-    ``weight[:o, :i]`` is a strided view; convolution kernels copy it to contiguous memory on
-    every call. When no gradient is needed the copy is made once per (o, i) and reused until the
-    weight changes (its version counter or storage moves), so an inference pass through the
-    supernet costs what the dense model costs.
+
+class _SliceViews:
+    """Leading-slice views of a layer's tensors, made once per width and reused.
+
+    Making a view costs microseconds per tensor per call, which at batch 1 adds up to several
+    percent of a subnet's time. A view shares its source's storage, so every in-place update
+    (optimizer step, ``load_state_dict``, ``weight.data.mul_``) shows through it; only a new
+    storage (``module.to``, ``param.data = t``) leaves a view behind, and the data-pointer stamp
+    catches that. Views are made under ``no_grad`` outside inference mode: plain tensors, valid
+    wherever no gradient flows into their sources (see ``_reuse_views``). Nothing is copied.
     """
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[int, int], tuple[int, int, Tensor]] = {}
+        self.entries: dict[Hashable, tuple[tuple[int, ...], tuple]] = {}
 
-    def get(self, weight: Tensor, out_c: int, in_c: int) -> Tensor:
-        key = (out_c, in_c)
-        stamp = (weight._version, weight.data_ptr())
+    def get(self, key: Hashable, stamp: tuple[int, ...], make: Callable[[], tuple]) -> tuple:
+        """The views ``make()`` returns for ``key``, made again if the sources' data pointers
+        (``stamp``) changed since."""
         hit = self.entries.get(key)
-        if hit is not None and (hit[0], hit[1]) == stamp and hit[2].dtype == weight.dtype:
-            return hit[2]
-        view = weight[:out_c, :in_c]
-        fmt = torch.channels_last if weight.dim() == 4 and weight.is_contiguous(
-            memory_format=torch.channels_last) and not weight.is_contiguous() else torch.contiguous_format
-        sliced = view.detach().contiguous(memory_format=fmt)
-        self.entries[key] = (stamp[0], stamp[1], sliced)
-        return sliced
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            views = make()
+        self.entries[key] = (stamp, views)
+        return views
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+def _pointwise_strided(x: Tensor, weight2d: Tensor, bias: Tensor | None) -> Tensor | None:
+    """A 1x1 stride-1 conv as a matrix product that reads a strided weight slice in place.
+
+    x: [B, C, H, W] contiguous, weight2d: [O, C] with a row stride > C. F.conv2d would copy
+    the slice to contiguous memory on every call, as costly as the product itself at batch 1 or
+    on pooled [B, C, 1, 1] inputs; BLAS takes the row stride as its leading dimension instead.
+    Returns [B, O, H, W], or None where the copy is small next to the conv (B > 1, H * W > 1).
+    """
+    b, c, h, w = x.shape
+    if b == 1:
+        x2d = x.view(c, h * w)
+        if h * w == 1:  # a matrix-vector product: squeeze-excite at batch 1
+            y = torch.mv(weight2d, x2d[:, 0]) if bias is None else torch.addmv(bias, weight2d, x2d[:, 0])
+        else:
+            y = torch.mm(weight2d, x2d) if bias is None else torch.addmm(bias.unsqueeze(1), weight2d, x2d)
+        return y.view(1, -1, h, w)
+    if h * w == 1:
+        return F.linear(x.view(b, c), weight2d, bias).view(b, -1, 1, 1)
+    return None
 
 
 class DSConv2d(nn.Conv2d):
@@ -60,6 +98,8 @@ class DSConv2d(nn.Conv2d):
 
     Regular (``groups=1``) or depthwise (``depthwise=True``: one filter per input channel, the
     output width follows the input). Padding is ``kernel_size // 2`` ("same" for odd kernels).
+    Without autograd (evaluation, inference, frozen weights) the slices are cached views, and a
+    1x1 conv whose slice is strided runs as a matrix product on it (``_pointwise_strided``).
     """
 
     def __init__(self, in_choices: Sequence[int], out_choices: Sequence[int], kernel_size: int = 1,
@@ -72,25 +112,33 @@ class DSConv2d(nn.Conv2d):
         super().__init__(in_choices[-1], out_choices[-1], kernel_size, stride, kernel_size // 2,
                          groups=out_choices[-1] if depthwise else 1, bias=bias)
         self.in_choices, self.out_choices, self.depthwise = in_choices, out_choices, depthwise
-        self._cache = _SliceCache()
+        self._pointwise = kernel_size == 1 and stride == 1 and not depthwise
+        self._views = _SliceViews()
 
-    def sliced_weight(self, out_c: int, in_c: int) -> Tensor:
-        """[out_c, in_c (1 if depthwise), kh, kw] leading slice of the weight; cached when no grad flows."""
-        if self.depthwise:
-            return self.weight[:out_c]
-        if out_c == self.out_channels and in_c == self.in_channels:
-            return self.weight
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return self.weight[:out_c, :in_c]
-        return self._cache.get(self.weight, out_c, in_c)
+    def _slices(self, out_c: int, in_c: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(weight [out_c, in_c or 1, kh, kw], bias [out_c] or None, the weight as a strided
+        [out_c, in_c] matrix if this is a 1x1 conv whose slice is not contiguous, else None)."""
+        weight = self.weight[:out_c] if self.depthwise else self.weight[:out_c, :in_c]
+        bias = self.bias[:out_c] if self.bias is not None else None
+        strided = weight[:, :, 0, 0] if self._pointwise and not weight.is_contiguous() else None
+        return weight, bias, strided
 
     def forward(self, x: Tensor, k: int = -1) -> Tensor:
         """x: [B, C_in, H, W] with C_in <= widest input; returns [B, out_choices[k], H', W']."""
         in_c = x.shape[1]
         out_c = in_c if self.depthwise else self.out_choices[k]
-        bias = self.bias[:out_c] if self.bias is not None else None
-        return F.conv2d(x, self.sliced_weight(out_c, in_c), bias, self.stride, self.padding,
-                        self.dilation, out_c if self.depthwise else 1)
+        w, b = self._parameters["weight"], self._parameters["bias"]  # not self.weight: see top
+        if _reuse_views(w):
+            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr())
+            weight, bias, strided = self._views.get((out_c, in_c), stamp, lambda: self._slices(out_c, in_c))
+            if strided is not None and x.is_contiguous():
+                y = _pointwise_strided(x, strided, bias)
+                if y is not None:
+                    return y
+        else:
+            weight, bias, _ = self._slices(out_c, in_c)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
+                        out_c if self.depthwise else 1)
 
     def dense(self, in_c: int, out_c: int) -> nn.Conv2d:
         """A plain nn.Conv2d holding this layer's weights at (in_c -> out_c)."""
@@ -104,8 +152,8 @@ class DSConv2d(nn.Conv2d):
                 conv.bias.copy_(self.bias[:out_c])
         return conv.to(self.weight.device, self.weight.dtype)
 
-    def _apply(self, fn, recurse=True):  # moving or casting the module invalidates cached slices
-        self._cache.clear()
+    def _apply(self, fn, recurse=True):  # moving or casting the module frees the old views
+        self._views.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -115,9 +163,12 @@ class DSConv2d(nn.Conv2d):
 class DSBatchNorm2d(nn.Module):
     """Switchable batch norm: private running statistics per width, shared sliced affine.
 
-    ``running_mean`` / ``running_var`` are [num_choices, widest]; width ``choices[k]`` uses row
-    k's leading entries. The width is read from the input. With ``momentum=None`` the statistics
-    are a cumulative average (used for BN recalibration).
+    ``running_mean`` / ``running_var`` are [num_choices + 1, widest]; width ``choices[k]`` uses
+    row k's leading entries, and the largest route uses the last row (``largest=True``): the
+    largest route and the widest static subnet reach a gated layer at the same width but from
+    differently wide earlier layers, so one row would mix two distributions. The width is read
+    from the input. With ``momentum=None`` the statistics are a cumulative average (used for BN
+    recalibration).
     """
 
     def __init__(self, choices: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1) -> None:
@@ -127,10 +178,11 @@ class DSBatchNorm2d(nn.Module):
         widest, n = self.choices[-1], len(self.choices)
         self.weight = nn.Parameter(torch.ones(widest))
         self.bias = nn.Parameter(torch.zeros(widest))
-        self.register_buffer("running_mean", torch.zeros(n, widest))
-        self.register_buffer("running_var", torch.ones(n, widest))
-        self.register_buffer("num_batches_tracked", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("running_mean", torch.zeros(n + 1, widest))
+        self.register_buffer("running_var", torch.ones(n + 1, widest))
+        self.register_buffer("num_batches_tracked", torch.zeros(n + 1, dtype=torch.long))
         self._index = {c: i for i, c in enumerate(self.choices)}
+        self._views = _SliceViews()
 
     def choice_index(self, width: int) -> int:
         try:
@@ -139,19 +191,36 @@ class DSBatchNorm2d(nn.Module):
             raise ValueError(f"DSBatchNorm2d got {width} channels; it has statistics for "
                              f"{list(self.choices)}") from None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def row(self, width: int, largest: bool = False) -> int:
+        """The statistics row of ``width`` (the last row on the largest route)."""
+        return len(self.choices) if largest else self.choice_index(width)
+
+    def forward(self, x: Tensor, largest: bool = False) -> Tensor:
         """x: [B, C, H, W] with C one of ``choices``; returns the same shape."""
         c = x.shape[1]
-        k = self.choice_index(c)
         factor = 0.0
         if self.training:
+            k = self.row(c, largest)
             self.num_batches_tracked[k] += 1
             if self.momentum is not None:
                 factor = self.momentum
             else:  # cumulative average; host sync, but only BN recalibration runs this
                 factor = 1.0 / float(self.num_batches_tracked[k])
-        return F.batch_norm(x, self.running_mean[k, :c], self.running_var[k, :c], self.weight[:c],
-                            self.bias[:c], self.training, factor, self.eps)
+        params, buffers = self._parameters, self._buffers  # not self.weight: see top
+        w = params["weight"]
+        if _reuse_views(w):  # eval, inference, BN recalibration under no_grad
+            stamp = (w.data_ptr(), params["bias"].data_ptr(), buffers["running_mean"].data_ptr(),
+                     buffers["running_var"].data_ptr())
+            mean, var, weight, bias = self._views.get((c, largest), stamp, lambda: self._slices(c, largest))
+        else:
+            mean, var, weight, bias = self._slices(c, largest)
+        return F.batch_norm(x, mean, var, weight, bias, self.training, factor, self.eps)
+
+    def _slices(self, c: int, largest: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Width c's statistics (row ``row(c, largest)``) and the affine params, each [c]; the
+        statistics are views that batch norm updates in place in training mode."""
+        k = self.row(c, largest)
+        return self.running_mean[k, :c], self.running_var[k, :c], self.weight[:c], self.bias[:c]
 
     def reset_running_stats(self, momentum: float | None = None) -> None:
         """Zero every width's statistics and set the momentum (None: cumulative average)."""
@@ -160,9 +229,13 @@ class DSBatchNorm2d(nn.Module):
         self.num_batches_tracked.zero_()
         self.momentum = momentum
 
-    def dense(self, width: int) -> nn.BatchNorm2d:
+    def _apply(self, fn, recurse=True):  # moving or casting the module frees the old views
+        self._views.clear()
+        return super()._apply(fn, recurse)
+
+    def dense(self, width: int, largest: bool = False) -> nn.BatchNorm2d:
         """A plain nn.BatchNorm2d with the affine slice and width ``width``'s own statistics."""
-        k = self.choice_index(width)
+        k = self.row(width, largest)
         bn = nn.BatchNorm2d(width, eps=self.eps)
         with torch.no_grad():
             bn.weight.copy_(self.weight[:width])
@@ -177,11 +250,27 @@ class DSBatchNorm2d(nn.Module):
 
 
 class DSLinear(nn.Linear):
-    """Linear layer whose input width follows the input (its output width is fixed)."""
+    """Linear layer whose input width follows the input (its output width is fixed).
+
+    BLAS reads the strided weight slice in place; without autograd the slice is a cached view.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self._views = _SliceViews()
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, F] with F <= in_features; returns [B, out_features]."""
-        return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
+        in_f, w = x.shape[1], self._parameters["weight"]  # not self.weight: see top
+        if _reuse_views(w):
+            (weight,) = self._views.get(in_f, (w.data_ptr(),), lambda: (w[:, :in_f],))
+        else:
+            weight = w[:, :in_f]
+        return F.linear(x, weight, self.bias)
+
+    def _apply(self, fn, recurse=True):  # moving or casting the module frees the old views
+        self._views.clear()
+        return super()._apply(fn, recurse)
 
     def dense(self, in_f: int) -> nn.Linear:
         lin = nn.Linear(in_f, self.out_features, bias=self.bias is not None)

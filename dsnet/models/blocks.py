@@ -1,7 +1,8 @@
 """Units: the steps a supernet walks, each slice-able and each with a plain dense twin.
 
-Every unit takes ``forward(x, k)``: its input width comes from ``x``, ``k`` is the choice index
-of the width group that sets its output (ignored by width-preserving units). Each unit also
+Every unit takes ``forward(x, k, largest)``: its input width comes from ``x``, ``k`` is the choice
+index of the width group that sets its output (ignored by width-preserving units), ``largest``
+selects the largest route's own BN statistics. Each unit also
 reports, as pure arithmetic, its output width, multiply-adds and parameter count at a given
 input width and choice, and builds its dense twin (``dense``) from torch.nn layers only.
 
@@ -47,7 +48,7 @@ class Unit(nn.Module):
         """(multiply-adds, parameters, output hw) at input width ``in_c``, choice ``k``, input ``hw``."""
         raise NotImplementedError
 
-    def dense(self, in_c: int, k: int) -> nn.Module:
+    def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         raise NotImplementedError
 
 
@@ -63,9 +64,9 @@ class ConvBNAct(Unit):
         self.act = act(inplace=True) if act is not None else nn.Identity()
         self.group = None if depthwise else group
 
-    def forward(self, x: Tensor, k: int = -1) -> Tensor:
-        """x: [B, C_in, H, W] -> [B, out_choices[k], H', W']."""
-        return self.act(self.bn(self.conv(x, k)))
+    def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
+        """x: [B, C_in, H, W] -> [B, out_choices[k], H', W']; ``largest``: the largest route's BN row."""
+        return self.act(self.bn(self.conv(x, k), largest))
 
     def out_width(self, in_c: int, k: int) -> int:
         return in_c if self.conv.depthwise else self.conv.out_choices[k]
@@ -76,9 +77,9 @@ class ConvBNAct(Unit):
         madds = conv_madds(in_c, out_c, c.kernel_size[0], hw, c.depthwise)
         return madds, conv_params(in_c, out_c, c.kernel_size[0], c.depthwise) + 2 * out_c, hw
 
-    def dense(self, in_c: int, k: int) -> nn.Sequential:
+    def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Sequential:
         out_c = self.out_width(in_c, k)
-        return nn.Sequential(self.conv.dense(in_c, out_c), self.bn.dense(out_c), _copy_act(self.act))
+        return nn.Sequential(self.conv.dense(in_c, out_c), self.bn.dense(out_c, largest), _copy_act(self.act))
 
 
 def _copy_act(act: nn.Module) -> nn.Module:
@@ -97,13 +98,13 @@ class SEUnit(Unit):
         super().__init__()
         self.se = SqueezeExcite(choices, ratio)
 
-    def forward(self, x: Tensor, k: int = -1) -> Tensor:
+    def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.se(x)
 
     def cost(self, in_c, k, hw):
         return (*_se_cost(self.se, in_c, hw), hw)
 
-    def dense(self, in_c: int, k: int) -> nn.Module:
+    def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         return self.se.dense(in_c)
 
 
@@ -115,7 +116,7 @@ class GateUnit(Unit):
         super().__init__()
         self.gate = DSGate(choices, num_routes, ratio)
 
-    def forward(self, x: Tensor, k: int = -1) -> Tensor:
+    def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.gate(x)
 
     def cost(self, in_c, k, hw):
@@ -126,7 +127,7 @@ class GateUnit(Unit):
         head = self.gate.width_head
         return head.in_features * head.out_features, head.weight.numel() + head.bias.numel()
 
-    def dense(self, in_c: int, k: int) -> nn.Module:
+    def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         return self.gate.dense(in_c)
 
 
@@ -137,13 +138,13 @@ class MaxPoolUnit(Unit):
         super().__init__()
         self.pool = nn.MaxPool2d(3, 2, 1)
 
-    def forward(self, x: Tensor, k: int = -1) -> Tensor:
+    def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.pool(x)
 
     def cost(self, in_c, k, hw):
         return 0, 0, (_out_size(hw[0], 3, 2), _out_size(hw[1], 3, 2))
 
-    def dense(self, in_c: int, k: int) -> nn.Module:
+    def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         return nn.MaxPool2d(3, 2, 1)
 
 
@@ -158,12 +159,12 @@ class _Residual(Unit):
         self.shortcut = ConvBNAct(in_choices, out_choices, 1, stride, None) if self.projection else None
         nn.init.zeros_(self.body[-1].bn.weight)  # each block starts as its shortcut
 
-    def forward(self, x: Tensor, k: int = -1) -> Tensor:
+    def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         """x: [B, C_in, H, W] -> [B, out_choices[k], H', W']."""
-        shortcut = self.shortcut(x, k) if self.shortcut is not None else x
+        shortcut = self.shortcut(x, k, largest) if self.shortcut is not None else x
         for step in self.body[:-1]:
-            x = step(x, k)
-        return torch.relu_(self.body[-1](x, k) + shortcut)
+            x = step(x, k, largest)
+        return torch.relu_(self.body[-1](x, k, largest) + shortcut)
 
     def out_width(self, in_c: int, k: int) -> int:
         return self.body[-1].out_width(in_c, k)
@@ -179,12 +180,12 @@ class _Residual(Unit):
             madds, params = madds + m, params + p
         return madds, params, out_hw
 
-    def _dense_parts(self, in_c: int, k: int) -> tuple[list[nn.Module], nn.Module | None]:
+    def _dense_parts(self, in_c: int, k: int, largest: bool) -> tuple[list[nn.Module], nn.Module | None]:
         steps, c = [], in_c
         for step in self.body:
-            steps.append(step.dense(c, k))
+            steps.append(step.dense(c, k, largest))
             c = step.out_width(c, k)
-        return steps, self.shortcut.dense(in_c, k) if self.shortcut is not None else None
+        return steps, self.shortcut.dense(in_c, k, largest) if self.shortcut is not None else None
 
 
 class BasicBlock(_Residual):
@@ -197,8 +198,8 @@ class BasicBlock(_Residual):
                                    ConvBNAct(out_choices, out_choices, 3, 1, None)])
         self._init_shortcut(in_choices, out_choices, stride)
 
-    def dense(self, in_c: int, k: int) -> "DenseBasicBlock":
-        steps, shortcut = self._dense_parts(in_c, k)
+    def dense(self, in_c: int, k: int, largest: bool = False) -> "DenseBasicBlock":
+        steps, shortcut = self._dense_parts(in_c, k, largest)
         return DenseBasicBlock(nn.Sequential(*steps), shortcut)
 
 
@@ -214,8 +215,8 @@ class Bottleneck(_Residual):
                                    ConvBNAct(mid_choices, out_choices, 1, 1, None)])
         self._init_shortcut(in_choices, out_choices, stride)
 
-    def dense(self, in_c: int, k: int) -> "DenseBottleneck":
-        steps, shortcut = self._dense_parts(in_c, k)
+    def dense(self, in_c: int, k: int, largest: bool = False) -> "DenseBottleneck":
+        steps, shortcut = self._dense_parts(in_c, k, largest)
         return DenseBottleneck(nn.Sequential(*steps), shortcut)
 
 

@@ -95,9 +95,9 @@ class DSNet(nn.Module):
 
     def forward_units(self, x: Tensor, route: Route, start: int, stop: int) -> Tensor:
         """Run units[start:stop] along ``route``; x: [B, C, H, W] -> features [B, C', H', W']."""
-        ks = self._choices(route)
+        ks, largest = self._choices(route), route == self.routes.largest
         for i in range(start, stop):
-            x = self.units[i](x, ks[i])
+            x = self.units[i](x, ks[i], largest)
         return x
 
     def forward_head(self, x: Tensor, route: Route) -> Tensor:
@@ -168,9 +168,9 @@ class DSNet(nn.Module):
 
     def extract(self, route: Route) -> "DenseNet":
         """A plain torch.nn copy of ``route``: sliced weights, that width's BN statistics."""
-        c, layers = self.in_chans, []
+        c, layers, largest = self.in_chans, [], route == self.routes.largest
         for unit, k in zip(self.units, self._choices(route)):
-            layers.append(unit.dense(c, k))
+            layers.append(unit.dense(c, k, largest))
             c = unit.out_width(c, k)
         net = DenseNet(nn.Sequential(*layers), self.classifier.dense(c), self.drop_rate)
         return net.train(self.training)

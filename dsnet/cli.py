@@ -144,8 +144,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Latency of the dynamic model against the largest route, the static subnets and the dense limit."""
+    from dsnet.bench import bench_command
+
+    bench_command(args.target, args.batch_sizes, args.json, args.repeats, args.threads)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "export": cmd_export}
+    "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "export": cmd_export,
+    "bench": cmd_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (a folder for --dynamic --format onnx); never overwritten")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N",
                    help="C H W of the example input (default: the run's data.input_size); ONNX keeps H and W")
+    p = sub.add_parser("bench", help="latency: dynamic model vs largest route, static subnets and the dense limit")
+    p.add_argument("target", metavar="CHECKPOINT",
+                   help="a checkpoint (its gate, validation images) or a dsnet model name (random init, hand-set gate)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="B")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--repeats", type=int, default=10, help="interleaved timed rounds per path (medians)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return parser
 
 

@@ -1,0 +1,154 @@
+"""Routed dynamic inference against masking (the published DS-Net approach) and the dense limit.
+
+dsnet's dynamic model groups the samples of a batch by the route their gate picked and runs each
+group on dense weight slices. The published DS-Net code instead runs every layer at the full width
+of the routing space's widest route and zeroes, per sample, the channels beyond that sample's
+width. ``MaskedDynamic`` is that approach on the same supernet weights, made exact: every batch
+norm after the gate applies each sample's own width statistics through a per-sample scale and
+shift that are zero beyond its width (one ``addcmul``, i.e. BN and mask fused, which is no slower
+than DS-Net's BN followed by a mask multiply). ``tests/test_bench.py`` holds its outputs equal to
+``model(x, subnet="dynamic")``, so the timing compares the same function.
+
+All paths are timed in the same interleaved rounds (``dsnet.bench.time_interleaved``): dynamic,
+masked, largest route and the pieces of the dense limit (dense gate + dense routes on the groups
+the gate formed, summed). Models run at random init with a hand-set gate spreading samples over
+the routes (``dsnet.bench.spread_gate``).
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_dynamic.py --models ds_resnet20 ds_mobilenet_v1 \
+        --batch-sizes 1 32 --repeats 7 --json dynamic.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import timm
+import torch
+from torch import Tensor, nn
+
+import dsnet  # noqa: F401  (registers the models)
+from dsnet.bench import bench_batch, bench_threads, spread_gate
+from dsnet.layers import DSBatchNorm2d
+from dsnet.models.blocks import ConvBNAct, _Residual
+from dsnet.models.net import DSNet
+
+
+class MaskedDynamic(nn.Module):
+    """Gated inference by masking: the units after the gate run at the widest dynamic route's
+    width for the whole batch; each BN applies per-sample statistics zeroed beyond the sample's width.
+
+    Holds no weights of its own beyond the per-route BN scale/shift tables ([R, C, 1, 1] per BN),
+    built once from the supernet (rebuild after changing its weights).
+    """
+
+    def __init__(self, model: DSNet) -> None:
+        super().__init__()
+        self.model = model
+        self.widest = model.routes.dynamic_routes[-1]
+        self.ks = model._choices(self.widest)
+        self.tables = self._bn_tables()
+
+    @torch.no_grad()
+    def _bn_tables(self) -> dict[DSBatchNorm2d, tuple[Tensor, Tensor]]:
+        """Per BN after the gate: (scale, shift) [R, C_widest, 1, 1], route r's width statistics,
+        zero beyond route r's width. Widths are traced by running each route once."""
+        m, g = self.model, self.model.gate_index
+        bns = [b for u in m.units[g + 1:] for b in u.modules() if isinstance(b, DSBatchNorm2d)]
+        widths: dict[DSBatchNorm2d, list[int]] = {b: [] for b in bns}
+        hooks = [b.register_forward_pre_hook(lambda mod, inp: widths[mod].append(inp[0].shape[1])) for b in bns]
+        try:
+            x = torch.zeros(1, *m.default_input_size, device=m.classifier.weight.device)
+            h = m.forward_gate(x)[0]
+            for route in m.routes.dynamic_routes:
+                m.forward_from_gate(h, route)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        tables = {}
+        for b in bns:
+            scale = b.weight.new_zeros(len(widths[b]), b.weight.shape[0])
+            shift = torch.zeros_like(scale)
+            for r, c in enumerate(widths[b]):
+                k = b.choice_index(c)
+                scale[r, :c] = b.weight[:c] / torch.sqrt(b.running_var[k, :c] + b.eps)
+                shift[r, :c] = b.bias[:c] - b.running_mean[k, :c] * scale[r, :c]
+            width = max(widths[b])
+            tables[b] = (scale[:, :width, None, None].contiguous(), shift[:, :width, None, None].contiguous())
+        return tables
+
+    def _conv_bn_act(self, unit: ConvBNAct, x: Tensor, k: int, affine: dict) -> Tensor:
+        scale, shift = affine[unit.bn]
+        return unit.act(torch.addcmul(shift, unit.conv(x, k), scale))
+
+    def _unit(self, unit: nn.Module, x: Tensor, k: int, affine: dict) -> Tensor:
+        if isinstance(unit, ConvBNAct):
+            return self._conv_bn_act(unit, x, k, affine)
+        if isinstance(unit, _Residual):
+            shortcut = self._conv_bn_act(unit.shortcut, x, k, affine) if unit.shortcut is not None else x
+            for step in unit.body:
+                x = self._conv_bn_act(step, x, k, affine)
+            return torch.relu_(x + shortcut)
+        return unit(x, k)  # width preserving (SE, pooling): zero channels stay zero
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> logits [B, num_classes], each sample as the route its gate picks."""
+        m = self.model
+        h, gate_logits = m.forward_gate(x)
+        choice = gate_logits.argmax(1)
+        affine = {b: (s.index_select(0, choice), t.index_select(0, choice)) for b, (s, t) in self.tables.items()}
+        for i in range(m.gate_index + 1, len(m.units)):
+            h = self._unit(m.units[i], h, self.ks[i], affine)
+        return m.forward_head(h, self.widest)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["ds_resnet20", "ds_mobilenet_v1"],
+                   help="dsnet model names; each runs at its default input size")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per path first")
+    p.add_argument("--min-ms", type=float, default=20.0, help="each timed sample loops about this long")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p.parse_args(argv)
+
+
+def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
+    model = timm.create_model(name).eval()
+    size = tuple(model.default_input_size)
+    g = torch.Generator().manual_seed(0)
+    spread_gate(model, torch.randn(64, *size, generator=g))
+    x = torch.randn(batch_size, *size, generator=g)
+    masked = MaskedDynamic(model).eval()
+    row = bench_batch(model, x, size, args.repeats, subnets=False, extra={"masked": lambda: masked(x)},
+                      warmup=args.warmup, min_ms=args.min_ms)
+    out = {"model": name, "batch_size": batch_size, "dynamic_ms": row["dynamic_ms"],
+           "masked_ms": row["extra_ms"]["masked"], "dense_limit_ms": row["dense_limit_ms"],
+           "largest_ms": row["largest_ms"], "theoretical_speedup": row["theoretical_speedup"],
+           "realized_speedup": row["realized_speedup"],
+           "dynamic_over_dense_limit": row["dynamic_ms"] / row["dense_limit_ms"],
+           "masked_over_dynamic": row["extra_ms"]["masked"] / row["dynamic_ms"], "routing": row["routing"]}
+    print(f"{name:>16} {batch_size:>5} {out['dynamic_ms']:>10.3f} {out['masked_ms']:>10.3f} "
+          f"{out['dense_limit_ms']:>10.3f} {out['largest_ms']:>10.3f} {out['theoretical_speedup']:>7.2f} "
+          f"{out['realized_speedup']:>7.2f} {out['dynamic_over_dense_limit']:>8.2f} "
+          f"{out['masked_over_dynamic']:>8.2f}  {out['routing']}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with bench_threads(args.threads) as threads:
+        print(f"torch {torch.__version__}, threads {threads}, repeats {args.repeats}, wall time, medians")
+        print(f"{'model':>16} {'batch':>5} {'dynamic':>10} {'masked':>10} {'dense_lim':>10} {'largest':>10} "
+              f"{'theo x':>7} {'real x':>7} {'dyn/lim':>8} {'mask/dyn':>8}  routing")
+        rows = [bench_model(name, b, args) for name in args.models for b in args.batch_sizes]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": threads, "repeats": args.repeats,
+                       "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""``dsnet bench``: what the gated model costs in milliseconds, against what its MAdds promise.
+
+For each batch size it times, in eval mode under ``torch.inference_mode()`` with a fixed thread
+count, after a warm-up and over interleaved repeats (every path once per repeat, rotating which
+goes first; medians reported):
+
+- the largest route ``model(x)`` and the dynamic model ``model(x, subnet="dynamic")``;
+- every static subnet through the supernet (``model(x, subnet=i)``) and extracted dense
+  (``extract_subnet(model, i)``);
+- the dense limit: the dense pre-gate part + gate of ``extract_dynamic`` on the batch plus, for
+  each group of samples the gate formed, that route's dense post-gate part on the group, summed.
+
+A checkpoint runs on batches of its run's validation images (random inputs if the data is not
+there); a model name runs at random init with a hand-set gate that spreads samples over routes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from dsnet.export import extract_dynamic, extract_subnet
+from dsnet.models.net import DSNet
+
+__all__ = ["bench_command", "bench_batch", "time_interleaved", "spread_gate", "dense_limit_fns",
+           "gate_choice", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample_ms(fn: Callable[[], object], n: int, device: torch.device) -> float:
+    """Mean wall time of ``n`` back-to-back calls of ``fn`` in milliseconds."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3 / n
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                     min_ms: float = 20.0, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Median ms per call of each of ``fns`` over ``repeats`` interleaved rounds.
+
+    Each function is warmed up, then calibrated to loop about ``min_ms`` per timed sample. Every
+    round times each function once, starting at a rotating position, so drifts in clock speed or
+    load from other jobs hit all paths alike.
+    """
+    names = list(fns)
+    loops = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        loops[name] = max(1, int(min_ms / max(_sample_ms(fns[name], 1, device), 1e-3)))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(max(1, repeats)):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_sample_ms(fns[name], loops[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ---- the gate --------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def spread_gate(model: DSNet, x: Tensor, seed: int = 3) -> None:
+    """Hand-set the gate's width head so its argmax varies over ``x`` [N, C, H, W] (random init):
+    random directions over the gate's hidden features, centred on their mean and scaled by their
+    spread (as ``tests/test_sgs.py`` does)."""
+    feats = model.forward_units(x, model.routes.dynamic_routes[0], 0, model.gate_index)
+    hidden = model.gate.squeeze(feats).flatten(1).float()
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(model.gate.width_head.out_features, hidden.shape[1], generator=g).to(hidden)
+    weight = weight / (hidden @ weight.T).std(0)[:, None].clamp_min(1e-6)
+    model.gate.width_head.weight.copy_(weight)
+    model.gate.width_head.bias.copy_(-(hidden.mean(0) @ weight.T))
+
+
+def gate_choice(model: DSNet, x: Tensor) -> Tensor:
+    """The route index [B] (routing-space order) the gate picks for each sample of x [B, C, H, W]."""
+    return model.forward_gate(x)[1].argmax(1)
+
+
+def dense_limit_fns(model: DSNet, x: Tensor) -> tuple[dict[str, Callable[[], object]], Tensor]:
+    """The pieces of the dense limit on batch x: ``{"gate": pre + gate, "route{r}": post r on its
+    group}`` for every non-empty group, and the route index [B] the dense gate picked."""
+    net = extract_dynamic(model).to(x.device)
+    h, logits = net.gate(net.pre(x))
+    choice = logits.argmax(1)
+    fns: dict[str, Callable[[], object]] = {"gate": lambda: net.gate(net.pre(x))}
+    for r, post in enumerate(net.posts):
+        group = h[choice == r]
+        if group.shape[0] > 0:
+            fns[f"route{r}"] = lambda post=post, group=group: post(group)
+    return fns, choice
+
+
+# ---- one batch -------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def bench_batch(model: DSNet, x: Tensor, input_size: Sequence[int], repeats: int, subnets: bool = True,
+                extra: dict[str, Callable[[], object]] | None = None, warmup: int = 2,
+                min_ms: float = 20.0) -> dict:
+    """One ``results`` row of ``dsnet bench --json`` for batch x [B, C, H, W] (model in eval mode).
+
+    ``extra`` paths (e.g. a masking baseline) are timed in the same interleaved rounds; their
+    medians are returned under ``row["extra_ms"]`` (absent when ``extra`` is None).
+    """
+    device = x.device
+    limit, choice = dense_limit_fns(model, x)
+    fns: dict[str, Callable[[], object]] = {"largest": lambda: model(x), "dynamic": lambda: model(x, subnet="dynamic")}
+    fns.update({f"limit/{k}": f for k, f in limit.items()})
+    dense = {}
+    if subnets:
+        for i in range(model.num_subnets):
+            dense[i] = extract_subnet(model, i).to(device).eval()
+            fns[f"supernet/{i}"] = lambda i=i: model(x, subnet=i)
+            fns[f"dense/{i}"] = lambda i=i: dense[i](x)
+    fns.update({f"extra/{k}": f for k, f in (extra or {}).items()})
+    ms = time_interleaved(fns, repeats, warmup, min_ms, device)
+    costs = model.dynamic_costs(input_size)
+    largest_madds = model.route_cost(model.routes.largest, input_size).madds
+    dyn_madds = sum(costs[c] for c in choice.tolist()) / len(choice)
+    row = {"batch_size": int(x.shape[0]), "largest_ms": ms["largest"], "dynamic_ms": ms["dynamic"],
+           "largest_madds": largest_madds, "dynamic_madds_mean": dyn_madds,
+           "theoretical_speedup": largest_madds / dyn_madds,
+           "realized_speedup": ms["largest"] / ms["dynamic"],
+           "dense_limit_ms": sum(v for k, v in ms.items() if k.startswith("limit/")),
+           "subnets": [{"subnet": i, "madds": model.route_cost(model.routes.static(i), input_size).madds,
+                        "supernet_ms": ms[f"supernet/{i}"], "dense_ms": ms[f"dense/{i}"]} for i in dense]}
+    if extra is not None:
+        row["extra_ms"] = {k: ms[f"extra/{k}"] for k in extra}
+    row["routing"] = torch.bincount(choice, minlength=len(model.routing_space)).tolist()
+    return row
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def _random_inputs(n: int, input_size: Sequence[int], device: torch.device) -> Tensor:
+    return torch.randn(n, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _val_images(cfg, runtime, n: int) -> Tensor:
+    """The first ``n`` validation images of the run's data (cycled if the split is smaller)."""
+    from dsnet.runs import build_val_loader
+
+    loader, _ = build_val_loader(cfg, runtime)
+    images, have = [], 0
+    for x, _ in loader:
+        images.append(x)
+        have += x.shape[0]
+        if have >= n:
+            break
+    if not have:
+        raise ValueError("the validation split is empty")
+    x = torch.cat(images)
+    if have < n:
+        logger.warning("the validation split has %d images; cycling them to fill a batch of %d", have, n)
+        x = x.repeat((n + have - 1) // have, 1, 1, 1)
+    return x[:n].to(runtime.device)
+
+
+def _load_target(target: str, n: int) -> tuple[DSNet, Tensor, tuple[int, int, int], str]:
+    """(model in eval mode, n inputs, input size, what the inputs are) for a checkpoint or model name."""
+    import timm
+
+    import dsnet
+
+    if Path(target).exists():
+        from dsnet.checkpoint import build_model, read_checkpoint
+        from dsnet.config import config_from_dict
+        from dsnet.engine import setup_runtime
+
+        state = read_checkpoint(target, ("supernet", "gate"))
+        cfg = config_from_dict(state["config"])
+        runtime = setup_runtime(cfg.train.device, cfg.train.seed, False)
+        model = build_model(state).to(runtime.device).eval()
+        size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+        if state.get("stage") != "gate":
+            logger.warning("%s is a stage-one checkpoint: its gate is untrained and may send every "
+                           "sample along one route; bench a train_gate.py checkpoint", target)
+        try:
+            return model, _val_images(cfg, runtime, n), size, f"validation images of {cfg.data.name}"
+        except (OSError, ValueError, RuntimeError) as err:
+            logger.warning("validation data unavailable (%s); timing on random inputs instead", err)
+            return model, _random_inputs(n, size, runtime.device), size, "random inputs (data unavailable)"
+    if target not in dsnet.MODELS:
+        raise ValueError(f"{target!r} is neither an existing checkpoint file nor a dsnet model name "
+                         f"({', '.join(sorted(dsnet.MODELS))})")
+    model = timm.create_model(target).eval()
+    size = tuple(model.default_input_size)
+    spread_gate(model, _random_inputs(max(n, 64), size, torch.device("cpu"))[-64:])
+    return model, _random_inputs(n, size, torch.device("cpu")), size, "random inputs, hand-set gate"
+
+
+@contextlib.contextmanager
+def bench_threads(threads: int | None) -> Iterator[int]:
+    """Fix torch's intra-op threads (None: keep) and flush denormals (untrained weights drive
+    activations subnormal, 100x slower on CPU); both restored on exit."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+
+
+# ---- dsnet bench -----------------------------------------------------------------------------
+
+def format_table(report: dict) -> str:
+    """The readable form of a ``dsnet bench`` report."""
+    lines = [f"device {report['device']}, {report['threads']} threads"]
+    for row in report["results"]:
+        lines += [f"\nbatch {row['batch_size']}: largest {row['largest_ms']:.3f} ms, "
+                  f"dynamic {row['dynamic_ms']:.3f} ms, dense limit {row['dense_limit_ms']:.3f} ms",
+                  f"  MAdds largest {row['largest_madds'] / 1e6:.2f} M, "
+                  f"dynamic mean {row['dynamic_madds_mean'] / 1e6:.2f} M; "
+                  f"speedup theoretical {row['theoretical_speedup']:.2f}x, realized {row['realized_speedup']:.2f}x, "
+                  f"dynamic / dense limit {row['dynamic_ms'] / row['dense_limit_ms']:.2f}",
+                  f"  {'subnet':>6} {'MAdds (M)':>10} {'supernet_ms':>12} {'dense_ms':>10} {'ratio':>6}"]
+        lines += [f"  {s['subnet']:>6} {s['madds'] / 1e6:>10.2f} {s['supernet_ms']:>12.3f} {s['dense_ms']:>10.3f} "
+                  f"{s['supernet_ms'] / s['dense_ms']:>6.2f}" for s in row["subnets"]]
+    return "\n".join(lines)
+
+
+def bench_command(target: str, batch_sizes: list[int], json_path: str | None, repeats: int,
+                  threads: int | None, warmup: int = 2, min_ms: float = 20.0) -> dict:
+    """``dsnet bench``: latency of the largest route, the dynamic model, every static subnet
+    (supernet and dense) and the dense limit, per batch size; prints a table, writes
+    ``json_path`` if given, returns the ``dsnet bench --json`` dict.
+
+    ``target`` is a checkpoint path or a dsnet model name. Raises ValueError naming a bad target,
+    batch size, repeat or thread count.
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    with bench_threads(threads) as n_threads:
+        model, images, size, source = _load_target(target, max(batch_sizes))
+        print(f"dsnet bench {target}: {source}, input {'x'.join(map(str, size))}", flush=True)
+        results = []
+        for b in batch_sizes:
+            row = bench_batch(model, images[:b], size, repeats, warmup=warmup, min_ms=min_ms)
+            routing = row.pop("routing")
+            logger.info("batch %d: samples per route %s", b, routing)
+            results.append(row)
+    report = {"device": str(images.device), "threads": n_threads, "results": results}
+    print(format_table(report), flush=True)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report

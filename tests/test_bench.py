@@ -1,0 +1,100 @@
+"""dsnet bench: the JSON contract, and the masking baseline of benchmarks/bench_dynamic.py computes
+exactly what the routed dynamic model computes (so the comparison is fair)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.testing import assert_close
+
+import dsnet  # noqa: F401
+from dsnet.bench import bench_command, bench_threads, spread_gate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_dynamic():
+    spec = importlib.util.spec_from_file_location("bench_dynamic", ROOT / "benchmarks" / "bench_dynamic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_command_follows_the_json_contract(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    report = bench_command("ds_resnet20", [1, 4], str(path), repeats=2, threads=1, warmup=1, min_ms=1.0)
+    assert json.loads(path.read_text()) == report
+    assert set(report) == {"device", "threads", "results"}
+    assert isinstance(report["device"], str) and report["threads"] == 1
+    assert [r["batch_size"] for r in report["results"]] == [1, 4]
+    num_subnets = timm.create_model("ds_resnet20").num_subnets
+    for row in report["results"]:
+        assert set(row) == {"batch_size", "largest_ms", "dynamic_ms", "largest_madds", "dynamic_madds_mean",
+                            "theoretical_speedup", "realized_speedup", "dense_limit_ms", "subnets"}
+        assert isinstance(row["largest_madds"], int)
+        for key in ("largest_ms", "dynamic_ms", "dense_limit_ms", "dynamic_madds_mean", "realized_speedup"):
+            assert isinstance(row[key], float) and row[key] > 0
+        assert row["theoretical_speedup"] == row["largest_madds"] / row["dynamic_madds_mean"]
+        assert row["realized_speedup"] == row["largest_ms"] / row["dynamic_ms"]
+        assert [s["subnet"] for s in row["subnets"]] == list(range(num_subnets))
+        for s in row["subnets"]:
+            assert set(s) == {"subnet", "madds", "supernet_ms", "dense_ms"} and isinstance(s["madds"], int)
+            assert s["supernet_ms"] > 0 and s["dense_ms"] > 0
+    assert "dense limit" in capsys.readouterr().out
+
+
+def test_bench_command_names_a_bad_target():
+    with pytest.raises(ValueError, match="neither an existing checkpoint file nor a dsnet model"):
+        bench_command("no_such_model", [1], None, 1, 1)
+
+
+def _check_masked_equals_routed(name, seed, randomize_bn, **kwargs):
+    with bench_threads(1):  # one thread: OpenMP barriers crawl on a loaded machine
+        _masked_equals_routed(name, seed, randomize_bn, **kwargs)
+
+
+def _masked_equals_routed(name, seed, randomize_bn, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **kwargs)
+    size = model.default_input_size
+    g = torch.Generator().manual_seed(seed)
+    randomize_bn(model, g, torch.randn(8, *size, generator=g))
+    x = torch.randn(16, *size, generator=g)
+    spread_gate(model, x)
+    masked = _bench_dynamic().MaskedDynamic(model).eval()
+    with torch.inference_mode():
+        choice = model.forward_gate(x)[1].argmax(1)
+        assert len(set(choice.tolist())) >= 2, "the hand-set gate should use several routes"
+        assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)
+
+
+def test_masked_forward_equals_routed_dynamic_resnet(randomize_bn):
+    _check_masked_equals_routed("ds_resnet20", 0, randomize_bn, num_classes=4, base_mults=(0.5, 1.0),
+                                width_mults=(0.25, 0.5, 1.0))
+
+
+def test_masked_forward_equals_routed_dynamic_mobilenet(randomize_bn):
+    from dsnet.models.mobilenet_v1 import build_mobilenet_v1
+    from dsnet.models.spec import StageSpec
+
+    stages = (StageSpec(choices=(8, 16), depth=1, stride=2, group=0),
+              StageSpec(choices=(16, 24, 32), depth=2, stride=2, group=1, gated=True),
+              StageSpec(choices=(32, 40, 48), depth=1, stride=2, group=1))
+    with bench_threads(1):
+        _mobilenet_masked_equals_routed(stages, build_mobilenet_v1, randomize_bn)
+
+
+def _mobilenet_masked_equals_routed(stages, build_mobilenet_v1, randomize_bn):
+    torch.manual_seed(1)
+    model = build_mobilenet_v1((8, 16), stages, 5, None)
+    model.default_input_size = (3, 32, 32)
+    g = torch.Generator().manual_seed(1)
+    randomize_bn(model, g, torch.randn(8, 3, 32, 32, generator=g))
+    x = torch.randn(16, 3, 32, 32, generator=g)
+    spread_gate(model, x)
+    masked = _bench_dynamic().MaskedDynamic(model).eval()
+    with torch.inference_mode():
+        assert len(set(model.forward_gate(x)[1].argmax(1).tolist())) >= 2
+        assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)

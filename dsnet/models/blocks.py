@@ -162,9 +162,10 @@ class _Residual(Unit):
     def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         """x: [B, C_in, H, W] -> [B, out_choices[k], H', W']."""
         shortcut = self.shortcut(x, k, largest) if self.shortcut is not None else x
-        for step in self.body[:-1]:
+        *steps, last = self.body  # not self.body[:-1]: that builds a ModuleList per call
+        for step in steps:
             x = step(x, k, largest)
-        return torch.relu_(self.body[-1](x, k, largest) + shortcut)
+        return torch.relu_(last(x, k, largest) + shortcut)
 
     def out_width(self, in_c: int, k: int) -> int:
         return self.body[-1].out_width(in_c, k)

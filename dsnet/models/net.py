@@ -50,6 +50,7 @@ class DSNet(nn.Module):
         self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
         self.default_input_size = default_input_size
         self._unit_groups = [u.group for u in self.units]
+        self._unit_list = list(self.units)  # plain list: ModuleList indexing costs per call
         self._choice_cache: dict[Route, list[int]] = {}
         self._cost_cache: dict[tuple, RouteCost] = {}
         self.num_features = self._trace_width(self.routes.largest)
@@ -96,8 +97,9 @@ class DSNet(nn.Module):
     def forward_units(self, x: Tensor, route: Route, start: int, stop: int) -> Tensor:
         """Run units[start:stop] along ``route``; x: [B, C, H, W] -> features [B, C', H', W']."""
         ks, largest = self._choices(route), route == self.routes.largest
+        units = self._unit_list
         for i in range(start, stop):
-            x = self.units[i](x, ks[i], largest)
+            x = units[i](x, ks[i], largest)
         return x
 
     def forward_head(self, x: Tensor, route: Route) -> Tensor:

@@ -31,12 +31,9 @@ is exact and does not depend on the allocator returning memory to the OS.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # CPU-only: silence kineto's GPU-probe error lines
-
 import argparse
 import json
+import os
 from typing import Callable
 
 import timm
@@ -133,6 +130,7 @@ def top_ops(fn: Callable[[], object], n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before the first profile: no GPU-probe error lines
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # untrained weights drive activations subnormal: 100x slower
     torch.manual_seed(SEED)

@@ -12,10 +12,13 @@ Both paths train the same sandwich of routes: the largest, ``--num-random`` rand
   plus the teacher forwards IEB makes (the dense extracted largest and random subnets of the EMA
   model, eval mode, ``no_grad``). Summed: what the sandwich would cost on ideal dense kernels.
 
-Optimizers are ``dsnet.runs.build_optimizer`` (SGD with momentum, as ``train_supernet``). Times
-are medians of ``--repeats`` interleaved rounds after a warm-up (``dsnet.bench.time_interleaved``,
-one call per sample, rotating which path goes first) at a fixed thread count; target
-ieb / dense <= 1.15.
+Optimizers are ``dsnet.runs.build_optimizer`` (SGD with momentum, as ``train_supernet``). After
+``--warmup`` calls of each path, ``--repeats`` rounds time one call of each, alternating which goes
+first, at a fixed thread count. Reported: each path's median wall time, the ratio of the medians
+(target ieb / dense <= 1.15) and the median of the per-round ratios, which cancels load changes
+slower than a round. On a shared machine whose cores are all busy, two-thread ops wait for a
+time slice and a step can take ten times longer; such rounds show as a large max / min spread,
+and the script warns (repeat the run when the machine is quieter, or use ``--threads 1``).
 
 Peak memory: one extra, untimed call of each path under ``torch.profiler.profile(
 profile_memory=True)``. The profiler records every allocation and free of the CPU allocator with
@@ -34,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 from typing import Callable
 
 import timm
@@ -42,7 +47,6 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import dsnet
-from dsnet.bench import time_interleaved
 from dsnet.ieb import IEBStep
 from dsnet.routes import Route
 from dsnet.runs import build_optimizer
@@ -79,6 +83,22 @@ def peak_bytes(fn: Callable[[], object]) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Wall ms of one call of each of ``fns`` per round, over ``repeats`` rounds (order alternating)
+    after ``warmup`` calls each. Not ``dsnet.bench.time_interleaved``: that keeps only medians, and
+    the per-round ratio needs the samples."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def optimizer(module: nn.Module) -> torch.optim.Optimizer:
@@ -142,23 +162,29 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, model.num_classes, (args.batch_size,))
     ieb, plan = ieb_path(model, ema, x, y, args.num_random)
     dense = dense_path(model, ema, plan, x, y, fmt)
-    ms = time_interleaved({"ieb": ieb, "dense": dense}, args.repeats, args.warmup, min_ms=0.0)
+    samples = time_rounds({"ieb": ieb, "dense": dense}, args.repeats, args.warmup)
+    ms = {name: statistics.median(t) for name, t in samples.items()}
+    paired = statistics.median(a / b for a, b in zip(samples["ieb"], samples["dense"]))
     mem = {"ieb": peak_bytes(ieb), "dense": peak_bytes(dense)}
     result = {"model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
               "num_random": args.num_random, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
               "repeats": args.repeats, "torch": torch.__version__, "sandwich": [list(r) for r in plan],
               "ieb_ms": ms["ieb"], "dense_ms": ms["dense"], "time_ratio": ms["ieb"] / ms["dense"],
+              "paired_time_ratio": paired, "samples_ms": samples,
               "ieb_peak_bytes": mem["ieb"], "dense_peak_bytes": mem["dense"],
               "memory_ratio": mem["ieb"] / mem["dense"]}
     print(f"{args.model}, input {args.input_size}, batch {args.batch_size}, "
           f"{'channels_last' if args.channels_last else 'contiguous'}, threads {torch.get_num_threads()}, "
           f"sandwich {plan}")
-    print(f"{'path':>6} {'median ms':>10} {'peak MiB':>9}")
+    print(f"{'path':>6} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'peak MiB':>9}")
     for name in ("ieb", "dense"):
-        print(f"{name:>6} {ms[name]:>10.2f} {mem[name] / 2**20:>9.2f}")
+        t = samples[name]
+        print(f"{name:>6} {ms[name]:>10.2f} {min(t):>9.2f} {max(t):>9.2f} {mem[name] / 2**20:>9.2f}")
     flag = "ok" if result["time_ratio"] <= TARGET else "OVER"
-    print(f" ratio {result['time_ratio']:>10.3f} {result['memory_ratio']:>9.3f}   "
-          f"(time target <= {TARGET:.2f}: {flag})")
+    print(f" ratio {result['time_ratio']:>10.3f} {'':>19} {result['memory_ratio']:>9.3f}   "
+          f"(time target <= {TARGET:.2f}: {flag}; per-round ratios, median: {paired:.3f})")
+    if any(max(t) > 1.5 * min(t) for t in samples.values()):
+        print("warning: times vary by more than 1.5x between rounds: other jobs load the machine")
     if args.profile:
         for name, fn in (("ieb", ieb), ("dense", dense)):
             print(f"\n{name}: top {args.profile} ops by self CPU time\n{top_ops(fn, args.profile)}")

@@ -225,43 +225,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return guarded(f"dsnet {args.command}", lambda: COMMANDS[args.command](args))
 
 
-def _train_parser(prog: str, description: str, supernet: bool) -> argparse.ArgumentParser:
+def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str] | None) -> int:
+    """Parse ``-c CONFIG [--supernet CKPT] [section.key=value ...]`` and run one training stage."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
-    if supernet:
+    if stage_two:
         parser.add_argument("--supernet", required=True, help="stage-one checkpoint, RUN_DIR/checkpoints/last.pth")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from dsnet.config import load_config
+        from dsnet.runs import train_gate, train_supernet
+
+        cfg = load_config(args.config, args.overrides)
+        run_dir = train_gate(cfg, args.supernet) if stage_two else train_supernet(cfg)
+        print(f"run directory: {run_dir}")
+        return 0
+
+    return guarded(prog, run)
 
 
 def train_supernet_main(argv: Sequence[str] | None = None) -> int:
     """``train_supernet.py -c CONFIG [section.key=value ...]``: stage one."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = _train_parser("train_supernet.py", "Stage one: train a DS-Net supernet with IEB", False).parse_args(argv)
-
-    def run() -> int:
-        from dsnet.config import load_config
-        from dsnet.runs import train_supernet
-
-        print(f"run directory: {train_supernet(load_config(args.config, args.overrides))}")
-        return 0
-
-    return guarded("train_supernet.py", run)
+    return _train_main("train_supernet.py", "Stage one: train a DS-Net supernet with IEB", False, argv)
 
 
 def train_gate_main(argv: Sequence[str] | None = None) -> int:
     """``train_gate.py -c CONFIG --supernet CKPT [section.key=value ...]``: stage two."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = _train_parser("train_gate.py", "Stage two: train DS-Net gates with SGS", True).parse_args(argv)
-
-    def run() -> int:
-        from dsnet.config import load_config
-        from dsnet.runs import train_gate
-
-        print(f"run directory: {train_gate(load_config(args.config, args.overrides), args.supernet)}")
-        return 0
-
-    return guarded("train_gate.py", run)
+    return _train_main("train_gate.py", "Stage two: train DS-Net gates with SGS", True, argv)
 
 
 if __name__ == "__main__":

@@ -152,9 +152,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Static subnets, dynamic model and static baselines of several runs in one table and plot."""
+    from dsnet.compare import compare_command
+
+    print(compare_command(args.runs, args.json, args.plot))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "export": cmd_export,
-    "bench": cmd_bench}
+    "bench": cmd_bench, "compare": cmd_compare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--repeats", type=int, default=10, help="interleaved timed rounds per path (medians)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p = sub.add_parser("compare", help="supernet, dynamic model and static baselines in one accuracy-vs-MAdds table")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (searched for eval.json) or eval.json files")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
     return parser
 
 
@@ -226,21 +239,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str] | None) -> int:
-    """Parse ``-c CONFIG [--supernet CKPT] [section.key=value ...]`` and run one training stage."""
+    """Parse ``-c CONFIG [--supernet CKPT | baseline flags] [section.key=value ...]`` and run."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
     if stage_two:
         parser.add_argument("--supernet", required=True, help="stage-one checkpoint, RUN_DIR/checkpoints/last.pth")
+    else:
+        base = parser.add_argument_group(
+            "static baselines (Liu et al. 2019; written to <output.dir>/<method>-<subnet>)")
+        base.add_argument("--static-subnet", metavar="I", help="train static subnet I (or 'largest') as a "
+                          "plain model instead of the supernet")
+        base.add_argument("--budget", choices=("scratch-e", "scratch-b"), default="scratch-e",
+                          help="scratch-e: the supernet's epochs; scratch-b: its training MAdds (default scratch-e)")
+        base.add_argument("--prune", choices=("l1",), help="L1-prune the trained largest route to subnet I, "
+                          "then fine-tune")
+        base.add_argument("--finetune-epochs", type=int, default=1, metavar="N", help="epochs of fine-tuning "
+                          "after pruning (default 1)")
+        base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr "
+                          "(default train.lr / 100)")
+        base.add_argument("--pretrained", metavar="CKPT", help="the largest route's Scratch-E checkpoint to "
+                          "prune (default <output.dir>/scratch-e-largest, trained first if missing)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(argv)
+    if not stage_two and args.static_subnet is None:
+        given = [f for f in ("prune", "pretrained", "finetune_lr") if getattr(args, f) is not None]
+        if given or args.budget != "scratch-e":
+            parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
 
     def run() -> int:
         from dsnet.config import load_config
         from dsnet.runs import train_gate, train_supernet
 
         cfg = load_config(args.config, args.overrides)
-        run_dir = train_gate(cfg, args.supernet) if stage_two else train_supernet(cfg)
+        if stage_two:
+            run_dir = train_gate(cfg, args.supernet)
+        elif args.static_subnet is not None:
+            from dsnet.baselines import parse_subnet, train_static
+
+            run_dir = train_static(cfg, parse_subnet(args.static_subnet), args.budget, args.prune,
+                                   args.finetune_epochs, args.finetune_lr, args.pretrained)
+        else:
+            run_dir = train_supernet(cfg)
         print(f"run directory: {run_dir}")
         return 0
 

@@ -132,6 +132,7 @@ class Loop:
     mixup: Callable | None = None
     clip_grad: float | None = None
     train_mode: bool = True               # False: the model stays in eval mode (frozen stage two)
+    total_steps: int | None = None        # stop after this many optimizer updates (mid-epoch if need be)
     extra_state: dict = field(default_factory=dict)
     epoch: int = 0
     global_step: int = 0
@@ -149,8 +150,9 @@ class Loop:
                 "epoch": self.epoch, "step": self.global_step, "best": self.best, "rng": rng_state(),
                 "config": config_to_dict(self.cfg), "metrics": self.last_metrics, **self.extra_state}
 
-    def resume(self, path: str) -> None:
-        """Continue from a checkpoint of this stage: weights, EMA, optimizer, scheduler, RNG."""
+    def resume(self, path: str) -> dict:
+        """Continue from a checkpoint of this stage: weights, EMA, optimizer, scheduler, RNG.
+        Returns the checkpoint's state."""
         state = read_checkpoint(path, self.stage)
         if state["model_name"] != self.model.model_name or dict(state["model_kwargs"]) != dict(self.model.model_kwargs):
             raise ValueError(f"train.resume={path} holds {state['model_name']}({state['model_kwargs']}), "
@@ -167,6 +169,7 @@ class Loop:
         self.last_metrics = state.get("metrics") or {}
         set_rng_state(state["rng"])
         logger.info("resumed %s from %s at epoch %d (step %d)", self.stage, path, self.epoch, self.global_step)
+        return state
 
     def save(self, best: bool) -> None:
         """Write ``last.pth`` (and ``best.pth`` when ``best``) on the main rank."""
@@ -227,6 +230,8 @@ class Loop:
             generator.manual_seed(self.cfg.train.seed * 7919 + self.epoch)
         limit = self.cfg.train.max_steps_per_epoch
         total = len(self.train_loader) if limit is None else min(limit * self.cfg.train.grad_accum, len(self.train_loader))
+        if self.total_steps is not None:  # the last epoch of a step budget stops early
+            total = min(total, (self.total_steps - self.global_step) * self.cfg.train.grad_accum)
         bar = tqdm(total=total, desc=f"{self.stage} epoch {self.epoch + 1}/{self.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         sums: dict[str, Tensor] = {}
@@ -259,7 +264,8 @@ class Loop:
             "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.cfg.train.batch_size / max(elapsed, 1e-9), 1)}
 
     def run(self) -> dict:
-        """Train from ``self.epoch`` to ``self.epochs``; returns the last epoch's metrics."""
+        """Train from ``self.epoch`` to ``self.epochs`` (or ``total_steps``); returns the last
+        epoch's metrics."""
         progress = self.cfg.train.progress
         while self.epoch < self.epochs:
             train_metrics = self.train_epoch(progress)

@@ -16,7 +16,7 @@ from torch import Tensor
 from dsnet.models.net import DSNet
 from dsnet.routes import Route
 
-__all__ = ["topk_correct", "evaluate_static", "evaluate_dynamic", "format_report", "cost_bias", "sweep_dynamic",
+__all__ = ["topk_correct", "evaluate_static", "evaluate_plain", "evaluate_dynamic", "format_report", "cost_bias", "sweep_dynamic",
            "plot_report"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -65,6 +65,24 @@ def evaluate_static(model: DSNet, loader: Iterable, device: torch.device, input_
 
 
 @torch.inference_mode()
+def evaluate_plain(model: torch.nn.Module, loader: Iterable, device: torch.device,
+                   autocast: Autocast = contextlib.nullcontext, max_batches: int | None = None,
+                   channels_last: bool = False) -> dict:
+    """Top-1/top-5 (percent) of a plain model (a static baseline or an extracted subnet)."""
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.long, device=device)
+    n = 0
+    for x, y in _batches(loader, device, max_batches):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            correct += topk_correct(model(x), y)
+        n += y.shape[0]
+    acc = (correct.double() * 100.0 / max(n, 1)).tolist()
+    return {"top1": acc[0], "top5": acc[1], "num_samples": n}
+
+
+@torch.inference_mode()
 def evaluate_dynamic(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
                      targets_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                      autocast: Autocast = contextlib.nullcontext, logit_bias: Tensor | None = None,
@@ -102,10 +120,13 @@ def format_report(report: dict) -> str:
     """A readable table of an eval.json-shaped report."""
     lines = [f"{'route':>10} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
     for row in report["static"]:
-        lines.append(f"{'subnet ' + str(row['subnet']):>10} {row['madds'] / 1e6:>10.2f} "
+        name = "largest" if row["subnet"] == "largest" else f"subnet {row['subnet']}"
+        lines.append(f"{name:>10} {row['madds'] / 1e6:>10.2f} "
                      f"{row['top1']:>7.2f} {row['top5']:>7.2f}")
-    big = report["largest"]
-    lines.append(f"{'largest':>10} {big['madds'] / 1e6:>10.2f} {big['top1']:>7.2f} {big.get('top5', float('nan')):>7.2f}")
+    big = report.get("largest")
+    if big:
+        lines.append(f"{'largest':>10} {big['madds'] / 1e6:>10.2f} {big['top1']:>7.2f} "
+                     f"{big.get('top5', float('nan')):>7.2f}")
     dyn = report.get("dynamic")
     if dyn:
         lines.append(f"{'dynamic':>10} {dyn['madds_mean'] / 1e6:>10.2f} {dyn['top1']:>7.2f} {dyn['top5']:>7.2f}")

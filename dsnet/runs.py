@@ -26,7 +26,7 @@ from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
-           "BEST_METRICS", "best_metric", "train_gate", "write_eval"]
+           "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature"]
 
 logger = logging.getLogger(__name__)
 BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")
@@ -181,7 +181,8 @@ def train_supernet(cfg: Config) -> Path:
         loop.log({"stage": "supernet", "epoch": loop.epoch, "recalibrated": True, **loop.last_metrics})
         loop.save(False)
     if runtime.is_main and "eval" in loop.last_metrics:
-        write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "dynamic": None})
+        write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "dynamic": None,
+                                           "data": data_signature(cfg, data.classes)})
         print(format_report(loop.last_metrics["eval"]))
     return run_dir
 
@@ -266,20 +267,33 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     loop.run()
     if runtime.is_main and "eval" in loop.last_metrics:
-        write_eval(run_dir / "eval.json", loop.last_metrics["eval"])
+        write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "data": data_signature(cfg, data.classes)})
         print(format_report(loop.last_metrics["eval"]))
     return run_dir
 
 
+def data_signature(cfg: Config, classes: list[str]) -> dict:
+    """What identifies an evaluation set in eval.json: runs compared side by side must share it."""
+    d = cfg.data
+    sig = {"name": d.name, "root": str(Path(d.root).resolve()) if d.root else None,
+           "num_classes": len(classes), "input_size": d.input_size}
+    if d.name == "synthetic":
+        sig.update(seed=d.synthetic_seed, val_size=d.synthetic_val_size)
+    return sig
+
+
 def write_eval(path: Path, report: dict) -> None:
-    """Write an eval.json report (DESIGN.md's format)."""
+    """Write an eval.json report (DESIGN.md's format, plus the optional ``sweep``, ``baseline``
+    (static baselines) and ``data`` (``data_signature``) records)."""
     import json
 
-    out = {"static": report["static"], "largest": {"madds": report["largest"]["madds"],
-                                                   "top1": report["largest"]["top1"]},
+    big = report.get("largest")
+    out = {"static": report["static"],
+           "largest": {"madds": big["madds"], "top1": big["top1"]} if big else None,
            "dynamic": report.get("dynamic"), "num_samples": report["num_samples"]}
-    if report.get("sweep") is not None:
-        out["sweep"] = report["sweep"]
+    for key in ("sweep", "baseline", "data"):
+        if report.get(key) is not None:
+            out[key] = report[key]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)

@@ -17,7 +17,7 @@ from dsnet.layers import DSLinear
 from dsnet.models.blocks import GateUnit, Unit
 from dsnet.routes import Route, RouteTable
 
-__all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost"]
+__all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "init_weights"]
 
 
 class DynamicOutput(NamedTuple):
@@ -168,9 +168,11 @@ class DSNet(nn.Module):
         head = self.units[self.gate_index].head_cost()[0]
         return [self.route_cost(r, input_size).madds + head for r in self.routes.dynamic_routes]
 
-    def extract(self, route: Route) -> "DenseNet":
-        """A plain torch.nn copy of ``route``: sliced weights, that width's BN statistics."""
-        c, layers, largest = self.in_chans, [], route == self.routes.largest
+    def extract(self, route: Route, largest_stats: bool = False) -> "DenseNet":
+        """A plain torch.nn copy of ``route``: sliced weights and that width's BN statistics
+        (with ``largest_stats``, the leading entries of the largest route's statistics: what
+        channel pruning of a model trained along the largest route keeps)."""
+        c, layers, largest = self.in_chans, [], route == self.routes.largest or largest_stats
         for unit, k in zip(self.units, self._choices(route)):
             layers.append(unit.dense(c, k, largest))
             c = unit.out_width(c, k)
@@ -178,16 +180,22 @@ class DSNet(nn.Module):
         return net.train(self.training)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        init_weights(self, self.classifier)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
+
+
+def init_weights(model: nn.Module, classifier: nn.Linear) -> None:
+    """dsnet's initialisation, for supernets and plain models alike: Kaiming-normal convolutions
+    (fan-out, ReLU gain) with zero biases, and a small normal classifier."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
 
 
 class DenseNet(nn.Module):

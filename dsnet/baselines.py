@@ -1,0 +1,240 @@
+"""Static baselines of "Rethinking the Value of Network Pruning" (Liu et al., ICLR 2019).
+
+``python train_supernet.py -c CONFIG --static-subnet I --budget scratch-e|scratch-b`` trains static
+subnet ``I`` of the config's supernet (or ``largest``) as a plain model from scratch, with the data,
+augmentation, optimizer, schedule and evaluation of stage one:
+
+- **Scratch-E**: as many optimizer steps as the supernet run (``train.epochs`` epochs).
+- **Scratch-B**: the supernet run's training MAdds spent on the small model. Per image, one
+  stage-one step costs ``C_super = 3 (M_largest + n M_random + M_slimmest) + M_teacher`` and one
+  plain step of subnet I costs ``C_I = 3 M_I`` (a backward pass ~ two forwards; ``n`` =
+  ``ieb.num_random``, ``M_random`` = mean MAdds of the subnets random routes are drawn from,
+  ``M_teacher`` = the EMA forwards: ``M_largest + n M_random`` for the ensemble teacher,
+  ``M_largest`` for ``ema``, 0 otherwise). Scratch-B runs ``round(steps_E x C_super / C_I)`` steps,
+  the epochs scaled by that MAdds ratio as Liu et al. define it; the cosine schedule spans them all.
+
+``--prune l1 --static-subnet I --finetune-epochs N`` is the classic pipeline: the largest route
+trained normally (the Scratch-E run of ``largest``, trained first if ``--pretrained`` is not
+given and ``<output.dir>/scratch-e-largest`` holds no finished run), pruned by L1 norm to subnet
+I's shape (``dsnet.prune``), then fine-tuned for N epochs at a constant learning rate
+(``--finetune-lr``, default ``train.lr / 100``, the last rate of the step schedule Liu et al.
+fine-tune at).
+
+Each run lives in ``<output.dir>/<method>-<subnet>`` (``scratch-b-subnet0``, ``l1-subnet2``,
+``scratch-e-largest``), so baselines sit beside the supernet run that shares their config; its
+checkpoints are stage ``static`` and its ``eval.json`` has one row plus a ``baseline`` record.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from dsnet.config import Config, replace, save_config
+from dsnet.engine import Loop, autocast_factory, prepare_run_dir, setup_runtime
+from dsnet.evaluate import evaluate_plain
+from dsnet.models.net import DenseNet, DSNet, init_weights
+
+__all__ = ["BUDGETS", "METHODS", "Subnet", "sandwich_madds", "budget_steps", "run_name", "build_static",
+           "load_static", "StaticStep", "train_static"]
+
+logger = logging.getLogger(__name__)
+BUDGETS = ("scratch-e", "scratch-b")
+METHODS = (*BUDGETS, "l1")
+Subnet = int | str  # a static subnet index or "largest"
+
+
+def sandwich_madds(model: DSNet, num_random: int, teacher: str, input_size) -> float:
+    """Training MAdds per image of one stage-one (IEB) step: ``C_super`` in the module docs."""
+    static = [model.route_cost(r, input_size).madds for r in model.routes.static_routes]
+    largest = model.route_cost(model.routes.largest, input_size).madds
+    pool = static[min(1, len(static) - 1):]  # what IEB draws its random routes from
+    randoms = num_random * sum(pool) / len(pool)
+    teacher_madds = {"ensemble": largest + randoms, "ema": largest}.get(teacher, 0)
+    return 3 * (largest + randoms + static[0]) + teacher_madds
+
+
+def budget_steps(model: DSNet, cfg: Config, subnet: Subnet, budget: str, steps_per_epoch: int,
+                 input_size) -> tuple[int, float]:
+    """(optimizer steps, MAdds ratio C_super / C_I) of a Scratch-E or Scratch-B run."""
+    if budget not in BUDGETS:
+        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    steps_e = cfg.train.epochs * steps_per_epoch
+    if budget == "scratch-e":
+        return steps_e, 1.0
+    ratio = sandwich_madds(model, cfg.ieb.num_random, cfg.ieb.teacher, input_size) / (
+        3 * model.route_cost(model.routes.resolve(subnet), input_size).madds)
+    return max(1, round(steps_e * ratio)), ratio
+
+
+def run_name(method: str, subnet: Subnet) -> str:
+    return f"{method}-{'largest' if subnet == 'largest' else f'subnet{subnet}'}"
+
+
+def parse_subnet(text: str | int) -> Subnet:
+    """``--static-subnet`` value: an index or ``largest``."""
+    if text == "largest" or isinstance(text, int):
+        return text
+    if not str(text).isdigit():
+        raise ValueError(f"--static-subnet must be a subnet index (0 = slimmest) or 'largest', got '{text}'")
+    return int(text)
+
+
+def build_static(name: str, kwargs: dict, subnet: Subnet) -> tuple[DenseNet, DSNet]:
+    """(plain model of ``subnet`` freshly initialised, the supernet it comes from)."""
+    try:
+        supernet = timm.create_model(name, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.kwargs {kwargs} do not fit {name}: {err}") from None
+    if subnet != "largest" and not 0 <= subnet < supernet.num_subnets:
+        raise ValueError(f"--static-subnet {subnet} is out of range: {name} has {supernet.num_subnets} "
+                         f"static subnets (0..{supernet.num_subnets - 1}) and 'largest'")
+    model = supernet.extract(supernet.routes.resolve(subnet))
+    init_weights(model, model.fc)  # the init of its own shape, not slices of a wider one
+    return _tag(model, supernet), supernet
+
+
+def _tag(model: DenseNet, supernet: DSNet) -> DenseNet:
+    model.model_name, model.model_kwargs = supernet.model_name, dict(supernet.model_kwargs)
+    return model
+
+
+def load_static(state: dict) -> DenseNet:
+    """The plain model of a ``static`` checkpoint (already read with ``read_checkpoint``)."""
+    from dsnet.checkpoint import CheckpointError
+
+    model, _ = build_static(state["model_name"], dict(state["model_kwargs"]), state["subnet"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not fit subnet {state['subnet']} of "
+                              f"{state['model_name']}: {str(err).splitlines()[-1].strip()}") from None
+    return model.eval()
+
+
+class StaticStep:
+    """One plain training step: cross-entropy of the model's logits (labels or mixup targets)."""
+
+    def __init__(self, model: nn.Module, criterion, autocast) -> None:
+        self.model, self.criterion, self.autocast = model, criterion, autocast
+
+    def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward) -> dict:
+        with self.autocast():
+            logits = self.model(x)
+        loss = self.criterion(logits, y)
+        backward(loss)
+        return {"loss": loss.detach(), "losses": {"ce": loss.detach()}}
+
+
+def _pretrained(cfg: Config, base: Path, path: str | None, model_name: str) -> dict:
+    """The finished Scratch-E run of the largest route that L1 pruning starts from."""
+    from dsnet.checkpoint import read_checkpoint
+
+    default = base / run_name("scratch-e", "largest") / "checkpoints" / "last.pth"
+    if path is None and not default.exists():
+        logger.info("no trained largest route at %s: training it first (Scratch-E)", default)
+        train_static(cfg, "largest", "scratch-e")
+    path = Path(path or default)
+    state = read_checkpoint(path, "static")
+    if state.get("subnet") != "largest" or state["model_name"] != model_name:
+        raise ValueError(f"--pretrained {path} holds subnet {state.get('subnet')} of {state['model_name']}; "
+                         f"L1 pruning starts from the largest route of {model_name}")
+    if state["step"] < state.get("total_steps", 0):
+        raise ValueError(f"--pretrained {path} stopped at step {state['step']} of {state['total_steps']}; "
+                         f"finish it first with train.resume={path}")
+    return state
+
+
+def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
+                 finetune_epochs: int = 1, finetune_lr: float | None = None,
+                 pretrained: str | None = None) -> Path:
+    """Train one baseline (module docs); returns its run directory."""
+    from dsnet.prune import implant, l1_prune
+    from dsnet.runs import _criterion, build_data, build_model, build_optimizer, build_scheduler
+    from dsnet.runs import data_signature, updates_per_epoch, write_eval
+    from dsnet import data as dsdata
+    from dsnet.evaluate import format_report
+
+    if prune is not None and prune != "l1":
+        raise ValueError(f"--prune must be 'l1', got '{prune}'")
+    if prune and subnet == "largest":
+        raise ValueError("--prune l1 needs --static-subnet I, the subnet whose width to prune to")
+    if finetune_epochs < 1:
+        raise ValueError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
+    method = "l1" if prune else budget
+    if method not in METHODS:
+        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    base = Path(cfg.output.dir)
+    build_static(cfg.model.name, {"num_classes": cfg.model.num_classes or 2, **cfg.model.kwargs}, subnet)  # checks I
+    start = _pretrained(cfg, base, pretrained, cfg.model.name) if prune else None
+    cfg = replace(cfg, **{"output.dir": str(base / run_name(method, subnet))})
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
+    data = build_data(cfg, runtime)
+    supernet = build_model(cfg, len(data.classes))
+    model, _ = build_static(supernet.model_name, supernet.model_kwargs, subnet)
+    size = (supernet.in_chans, cfg.data.input_size, cfg.data.input_size)
+    per_epoch = updates_per_epoch(data.train, cfg)
+    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
+    world = runtime.world_size * cfg.train.grad_accum
+    lr = cfg.train.lr * cfg.train.batch_size * world / cfg.train.lr_base_batch
+    info: dict[str, Any] = {"method": method, "subnet": subnet}
+    if start is not None:
+        if list(start.get("classes") or data.classes) != data.classes:
+            raise ValueError(f"the pretrained largest route was trained on other classes than {cfg.data.root}")
+        model = _tag(l1_prune(implant(supernet, load_static(start)), subnet), supernet)
+        steps, ratio, sched = finetune_epochs * per_epoch, 1.0, "none"
+        lr = finetune_lr if finetune_lr is not None else lr / 100
+        info["pretrained"] = str(pretrained or Path(base) / run_name("scratch-e", "largest") / "checkpoints" / "last.pth")
+    else:
+        steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size)
+        sched = cfg.train.sched
+    cost = supernet.route_cost(supernet.routes.resolve(subnet), size)
+    info.update(steps=steps, epochs=round(steps / per_epoch, 3), budget_ratio=round(ratio, 4), lr=lr)
+    model = model.to(runtime.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = model
+    if runtime.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
+                                cfg.train.nesterov)
+    warmup = 0 if start is not None else round(cfg.train.warmup_epochs * per_epoch)
+    scheduler = build_scheduler(optimizer, sched, steps, 1, warmup, cfg.train.warmup_lr, cfg.train.min_lr)
+    mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
+    step = StaticStep(train_model, _criterion(cfg, mixup), autocast)
+
+    def evaluate(epoch: int | None = None) -> dict:
+        acc = evaluate_plain(model, data.val, runtime.device, autocast, channels_last=cfg.train.channels_last)
+        report = {"static": [{"subnet": subnet, "madds": cost.madds, "params": cost.params,
+                              "top1": acc["top1"], "top5": acc["top5"]}],
+                  "largest": None, "dynamic": None, "num_samples": acc["num_samples"]}
+        return {"eval": report, "top1": acc["top1"], "best_metric": acc["top1"]}
+
+    loop = Loop(cfg, runtime, "static", model, train_model, optimizer, scheduler, step, evaluate, data.train,
+                math.ceil(steps / per_epoch), run_dir, scaler=scaler, mixup=mixup, clip_grad=cfg.train.clip_grad,
+                total_steps=steps, extra_state={"classes": data.classes, "subnet": subnet, "total_steps": steps,
+                                                "baseline": info})
+    if cfg.train.resume:
+        before = loop.resume(cfg.train.resume).get("baseline", {}).get("top1_before_finetune")
+        if before is not None:
+            info["top1_before_finetune"] = before
+    elif start is not None:
+        info["top1_before_finetune"] = evaluate()["top1"]
+        loop.log({"stage": "static", "epoch": 0, "pruned": True, "top1": info["top1_before_finetune"]})
+    if runtime.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", run_name(method, subnet),
+                    supernet.model_name, steps, steps / per_epoch, ratio, lr)
+    loop.run()
+    if runtime.is_main and "eval" in loop.last_metrics:
+        report = {**loop.last_metrics["eval"], "baseline": info, "data": data_signature(cfg, data.classes)}
+        write_eval(run_dir / "eval.json", report)
+        print(format_report(report))
+    return run_dir

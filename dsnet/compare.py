@@ -1,0 +1,138 @@
+"""``dsnet compare RUN_DIR ...``: the supernet's static subnets, the dynamic model and the static
+baselines of several runs in one accuracy-vs-MAdds table and plot.
+
+Each argument is an ``eval.json`` or a folder searched recursively for them, so the supernet run
+directory alone (with its ``gate/`` and ``<method>-<subnet>/`` baseline runs inside) is enough.
+Every report must come from the same evaluation set (its ``data`` record and sample count); a run
+evaluated elsewhere is refused, naming both runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["SERIES", "collect", "compare_rows", "format_compare", "plot_compare", "compare_command"]
+
+# plot and table order; labels as the table prints them
+SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (gate)",
+          "scratch-e": "Scratch-E", "scratch-b": "Scratch-B", "l1": "L1-pruned + fine-tuned"}
+
+
+def collect(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
+    """(path, report) of every eval.json under ``paths``, in a stable order."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            hits = sorted(p.rglob("eval.json"))
+            if not hits:
+                raise ValueError(f"{p} holds no eval.json (a finished run writes one)")
+            found += hits
+        else:
+            raise ValueError(f"{p} does not exist (give run directories or eval.json files)")
+    reports = []
+    for f in dict.fromkeys(q.resolve() for q in found):
+        try:
+            report = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{f} is not a readable eval.json ({type(err).__name__})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("static"), list) or "num_samples" not in report:
+            raise ValueError(f"{f} is not a dsnet eval.json (no 'static' list and 'num_samples')")
+        reports.append((f, report))
+    return reports
+
+
+def _check_same_data(reports: list[tuple[Path, dict]]) -> None:
+    first, ref = reports[0]
+    for path, r in reports[1:]:
+        same = r["num_samples"] == ref["num_samples"] and (
+            r.get("data") is None or ref.get("data") is None or r["data"] == ref["data"])
+        if not same:
+            raise ValueError(f"{path} and {first} were evaluated on different data "
+                             f"({r.get('data') or r['num_samples']} vs {ref.get('data') or ref['num_samples']} "
+                             f"samples); compare runs that share a dataset")
+
+
+def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
+    """One row per model: method, run, subnet, MAdds, params, top-1, top-5 (and routing)."""
+    if not reports:
+        raise ValueError("no eval.json to compare")
+    _check_same_data(reports)
+    rows: list[dict] = []
+    has_supernet = any("baseline" not in r and r.get("dynamic") is None for _, r in reports)
+    for path, r in reports:
+        run = str(path.parent)
+        if "baseline" in r:
+            for row in r["static"]:
+                rows.append({"method": r["baseline"]["method"], "run": run, **_row(row),
+                             "epochs": r["baseline"].get("epochs")})
+            continue
+        if r.get("dynamic") is None or not has_supernet:  # a gate run repeats its supernet's table
+            rows += [{"method": "supernet", "run": run, **_row(row)} for row in r["static"]]
+            if r.get("largest"):
+                rows.append({"method": "supernet", "run": run, "subnet": "largest",
+                             "madds": r["largest"]["madds"], "params": None, "top1": r["largest"]["top1"],
+                             "top5": r["largest"].get("top5")})
+        if r.get("dynamic") is not None:
+            d = r["dynamic"]
+            rows.append({"method": "dynamic", "run": run, "subnet": "dynamic", "madds": d["madds_mean"],
+                         "params": None, "top1": d["top1"], "top5": d["top5"], "routing": d["routing"]})
+    order = list(SERIES)
+    return sorted(rows, key=lambda x: (order.index(x["method"]) if x["method"] in order else len(order),
+                                       x["madds"]))
+
+
+def _row(row: dict) -> dict:
+    return {k: row.get(k) for k in ("subnet", "madds", "params", "top1", "top5")}
+
+
+def format_compare(rows: list[dict]) -> str:
+    lines = [f"{'method':<34} {'subnet':>8} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
+    for r in rows:
+        top5 = f"{r['top5']:>7.2f}" if r.get("top5") is not None else f"{'-':>7}"
+        lines.append(f"{SERIES.get(r['method'], r['method']):<34} {str(r['subnet']):>8} "
+                     f"{r['madds'] / 1e6:>10.2f} {r['top1']:>7.2f} {top5}")
+    return "\n".join(lines)
+
+
+def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Accuracy vs MAdds, one series per method."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
+    styles = {"supernet": "o-", "dynamic": "*", "scratch-e": "s--", "scratch-b": "^--", "l1": "D:"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    supernets = {r["run"] for r in rows if r["method"] == "supernet"}
+    # a baseline series gathers its runs; each supernet (and its gate) is a series of its own
+    keys = dict.fromkeys((r["method"], r["run"] if r["method"] in ("supernet", "dynamic") else "") for r in rows)
+    for method, run in keys:
+        pts = [r for r in rows if r["method"] == method and (not run or r["run"] == run)]
+        label = SERIES.get(method, method) + (f" ({Path(run).name})" if run and len(supernets) > 1 else "")
+        ax.plot([r["madds"] / 1e6 for r in pts], [r["top1"] for r in pts], styles.get(method, "x-"),
+                markersize=14 if method == "dynamic" else 6, label=label)
+    ax.set_xlabel("MAdds per image (M)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare_command(paths: Sequence[str], json_path: str | None, plot_path: str | None) -> str:
+    """What ``dsnet compare`` does; returns the table it prints."""
+    reports = collect(paths)
+    rows = compare_rows(reports)
+    if json_path:
+        out = {"rows": rows, "num_samples": reports[0][1]["num_samples"], "data": reports[0][1].get("data"),
+               "reports": [str(p) for p, _ in reports]}
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    if plot_path:
+        plot_compare(rows, plot_path, title="accuracy vs MAdds")
+    return format_compare(rows)

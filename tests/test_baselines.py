@@ -1,0 +1,186 @@
+"""Static baselines (Liu et al. 2019): budget arithmetic, L1 pruning, short runs, dsnet compare."""
+import json
+
+import pytest
+import timm
+import torch
+
+import dsnet
+from dsnet.baselines import budget_steps, sandwich_madds, train_static
+from dsnet.checkpoint import read_checkpoint
+from dsnet.cli import main as dsnet_main, train_supernet_main
+from dsnet.compare import collect, compare_rows
+from dsnet.config import load_config
+from dsnet.prune import channel_spaces, implant, l1_prune
+from dsnet.runs import train_gate, train_supernet
+from tests.conftest import randomize_bn_
+from tests.test_train import TINY
+
+SIZE = (3, 32, 32)
+
+
+def small_resnet():
+    return timm.create_model("ds_resnet20", num_classes=4, base_mults=(0.25, 0.5),
+                             width_mults=(0.125, 0.25, 0.5)).eval()
+
+
+# ---- budget arithmetic -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("teacher,num_random", [("ensemble", 2), ("ema", 1), ("inplace", 2), ("none", 0)])
+def test_sandwich_madds_counts_three_passes_per_trained_route_and_one_per_teacher_forward(teacher, num_random):
+    m = small_resnet()
+    s = [dsnet.count_madds(m, i, SIZE) for i in range(m.num_subnets)]
+    big = dsnet.count_madds(m, "largest", SIZE)
+    mean_random = (s[1] + s[2]) / 2  # random routes are drawn from subnets 1..N-1
+    teacher_fwd = {"ensemble": big + num_random * mean_random, "ema": big}.get(teacher, 0)
+    expected = 3 * (big + num_random * mean_random + s[0]) + teacher_fwd
+    assert sandwich_madds(m, num_random, teacher, SIZE) == pytest.approx(expected, rel=1e-12)
+
+
+def test_scratch_e_keeps_the_steps_and_scratch_b_scales_them_by_the_madds_ratio(tmp_path):
+    m = small_resnet()
+    cfg = load_config(None, ["train.epochs=3", "ieb.num_random=1", "ieb.teacher=ensemble"])
+    assert budget_steps(m, cfg, 1, "scratch-e", 7, SIZE) == (21, 1.0)
+    steps, ratio = budget_steps(m, cfg, 0, "scratch-b", 7, SIZE)
+    s0 = dsnet.count_madds(m, 0, SIZE)
+    assert ratio == pytest.approx(sandwich_madds(m, 1, "ensemble", SIZE) / (3 * s0))
+    assert steps == round(21 * ratio) and ratio > 4  # the slimmest gets many more steps
+    steps_big, ratio_big = budget_steps(m, cfg, "largest", "scratch-b", 7, SIZE)
+    assert 1 < ratio_big < ratio and steps_big == round(21 * ratio_big)
+    with pytest.raises(ValueError, match="--budget must be one of scratch-e, scratch-b"):
+        budget_steps(m, cfg, 0, "scratch-c", 7, SIZE)
+
+
+# ---- L1 pruning -----------------------------------------------------------------------------
+
+def trained_large(gen):
+    """A supernet with random weights and statistics, and its largest route as a plain model."""
+    m = small_resnet()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    randomize_bn_(m, gen)
+    return m, dsnet.extract_subnet(m, "largest").eval()
+
+
+@pytest.mark.parametrize("subnet", [0, 2])
+def test_l1_pruning_keeps_the_filters_with_the_largest_l1_norms(gen, subnet):
+    _, large = trained_large(gen)
+    pruned = l1_prune(implant(small_resnet(), large), subnet)
+    stem, block = large.features[0][0].weight, large.features[1].body[0][0].weight
+    # the stem writes the first stage's residual stream, as do the second conv of each of its blocks
+    writers = [stem] + [large.features[i].body[1][0].weight for i in (1, 2, 3)]
+    stream_score = sum(w.abs().sum((1, 2, 3)) for w in writers)
+    keep = stream_score.topk(pruned.features[0][0].out_channels).indices.sort().values
+    torch.testing.assert_close(pruned.features[0][0].weight, stem[keep], rtol=0, atol=0)
+    torch.testing.assert_close(pruned.features[0][1].running_mean, large.features[0][1].running_mean[keep],
+                               rtol=0, atol=0)
+    # a block's first conv writes a space of its own: ranked by its own filters alone
+    inner = block.abs().sum((1, 2, 3)).topk(pruned.features[1].body[0][0].out_channels).indices.sort().values
+    torch.testing.assert_close(pruned.features[1].body[0][0].weight, block[inner][:, keep], rtol=0, atol=0)
+    assert sum(p.numel() for p in pruned.parameters()) == dsnet.count_params(small_resnet(), subnet)
+
+
+def test_pruned_model_equals_the_original_when_the_dropped_channels_are_dead(gen):
+    """Zero every filter (and BN shift) outside a random subset of each channel space: those
+    channels carry exact zeros, have the smallest L1 norms, and dropping them changes nothing."""
+    model, _ = trained_large(gen)
+    subnet = 1
+    bns = [m for m in model.modules() if isinstance(m, dsnet.layers.DSBatchNorm2d)]
+    with torch.no_grad():
+        for space in channel_spaces(model, subnet):
+            dead = torch.randperm(space.writers[0].shape[0], generator=gen)[space.width:]
+            for w in space.writers:
+                w[dead] = 0
+            for bn in bns:  # the batch norms of this space: zero shift and mean, so zeros stay zeros
+                if any(t is bn.bias for t, _ in space.members):
+                    bn.bias[dead] = 0
+                    bn.running_mean[:, dead] = 0
+    large = dsnet.extract_subnet(model, "largest").eval()
+    x = torch.randn(4, *SIZE, generator=gen)
+    expected = large(x)
+    pruned = l1_prune(implant(small_resnet(), large), subnet).eval()
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)][:1] == \
+           [dsnet.extract_subnet(small_resnet(), subnet).features[0][0].out_channels]
+    torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_implant_then_extract_gives_back_the_plain_model(gen):
+    _, large = trained_large(gen)
+    again = dsnet.extract_subnet(implant(small_resnet(), large), "largest")
+    for (ka, a), (kb, b) in zip(large.state_dict().items(), again.state_dict().items()):
+        assert ka == kb and torch.equal(a, b), ka
+    with pytest.raises(ValueError, match="does not have the shape of ds_resnet20's largest route"):
+        implant(small_resnet(), dsnet.extract_subnet(small_resnet(), 0))
+
+
+# ---- runs and compare -----------------------------------------------------------------------
+
+def tiny(tmp_path, *extra):
+    return load_config(None, [*TINY, f"output.dir={tmp_path}", "train.epochs=1", *extra])
+
+
+def test_scratch_runs_train_the_budgeted_steps_and_write_a_baseline_eval(tmp_path):
+    cfg = tiny(tmp_path)
+    run_e = train_static(cfg, 1, "scratch-e")
+    run_b = train_static(cfg, 1, "scratch-b")
+    assert run_e.name == "scratch-e-subnet1" and run_b.name == "scratch-b-subnet1"
+    per_epoch = 96 // 16
+    e, b = read_checkpoint(run_e / "checkpoints" / "last.pth", "static"), read_checkpoint(run_b / "checkpoints" / "last.pth")
+    assert e["step"] == per_epoch
+    model = small_resnet()
+    _, ratio = budget_steps(model, cfg, 1, "scratch-b", per_epoch, SIZE)
+    assert b["step"] == b["total_steps"] == round(per_epoch * ratio)
+    report = json.loads((run_b / "eval.json").read_text())
+    assert report["baseline"]["method"] == "scratch-b" and report["static"][0]["subnet"] == 1
+    assert report["static"][0]["madds"] == dsnet.count_madds(model, 1, SIZE)
+    assert report["static"][0]["params"] == sum(p.numel() for p in dsnet.extract_subnet(model, 1).parameters())
+
+
+def test_l1_pipeline_trains_the_largest_route_first_then_prunes_and_finetunes(tmp_path):
+    cfg = tiny(tmp_path)
+    run = train_static(cfg, 0, prune="l1", finetune_epochs=1)
+    assert (tmp_path / "scratch-e-largest" / "eval.json").exists()
+    report = json.loads((run / "eval.json").read_text())
+    assert report["baseline"]["method"] == "l1" and "top1_before_finetune" in report["baseline"]
+    state = read_checkpoint(run / "checkpoints" / "last.pth", "static")
+    shapes = {k: v.shape for k, v in state["model"].items()}
+    assert shapes == {k: v.shape for k, v in dsnet.extract_subnet(small_resnet(), 0).state_dict().items()}
+
+
+def test_baseline_command_errors_are_one_line_and_create_nothing(tmp_path, capsys):
+    args = ["-c", "configs/quickstart.yml", f"output.dir={tmp_path / 'x'}"]
+    assert train_supernet_main([*args, "--static-subnet", "7"]) == 2
+    assert "--static-subnet 7 is out of range: ds_resnet20 has 4 static subnets" in capsys.readouterr().err
+    assert train_supernet_main([*args, "--static-subnet", "two"]) == 2
+    assert "--static-subnet must be a subnet index (0 = slimmest) or 'largest'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_supernet_main([*args, "--prune", "l1"])
+    assert "--prune needs --static-subnet I" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_l1_refuses_a_pretrained_checkpoint_that_is_not_the_largest_route(tmp_path):
+    cfg = tiny(tmp_path)
+    run = train_static(cfg, 0, "scratch-e")
+    with pytest.raises(ValueError, match="holds subnet 0 of ds_resnet20; L1 pruning starts from the largest"):
+        train_static(cfg, 0, prune="l1", pretrained=str(run / "checkpoints" / "last.pth"))
+
+
+def test_compare_gathers_supernet_dynamic_and_baselines_and_refuses_other_data(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    sup = train_supernet(cfg)
+    train_gate(cfg, sup / "checkpoints" / "last.pth")
+    train_static(cfg, 0, "scratch-e")
+    rows = compare_rows(collect([tmp_path]))
+    methods = [r["method"] for r in rows]
+    assert methods.count("supernet") == 4 and methods.count("dynamic") == 1 and methods.count("scratch-e") == 1
+    assert dsnet_main(["compare", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0
+    assert "Scratch-E" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == len(rows)
+    other = tmp_path / "other" / "eval.json"
+    other.parent.mkdir()
+    report = json.loads((sup / "eval.json").read_text())
+    other.write_text(json.dumps({**report, "data": {**report["data"], "seed": 5}}))
+    assert dsnet_main(["compare", str(tmp_path)]) == 2
+    assert "were evaluated on different data" in capsys.readouterr().err

@@ -108,6 +108,9 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
         raise ValueError(f"output.dir {out} already holds a run; continue it with train.resume={last}, "
                          "or choose another output.dir (output.overwrite=true replaces it)")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if resuming:  # a run killed while saving leaves its half-written temporary file behind
+        for stale in (out / "checkpoints").glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     return out
 
 

@@ -83,7 +83,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     kwargs = {"num_classes": num_classes, "drop_rate": m.drop_rate, **m.kwargs}
     try:
         return timm.create_model(m.name, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"model.kwargs {m.kwargs} do not fit {m.name}: {err}") from None
 
 
@@ -134,9 +134,9 @@ def train_supernet(cfg: Config) -> Path:
     if cfg.train.best_metric not in BEST_METRICS:
         raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got '{cfg.train.best_metric}'")
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
     data = build_data(cfg, runtime)
     model = build_model(cfg, len(data.classes)).to(runtime.device)
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.gate.width_head.requires_grad_(False)  # stage two trains it
@@ -223,15 +223,16 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     supernet = Path(supernet)
     state = read_checkpoint(supernet, "supernet")
     cfg = _gate_run_dir(cfg, supernet)
-    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
-    data = build_data(cfg, runtime)
-    _check_supernet(cfg, state, supernet, data.classes)
-    model = rebuild(state).to(runtime.device)
+    model = rebuild(state)
     space = cfg.gate.routing_space or model.routing_space
     if max(space) >= model.num_subnets:
         raise ValueError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    data = build_data(cfg, runtime)
+    _check_supernet(cfg, state, supernet, data.classes)
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
+    model = model.to(runtime.device)
     model.set_routing_space(space)
     model.model_kwargs = {**model.model_kwargs, "routing_space": tuple(space)}
     model.requires_grad_(False).eval()

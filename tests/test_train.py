@@ -154,3 +154,13 @@ def test_two_process_torchrun_ends_with_identical_weights(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same_weights(a, b)
+
+
+def test_model_and_routing_space_errors_stop_before_a_run_directory_exists(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.kwargs .* do not fit ds_resnet20: out_choices must be a non-empty"):
+        train_supernet(tiny(tmp_path / "a", "model.kwargs={width_mults: []}"))
+    assert not (tmp_path / "a").exists()
+    run = train_supernet(tiny(tmp_path / "b", "train.epochs=1", "train.recalibrate_bn=false"))
+    with pytest.raises(ValueError, match=r"gate\.routing_space \[0, 7\] is outside the supernet's 3 static subnets"):
+        train_gate(tiny(tmp_path / "c", "gate.routing_space=[0, 7]"), run / "checkpoints/last.pth")
+    assert not (tmp_path / "c").exists()

@@ -2,8 +2,10 @@
 
 dsnet's dynamic model groups the samples of a batch by the route their gate picked and runs each
 group on dense weight slices. The published DS-Net code instead runs every layer at the full width
-of the routing space's widest route and zeroes, per sample, the channels beyond that sample's
-width. ``MaskedDynamic`` is that approach on the same supernet weights, made exact: every batch
+of the layer (its whole weight) and zeroes, per sample, the channels beyond that sample's
+width. ``MaskedDynamic`` is that approach on the same supernet weights (and, with
+``full_width=False``, a stronger variant that masks only up to the routing space's widest route),
+made exact: every batch
 norm after the gate applies each sample's own width statistics through a per-sample scale and
 shift that are zero beyond its width (one ``addcmul``, i.e. BN and mask fused, which is no slower
 than DS-Net's BN followed by a mask multiply). ``tests/test_bench.py`` holds its outputs equal to
@@ -34,46 +36,57 @@ from dsnet.models.net import DSNet
 
 
 class MaskedDynamic(nn.Module):
-    """Gated inference by masking: the units after the gate run at the widest dynamic route's
-    width for the whole batch; each BN applies per-sample statistics zeroed beyond the sample's width.
+    """Gated inference by masking: the units after the gate run at one width for the whole batch;
+    each BN applies per-sample statistics zeroed beyond the sample's width.
+
+    ``full_width=True`` (the published approach): every layer after the gate at its full supernet
+    width, as the DS-Net release's dynamic mode convolves with the whole weight and then masks.
+    ``full_width=False``: only as wide as the routing space's widest route, a stronger masking
+    baseline than the published one (it knows which widths the gate can pick).
 
     Holds no weights of its own beyond the per-route BN scale/shift tables ([R, C, 1, 1] per BN),
     built once from the supernet (rebuild after changing its weights).
     """
 
-    def __init__(self, model: DSNet) -> None:
+    def __init__(self, model: DSNet, full_width: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.widest = model.routes.dynamic_routes[-1]
+        routes = model.routes
+        self.widest = routes.static(model.num_subnets - 1) if full_width else routes.dynamic_routes[-1]
         self.ks = model._choices(self.widest)
         self.tables = self._bn_tables()
 
     @torch.no_grad()
-    def _bn_tables(self) -> dict[DSBatchNorm2d, tuple[Tensor, Tensor]]:
-        """Per BN after the gate: (scale, shift) [R, C_widest, 1, 1], route r's width statistics,
-        zero beyond route r's width. Widths are traced by running each route once."""
-        m, g = self.model, self.model.gate_index
-        bns = [b for u in m.units[g + 1:] for b in u.modules() if isinstance(b, DSBatchNorm2d)]
-        widths: dict[DSBatchNorm2d, list[int]] = {b: [] for b in bns}
-        hooks = [b.register_forward_pre_hook(lambda mod, inp: widths[mod].append(inp[0].shape[1])) for b in bns]
+    def _trace(self, route, bns: list[DSBatchNorm2d], h: Tensor) -> dict[DSBatchNorm2d, int]:
+        """The input width of each BN after the gate along ``route``."""
+        widths: dict[DSBatchNorm2d, int] = {}
+        hooks = [b.register_forward_pre_hook(lambda mod, inp: widths.__setitem__(mod, inp[0].shape[1]))
+                 for b in bns]
         try:
-            x = torch.zeros(1, *m.default_input_size, device=m.classifier.weight.device)
-            h = m.forward_gate(x)[0]
-            for route in m.routes.dynamic_routes:
-                m.forward_from_gate(h, route)
+            self.model.forward_from_gate(h, route)
         finally:
             for hook in hooks:
                 hook.remove()
+        return widths
+
+    @torch.no_grad()
+    def _bn_tables(self) -> dict[DSBatchNorm2d, tuple[Tensor, Tensor]]:
+        """Per BN after the gate: (scale, shift) [R, C, 1, 1] at the masked width C, route r's
+        width statistics, zero beyond route r's width."""
+        m, g = self.model, self.model.gate_index
+        bns = [b for u in m.units[g + 1:] for b in u.modules() if isinstance(b, DSBatchNorm2d)]
+        h = m.forward_gate(torch.zeros(1, *m.default_input_size, device=m.classifier.weight.device))[0]
+        per_route = [self._trace(r, bns, h) for r in m.routes.dynamic_routes]
+        masked = self._trace(self.widest, bns, h)
         tables = {}
         for b in bns:
-            scale = b.weight.new_zeros(len(widths[b]), b.weight.shape[0])
+            scale = b.weight.new_zeros(len(per_route), masked[b])
             shift = torch.zeros_like(scale)
-            for r, c in enumerate(widths[b]):
-                k = b.choice_index(c)
+            for r, widths in enumerate(per_route):
+                c, k = widths[b], b.choice_index(widths[b])
                 scale[r, :c] = b.weight[:c] / torch.sqrt(b.running_var[k, :c] + b.eps)
                 shift[r, :c] = b.bias[:c] - b.running_mean[k, :c] * scale[r, :c]
-            width = max(widths[b])
-            tables[b] = (scale[:, :width, None, None].contiguous(), shift[:, :width, None, None].contiguous())
+            tables[b] = (scale[:, :, None, None].contiguous(), shift[:, :, None, None].contiguous())
         return tables
 
     def _conv_bn_act(self, unit: ConvBNAct, x: Tensor, k: int, affine: dict) -> Tensor:
@@ -120,19 +133,24 @@ def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     spread_gate(model, torch.randn(64, *size, generator=g))
     x = torch.randn(batch_size, *size, generator=g)
-    masked = MaskedDynamic(model).eval()
-    row = bench_batch(model, x, size, args.repeats, subnets=False, extra={"masked": lambda: masked(x)},
+    masked, narrow = MaskedDynamic(model).eval(), MaskedDynamic(model, full_width=False).eval()
+    row = bench_batch(model, x, size, args.repeats, subnets=False,
+                      extra={"masked": lambda: masked(x), "masked_narrow": lambda: narrow(x)},
                       warmup=args.warmup, min_ms=args.min_ms)
     out = {"model": name, "batch_size": batch_size, "dynamic_ms": row["dynamic_ms"],
-           "masked_ms": row["extra_ms"]["masked"], "dense_limit_ms": row["dense_limit_ms"],
+           "masked_ms": row["extra_ms"]["masked"], "masked_narrow_ms": row["extra_ms"]["masked_narrow"],
+           "dense_limit_ms": row["dense_limit_ms"],
            "largest_ms": row["largest_ms"], "theoretical_speedup": row["theoretical_speedup"],
            "realized_speedup": row["realized_speedup"],
            "dynamic_over_dense_limit": row["dynamic_ms"] / row["dense_limit_ms"],
-           "masked_over_dynamic": row["extra_ms"]["masked"] / row["dynamic_ms"], "routing": row["routing"]}
+           "masked_over_dynamic": row["extra_ms"]["masked"] / row["dynamic_ms"],
+           "masked_narrow_over_dynamic": row["extra_ms"]["masked_narrow"] / row["dynamic_ms"], "routing": row["routing"]}
     print(f"{name:>16} {batch_size:>5} {out['dynamic_ms']:>10.3f} {out['masked_ms']:>10.3f} "
+          f"{out['masked_narrow_ms']:>10.3f} "
           f"{out['dense_limit_ms']:>10.3f} {out['largest_ms']:>10.3f} {out['theoretical_speedup']:>7.2f} "
           f"{out['realized_speedup']:>7.2f} {out['dynamic_over_dense_limit']:>8.2f} "
-          f"{out['masked_over_dynamic']:>8.2f}  {out['routing']}", flush=True)
+          f"{out['masked_over_dynamic']:>8.2f} {out['masked_narrow_over_dynamic']:>8.2f}  {out['routing']}",
+          flush=True)
     return out
 
 
@@ -140,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with bench_threads(args.threads) as threads:
         print(f"torch {torch.__version__}, threads {threads}, repeats {args.repeats}, wall time, medians")
-        print(f"{'model':>16} {'batch':>5} {'dynamic':>10} {'masked':>10} {'dense_lim':>10} {'largest':>10} "
-              f"{'theo x':>7} {'real x':>7} {'dyn/lim':>8} {'mask/dyn':>8}  routing")
+        print(f"{'model':>16} {'batch':>5} {'dynamic':>10} {'masked':>10} {'mask_nar':>10} {'dense_lim':>10} "
+              f"{'largest':>10} {'theo x':>7} {'real x':>7} {'dyn/lim':>8} {'mask/dyn':>8} {'nar/dyn':>8}  routing")
         rows = [bench_model(name, b, args) for name in args.models for b in args.batch_sizes]
     if args.json:
         with open(args.json, "w") as f:

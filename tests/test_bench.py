@@ -63,16 +63,17 @@ def _masked_equals_routed(name, seed, randomize_bn, **kwargs):
     randomize_bn(model, g, torch.randn(8, *size, generator=g))
     x = torch.randn(16, *size, generator=g)
     spread_gate(model, x)
-    masked = _bench_dynamic().MaskedDynamic(model).eval()
     with torch.inference_mode():
         choice = model.forward_gate(x)[1].argmax(1)
         assert len(set(choice.tolist())) >= 2, "the hand-set gate should use several routes"
-        assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)
+        for full_width in (True, False):  # the routing space stops short of the full width
+            masked = _bench_dynamic().MaskedDynamic(model, full_width).eval()
+            assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)
 
 
 def test_masked_forward_equals_routed_dynamic_resnet(randomize_bn):
     _check_masked_equals_routed("ds_resnet20", 0, randomize_bn, num_classes=4, base_mults=(0.5, 1.0),
-                                width_mults=(0.25, 0.5, 1.0))
+                                width_mults=(0.25, 0.5, 1.0), routing_space=(0, 1))
 
 
 def test_masked_forward_equals_routed_dynamic_mobilenet(randomize_bn):
@@ -88,13 +89,14 @@ def test_masked_forward_equals_routed_dynamic_mobilenet(randomize_bn):
 
 def _mobilenet_masked_equals_routed(stages, build_mobilenet_v1, randomize_bn):
     torch.manual_seed(1)
-    model = build_mobilenet_v1((8, 16), stages, 5, None)
+    model = build_mobilenet_v1((8, 16), stages, 5, (0, 1))
     model.default_input_size = (3, 32, 32)
     g = torch.Generator().manual_seed(1)
     randomize_bn(model, g, torch.randn(8, 3, 32, 32, generator=g))
     x = torch.randn(16, 3, 32, 32, generator=g)
     spread_gate(model, x)
-    masked = _bench_dynamic().MaskedDynamic(model).eval()
     with torch.inference_mode():
         assert len(set(model.forward_gate(x)[1].argmax(1).tolist())) >= 2
-        assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)
+        for full_width in (True, False):
+            masked = _bench_dynamic().MaskedDynamic(model, full_width).eval()
+            assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)

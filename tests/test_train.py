@@ -164,3 +164,12 @@ def test_model_and_routing_space_errors_stop_before_a_run_directory_exists(tmp_p
     with pytest.raises(ValueError, match=r"gate\.routing_space \[0, 7\] is outside the supernet's 3 static subnets"):
         train_gate(tiny(tmp_path / "c", "gate.routing_space=[0, 7]"), run / "checkpoints/last.pth")
     assert not (tmp_path / "c").exists()
+
+
+def test_recalibration_reads_training_images_with_the_training_transform(tmp_path):
+    from dsnet.engine import setup_runtime
+    from dsnet.runs import build_data
+
+    data = build_data(tiny(tmp_path), setup_runtime("cpu", 0, False))
+    assert data.calib.dataset is data.train.dataset  # augmented, as training saw them
+    assert data.calib.sampler is not data.train.sampler  # but its own loader: never distributed

@@ -253,3 +253,18 @@ def test_registering_a_taken_name_raises():
         with pytest.raises(RuntimeError, match=f"'{fn.__name__}' is already registered"):
             register(fn)
     assert dsnet.MODELS["ds_resnet20"] is not ds_resnet20
+
+
+def test_cifar_gate_can_sit_after_the_second_stage(device, gen, randomize_bn):
+    """gate_stage=2: stage 2 joins the base group, the gate reads its output, every route still
+    equals its extracted dense model and the dynamic path equals per-sample static routes."""
+    model = _model("ds_resnet20", gen, randomize_bn, device, gate_stage=2)
+    units = list(model.units)
+    assert isinstance(units[model.gate_index], GateUnit) and model.gate_index == 7  # stem + 2 x 3 blocks
+    assert all(u.group == 0 for u in units[1:7]) and all(u.group == 1 for u in units[8:])
+    x = _input(gen, device, 3, 32)
+    with torch.no_grad():
+        for subnet in _routes(model):
+            _assert_same(model(x, subnet=subnet), dsnet.extract_subnet(model, subnet).eval()(x), str(subnet))
+    with pytest.raises(ValueError, match=r"gate_stage must be in 1\.\.2"):
+        timm.create_model("ds_resnet20", gate_stage=3)

@@ -9,7 +9,10 @@ layout so that one route rule serves every model:
 - group 1 (every later stage) has ``width_mults`` (default 0.25x, 0.5x, 0.75x, 1.0x): static
   subnet i runs it at ``width_mults[i]``; it is the gated group;
 - the gate sits at the start of the second stage, on the first stage's features, and routes
-  among all of group 1's choices by default.
+  among all of group 1's choices by default. ``gate_stage=2`` (CIFAR models) moves it to the
+  start of the third stage: the second stage joins group 0, so the gate decides on deeper
+  features and routes a smaller share of the network (see docs/results.md: on CIFAR-10 a gate
+  after the first stage sees too little to tell easy images from hard ones).
 
 With every multiplier at 1.0 the network is the standard one: ds_resnet50's largest route has the
 shape of torchvision's resnet50 (v1.5: stride on the 3x3, 1x1 projection shortcuts), plus the
@@ -31,13 +34,18 @@ Mults = Sequence[float]
 
 
 def resnet_stages(widths: Sequence[int], depths: Sequence[int], base_mults: Mults, width_mults: Mults,
-                  expansion: int = 1) -> tuple[StageSpec, ...]:
-    """Stage table: stage 0 in group 0 (``base_mults``), the rest in gated group 1."""
+                  expansion: int = 1, gate_stage: int = 1) -> tuple[StageSpec, ...]:
+    """Stage table: stages before ``gate_stage`` in group 0 (``base_mults``), the gate at the start
+    of stage ``gate_stage``, it and the later stages in gated group 1."""
+    if not 1 <= gate_stage < len(widths):
+        raise ValueError(f"gate_stage must be in 1..{len(widths) - 1} (the gate needs a stage before "
+                         f"it and the stages it routes after it), got {gate_stage}")
     stages = []
     for i, (w, d) in enumerate(zip(widths, depths)):
-        mults = tuple(base_mults if i == 0 else width_mults)
+        base = i < gate_stage
+        mults = tuple(base_mults if base else width_mults)
         stages.append(StageSpec(choices=scale(w * expansion, mults), depth=d, stride=1 if i == 0 else 2,
-                                group=0 if i == 0 else 1, gated=i == 1,
+                                group=0 if base else 1, gated=i == gate_stage,
                                 mid=scale(w, mults) if expansion > 1 else None))
     return tuple(stages)
 
@@ -67,8 +75,8 @@ def build_resnet(stem: Sequence[int], stages: Sequence[StageSpec], num_classes: 
 
 
 def _cifar(n: int, num_classes: int, base_mults: Mults, width_mults: Mults,
-           routing_space: Sequence[int] | None, drop_rate: float, in_chans: int) -> DSNet:
-    stages = resnet_stages((16, 32, 64), (n, n, n), base_mults, width_mults)
+           routing_space: Sequence[int] | None, drop_rate: float, in_chans: int, gate_stage: int) -> DSNet:
+    stages = resnet_stages((16, 32, 64), (n, n, n), base_mults, width_mults, gate_stage=gate_stage)
     # the gate's hidden layer is as wide as its input (16 units at full width, not 4): it must
     # tell easy from hard images, not only reweight channels
     return build_resnet(scale(16, tuple(base_mults)), stages, num_classes, routing_space, False,
@@ -78,17 +86,17 @@ def _cifar(n: int, num_classes: int, base_mults: Mults, width_mults: Mults,
 @register
 def ds_resnet20(num_classes: int = 10, base_mults: Mults = (0.5, 1.0),
                 width_mults: Mults = (0.25, 0.5, 0.75, 1.0), routing_space: Sequence[int] | None = None,
-                drop_rate: float = 0.0, in_chans: int = 3) -> DSNet:
+                drop_rate: float = 0.0, in_chans: int = 3, gate_stage: int = 1) -> DSNet:
     """CIFAR ResNet-20 supernet (32x32 inputs), widths 0.25x-1.0x of (16, 32, 64)."""
-    return _cifar(3, num_classes, base_mults, width_mults, routing_space, drop_rate, in_chans)
+    return _cifar(3, num_classes, base_mults, width_mults, routing_space, drop_rate, in_chans, gate_stage)
 
 
 @register
 def ds_resnet56(num_classes: int = 10, base_mults: Mults = (0.5, 1.0),
                 width_mults: Mults = (0.25, 0.5, 0.75, 1.0), routing_space: Sequence[int] | None = None,
-                drop_rate: float = 0.0, in_chans: int = 3) -> DSNet:
+                drop_rate: float = 0.0, in_chans: int = 3, gate_stage: int = 1) -> DSNet:
     """CIFAR ResNet-56 supernet (32x32 inputs), widths 0.25x-1.0x of (16, 32, 64)."""
-    return _cifar(9, num_classes, base_mults, width_mults, routing_space, drop_rate, in_chans)
+    return _cifar(9, num_classes, base_mults, width_mults, routing_space, drop_rate, in_chans, gate_stage)
 
 
 @register

@@ -23,7 +23,7 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "SqueezeExcite", "SqueezeExciteDense",
+__all__ = ["clear_slice_caches", "DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "SqueezeExcite", "SqueezeExciteDense",
            "check_choices"]
 
 
@@ -51,7 +51,13 @@ class _SliceViews:
     (optimizer step, ``load_state_dict``, ``weight.data.mul_``) shows through it; only a new
     storage (``module.to``, ``param.data = t``) leaves a view behind, and the data-pointer stamp
     catches that. Views are made under ``no_grad`` outside inference mode: plain tensors, valid
-    wherever no gradient flows into their sources (see ``_reuse_views``). Nothing is copied.
+    wherever no gradient flows into their sources (see ``_reuse_views``).
+
+    One exception copies: a kxk conv reading a narrower input than its widest needs a strided
+    weight slice, which ``F.conv2d`` would copy on every call. That copy is made once and kept
+    with the weight's version counter in its stamp, so optimizer steps, ``load_state_dict`` and
+    any in-place edit under ``torch.no_grad()`` renew it; an edit through ``weight.data`` bypasses
+    the counter, so after one call ``clear_slice_caches(model)``.
     """
 
     def __init__(self) -> None:
@@ -70,6 +76,16 @@ class _SliceViews:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+def clear_slice_caches(model: nn.Module) -> nn.Module:
+    """Drop every cached slice of ``model``'s dsnet layers (needed only after editing weights
+    through ``.data``, which hides the edit from the caches); returns ``model``."""
+    for m in model.modules():
+        views = getattr(m, "_views", None)
+        if isinstance(views, _SliceViews):
+            views.clear()
+    return model
 
 
 def _pointwise_strided(x: Tensor, weight2d: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -98,8 +114,9 @@ class DSConv2d(nn.Conv2d):
 
     Regular (``groups=1``) or depthwise (``depthwise=True``: one filter per input channel, the
     output width follows the input). Padding is ``kernel_size // 2`` ("same" for odd kernels).
-    Without autograd (evaluation, inference, frozen weights) the slices are cached views, and a
-    1x1 conv whose slice is strided runs as a matrix product on it (``_pointwise_strided``).
+    Without autograd (evaluation, inference, frozen weights) the slices are cached: views, a
+    contiguous copy for a kxk conv on a narrower input (``_SliceViews``), and a 1x1 conv whose
+    slice is strided runs as a matrix product on it (``_pointwise_strided``).
     """
 
     def __init__(self, in_choices: Sequence[int], out_choices: Sequence[int], kernel_size: int = 1,
@@ -121,7 +138,14 @@ class DSConv2d(nn.Conv2d):
         weight = self.weight[:out_c] if self.depthwise else self.weight[:out_c, :in_c]
         bias = self.bias[:out_c] if self.bias is not None else None
         strided = weight[:, :, 0, 0] if self._pointwise and not weight.is_contiguous() else None
+        if self._copies(in_c) and not torch.is_grad_enabled():  # cached: F.conv2d would copy it per call
+            weight = weight.contiguous()
         return weight, bias, strided
+
+    def _copies(self, in_c: int) -> bool:
+        """Whether the weight slice at input width ``in_c`` is a strided kxk slice, which the
+        cached path keeps as a contiguous copy (stamped with the weight's version counter)."""
+        return not self._pointwise and not self.depthwise and in_c < self.in_channels
 
     def forward(self, x: Tensor, k: int = -1) -> Tensor:
         """x: [B, C_in, H, W] with C_in <= widest input; returns [B, out_choices[k], H', W']."""
@@ -129,7 +153,7 @@ class DSConv2d(nn.Conv2d):
         out_c = in_c if self.depthwise else self.out_choices[k]
         w, b = self._parameters["weight"], self._parameters["bias"]  # not self.weight: see top
         if _reuse_views(w):
-            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr())
+            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr(), w._version if self._copies(in_c) else 0)
             weight, bias, strided = self._views.get((out_c, in_c), stamp, lambda: self._slices(out_c, in_c))
             if strided is not None and x.is_contiguous():
                 y = _pointwise_strided(x, strided, bias)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, DSLinear, SqueezeExcite
+from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, DSLinear, SqueezeExcite, clear_slice_caches
 
 IN, OUT = (8, 16), (12, 24)  # different in/out lists catch a swapped slice
 
@@ -170,16 +170,31 @@ def test_conv_cached_slice_follows_in_place_weight_updates(device, gen):
     ds = _ds_conv(gen, device, 3, 1, True).eval()
     x = _randn(gen, 2, IN[0], 7, 7, device=device)
     with torch.no_grad():
-        ds(x, 0)  # fill the cache
-        ds.weight.data.mul_(2)  # `.data` has its own version counter
+        ds(x, 0)  # fill the cache: a contiguous copy of the strided 3x3 slice
+        ds.weight.mul_(-0.5)  # bumps the weight's version counter
         assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
-        ds.weight.mul_(-0.5)
+        wide = _randn(gen, 2, IN[1], 7, 7, device=device)
+        ds(wide, 0)  # the full input width slices the leading filters: a view, no copy
+        ds.weight.data.mul_(2)  # `.data` has its own version counter: only views see it
+        assert_close(ds(wide, 0), _plain_conv(ds, IN[1], OUT[0])(wide))
+        clear_slice_caches(ds)  # what the docs prescribe after `.data` edits
         assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
     with torch.inference_mode():
         ds(x, 0)
     ds.load_state_dict({n: torch.randn(t.shape, generator=gen) for n, t in ds.state_dict().items()})
     with torch.inference_mode():
         assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
+
+
+def test_conv_copies_a_strided_kxk_slice_once_not_per_call(device, gen):
+    ds = _ds_conv(gen, device, 3, 1, False).eval()
+    x = _randn(gen, 1, IN[0], 5, 5, device=device)
+    with torch.inference_mode():
+        ds(x, 0)
+        (first,) = [views[0] for _, views in ds._views.entries.values()]
+        ds(x, 0)
+        (again,) = [views[0] for _, views in ds._views.entries.values()]
+    assert again is first and first.is_contiguous() and first.shape == (OUT[0], IN[0], 3, 3)
 
 
 def test_conv_cached_slice_follows_new_storage_and_copies(device, gen):

@@ -53,9 +53,19 @@ def test_scratch_e_keeps_the_steps_and_scratch_b_scales_them_by_the_madds_ratio(
 
 # ---- L1 pruning -----------------------------------------------------------------------------
 
-def trained_large(gen):
+def small_mobilenet():
+    from dsnet.models.mobilenet_v1 import build_mobilenet_v1
+    from dsnet.models.spec import StageSpec
+
+    stages = (StageSpec(choices=(8, 16), depth=1, stride=2, group=0),
+              StageSpec(choices=(16, 24, 32), depth=2, stride=2, group=1, gated=True),
+              StageSpec(choices=(32, 40, 48), depth=1, stride=2, group=1))
+    return build_mobilenet_v1((8, 16), stages, 5, None).eval()
+
+
+def trained_large(gen, factory=small_resnet):
     """A supernet with random weights and statistics, and its largest route as a plain model."""
-    m = small_resnet()
+    m = factory()
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
@@ -81,10 +91,12 @@ def test_l1_pruning_keeps_the_filters_with_the_largest_l1_norms(gen, subnet):
     assert sum(p.numel() for p in pruned.parameters()) == dsnet.count_params(small_resnet(), subnet)
 
 
-def test_pruned_model_equals_the_original_when_the_dropped_channels_are_dead(gen):
+@pytest.mark.parametrize("factory", [small_resnet, small_mobilenet])
+def test_pruned_model_equals_the_original_when_the_dropped_channels_are_dead(gen, factory):
     """Zero every filter (and BN shift) outside a random subset of each channel space: those
-    channels carry exact zeros, have the smallest L1 norms, and dropping them changes nothing."""
-    model, _ = trained_large(gen)
+    channels carry exact zeros, have the smallest L1 norms, and dropping them changes nothing
+    (residual streams; depthwise convs and squeeze-excite inside a space)."""
+    model, _ = trained_large(gen, factory)
     subnet = 1
     bns = [m for m in model.modules() if isinstance(m, dsnet.layers.DSBatchNorm2d)]
     with torch.no_grad():
@@ -99,9 +111,9 @@ def test_pruned_model_equals_the_original_when_the_dropped_channels_are_dead(gen
     large = dsnet.extract_subnet(model, "largest").eval()
     x = torch.randn(4, *SIZE, generator=gen)
     expected = large(x)
-    pruned = l1_prune(implant(small_resnet(), large), subnet).eval()
-    assert [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)][:1] == \
-           [dsnet.extract_subnet(small_resnet(), subnet).features[0][0].out_channels]
+    pruned = l1_prune(implant(factory(), large), subnet).eval()
+    shape = {k: v.shape for k, v in dsnet.extract_subnet(factory(), subnet).state_dict().items()}
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == shape
     torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
 
 

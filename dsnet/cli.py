@@ -79,14 +79,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dsnet.runs import build_val_loader, write_eval
     from dsnet.sgs import frozen_forward, route_targets
 
+    from dsnet.checkpoint import read_checkpoint
+    from dsnet.runs import data_signature
+
+    if read_checkpoint(args.checkpoint).get("stage") == "static":
+        return _evaluate_baseline(args)
     state, model, cfg, runtime = _load_run(args.checkpoint, args.data, args.ema)
     loader, classes = build_val_loader(cfg, runtime)
-    if state.get("classes") is not None and list(state["classes"]) != classes:
-        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
-                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
+    _check_classes(state, classes)
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     report = evaluate_static(model, loader, runtime.device, size, autocast, args.max_batches)
+    report["data"] = data_signature(cfg, classes)
     report["dynamic"], sweep = None, None
     if state["stage"] == "gate":
         def targets(x, y):
@@ -107,6 +111,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_eval(Path(args.json), report)
     if args.plot:
         plot_report(report, args.plot, sweep, title=f"{state['model_name']} ({Path(args.checkpoint).name})")
+    return 0
+
+
+def _check_classes(state: dict, classes: list[str]) -> None:
+    if state.get("classes") is not None and list(state["classes"]) != classes:
+        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
+                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
+
+
+def _evaluate_baseline(args: argparse.Namespace) -> int:
+    """``dsnet evaluate`` of a static baseline (``train_supernet.py --static-subnet``) checkpoint."""
+    from dsnet.baselines import build_static, load_static
+    from dsnet.checkpoint import read_checkpoint
+    from dsnet.config import config_from_dict, replace
+    from dsnet.engine import autocast_factory, setup_runtime
+    from dsnet.evaluate import evaluate_plain, format_report
+    from dsnet.runs import build_val_loader, data_signature, write_eval
+
+    if args.sweep or args.plot or args.ema:
+        raise UserError(f"{args.checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
+    state = read_checkpoint(args.checkpoint, "static")
+    cfg = config_from_dict(state["config"])
+    if args.data is not None:
+        cfg = replace(cfg, **{"data.root": args.data})
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, False)
+    loader, classes = build_val_loader(cfg, runtime)
+    _check_classes(state, classes)
+    model = load_static(state).to(runtime.device)
+    supernet = build_static(state["model_name"], dict(state["model_kwargs"]), state["subnet"])[1]
+    cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]),
+                               (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
+    acc = evaluate_plain(model, loader, runtime.device, autocast_factory(cfg.train.amp, runtime.device)[0],
+                         args.max_batches)
+    report = {"static": [{"subnet": state["subnet"], "madds": cost.madds, "params": cost.params,
+                          "top1": acc["top1"], "top5": acc["top5"]}], "largest": None, "dynamic": None,
+              "num_samples": acc["num_samples"], "baseline": state.get("baseline"),
+              "data": data_signature(cfg, classes)}
+    print(format_report(report))
+    if args.json:
+        write_eval(Path(args.json), report)
     return 0
 
 

@@ -147,6 +147,9 @@ def test_scratch_runs_train_the_budgeted_steps_and_write_a_baseline_eval(tmp_pat
     assert report["baseline"]["method"] == "scratch-b" and report["static"][0]["subnet"] == 1
     assert report["static"][0]["madds"] == dsnet.count_madds(model, 1, SIZE)
     assert report["static"][0]["params"] == sum(p.numel() for p in dsnet.extract_subnet(model, 1).parameters())
+    again = tmp_path / "again.json"  # dsnet evaluate reads a baseline checkpoint and agrees with its run
+    assert dsnet_main(["evaluate", str(run_b / "checkpoints" / "last.pth"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["static"] == report["static"]
 
 
 def test_l1_pipeline_trains_the_largest_route_first_then_prunes_and_finetunes(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import timm
 import torch
@@ -123,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per path first")
     p.add_argument("--min-ms", type=float, default=20.0, help="each timed sample loops about this long")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--cpu-time", action="store_true", help="time process CPU time instead of wall time: "
+                   "steadier on a shared machine, meaningful with --threads 1")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -136,7 +139,8 @@ def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
     masked, narrow = MaskedDynamic(model).eval(), MaskedDynamic(model, full_width=False).eval()
     row = bench_batch(model, x, size, args.repeats, subnets=False,
                       extra={"masked": lambda: masked(x), "masked_narrow": lambda: narrow(x)},
-                      warmup=args.warmup, min_ms=args.min_ms)
+                      warmup=args.warmup, min_ms=args.min_ms,
+                      clock=time.process_time if args.cpu_time else time.perf_counter)
     out = {"model": name, "batch_size": batch_size, "dynamic_ms": row["dynamic_ms"],
            "masked_ms": row["extra_ms"]["masked"], "masked_narrow_ms": row["extra_ms"]["masked_narrow"],
            "dense_limit_ms": row["dense_limit_ms"],
@@ -157,7 +161,8 @@ def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with bench_threads(args.threads) as threads:
-        print(f"torch {torch.__version__}, threads {threads}, repeats {args.repeats}, wall time, medians")
+        print(f"torch {torch.__version__}, threads {threads}, repeats {args.repeats}, "
+              f"{'CPU' if args.cpu_time else 'wall'} time, medians")
         print(f"{'model':>16} {'batch':>5} {'dynamic':>10} {'masked':>10} {'mask_nar':>10} {'dense_lim':>10} "
               f"{'largest':>10} {'theo x':>7} {'real x':>7} {'dyn/lim':>8} {'mask/dyn':>8} {'nar/dyn':>8}  routing")
         rows = [bench_model(name, b, args) for name in args.models for b in args.batch_sizes]

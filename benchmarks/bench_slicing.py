@@ -4,8 +4,9 @@ For every static subnet (and the largest route) of each model, time the supernet
 ``model(x, subnet=i)`` against the extracted dense module ``dsnet.extract_subnet(model, i)`` on
 the same input, in eval mode under ``torch.inference_mode()`` with a fixed thread count.
 After a warm-up, each repeat times both paths back to back (alternating which goes first), so
-drifts in clock speed or load hit both alike; the median per path is reported. The ratio
-supernet_ms / dense_ms is the price of slicing; the target is <= 1.05 for every subnet.
+drifts in clock speed or load hit both alike; the median per path is reported, and the ratio
+(the median of the per-repeat ratios supernet / dense) is the price of slicing; the target is
+<= 1.05 for every subnet.
 
     python benchmarks/bench_slicing.py --models ds_resnet20 --batch-sizes 1 32 --json out.json
 """
@@ -51,8 +52,10 @@ def sample_ms(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> f
     return (clock() - start) * 1e3 / n
 
 
-def time_pair(supernet: Callable[[], object], dense: Callable[[], object], args) -> tuple[float, float]:
-    """Median ms of each path over interleaved repeats (warm-up first)."""
+def time_pair(supernet: Callable[[], object], dense: Callable[[], object], args) -> tuple[float, float, float]:
+    """(median ms of each path, median of the per-repeat ratios) over interleaved repeats
+    (warm-up first). A repeat's two samples run back to back, so their ratio shrugs off a load
+    burst that moves both medians apart."""
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.warmup):
         supernet()
@@ -64,7 +67,8 @@ def time_pair(supernet: Callable[[], object], dense: Callable[[], object], args)
         pair = [("supernet", supernet), ("dense", dense)]
         for name, fn in pair if r % 2 == 0 else pair[::-1]:
             times[name].append(sample_ms(fn, n, clock))
-    return statistics.median(times["supernet"]), statistics.median(times["dense"])
+    ratios = [a / b for a, b in zip(times["supernet"], times["dense"])]
+    return statistics.median(times["supernet"]), statistics.median(times["dense"]), statistics.median(ratios)
 
 
 def bench_model(name: str, batch_size: int, args) -> list[dict]:
@@ -79,10 +83,10 @@ def bench_model(name: str, batch_size: int, args) -> list[dict]:
     for subnet in [*range(model.num_subnets), "largest"]:
         dense = dsnet.extract_subnet(model, subnet).eval()
         with torch.inference_mode():
-            sup_ms, dense_ms = time_pair(lambda: model(x, subnet=subnet), lambda: dense(x), args)
+            sup_ms, dense_ms, ratio = time_pair(lambda: model(x, subnet=subnet), lambda: dense(x), args)
         rows.append({"model": name, "batch_size": batch_size, "subnet": subnet,
                      "madds": dsnet.count_madds(model, subnet), "supernet_ms": sup_ms,
-                     "dense_ms": dense_ms, "ratio": sup_ms / dense_ms})
+                     "dense_ms": dense_ms, "ratio": ratio})
         print(f"{name:>16} {batch_size:>5} {subnet!s:>8} {rows[-1]['madds'] / 1e6:>10.1f} "
               f"{sup_ms:>12.3f} {dense_ms:>10.3f} {rows[-1]['ratio']:>7.3f}", flush=True)
     return rows

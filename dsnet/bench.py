@@ -42,35 +42,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample_ms(fn: Callable[[], object], n: int, device: torch.device) -> float:
-    """Mean wall time of ``n`` back-to-back calls of ``fn`` in milliseconds."""
+def _sample_ms(fn: Callable[[], object], n: int, device: torch.device,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    """Mean time of ``n`` back-to-back calls of ``fn`` in milliseconds (wall time by default)."""
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(n):
         fn()
     _sync(device)
-    return (time.perf_counter() - start) * 1e3 / n
+    return (clock() - start) * 1e3 / n
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                     min_ms: float = 20.0, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+                     min_ms: float = 20.0, device: torch.device = torch.device("cpu"),
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median ms per call of each of ``fns`` over ``repeats`` interleaved rounds.
 
     Each function is warmed up, then calibrated to loop about ``min_ms`` per timed sample. Every
     round times each function once, starting at a rotating position, so drifts in clock speed or
-    load from other jobs hit all paths alike.
+    load from other jobs hit all paths alike. ``clock=time.process_time`` counts CPU time only
+    (steadier on a shared machine; meaningful for one CPU thread).
     """
     names = list(fns)
     loops = {}
     for name in names:
         for _ in range(warmup):
             fns[name]()
-        loops[name] = max(1, int(min_ms / max(_sample_ms(fns[name], 1, device), 1e-3)))
+        loops[name] = max(1, int(min_ms / max(_sample_ms(fns[name], 1, device, clock), 1e-3)))
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(max(1, repeats)):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_sample_ms(fns[name], loops[name], device))
+            times[name].append(_sample_ms(fns[name], loops[name], device, clock))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -114,7 +117,7 @@ def dense_limit_fns(model: DSNet, x: Tensor) -> tuple[dict[str, Callable[[], obj
 @torch.inference_mode()
 def bench_batch(model: DSNet, x: Tensor, input_size: Sequence[int], repeats: int, subnets: bool = True,
                 extra: dict[str, Callable[[], object]] | None = None, warmup: int = 2,
-                min_ms: float = 20.0) -> dict:
+                min_ms: float = 20.0, clock: Callable[[], float] = time.perf_counter) -> dict:
     """One ``results`` row of ``dsnet bench --json`` for batch x [B, C, H, W] (model in eval mode).
 
     ``extra`` paths (e.g. a masking baseline) are timed in the same interleaved rounds; their
@@ -131,7 +134,7 @@ def bench_batch(model: DSNet, x: Tensor, input_size: Sequence[int], repeats: int
             fns[f"supernet/{i}"] = lambda i=i: model(x, subnet=i)
             fns[f"dense/{i}"] = lambda i=i: dense[i](x)
     fns.update({f"extra/{k}": f for k, f in (extra or {}).items()})
-    ms = time_interleaved(fns, repeats, warmup, min_ms, device)
+    ms = time_interleaved(fns, repeats, warmup, min_ms, device, clock)
     costs = model.dynamic_costs(input_size)
     largest_madds = model.route_cost(model.routes.largest, input_size).madds
     dyn_madds = sum(costs[c] for c in choice.tolist()) / len(choice)

@@ -35,13 +35,18 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from dsnet import data as dsdata
+from dsnet.checkpoint import CheckpointError, read_checkpoint
 from dsnet.config import Config, replace, save_config
 from dsnet.engine import Loop, autocast_factory, prepare_run_dir, setup_runtime
-from dsnet.evaluate import evaluate_plain
+from dsnet.evaluate import evaluate_plain, format_report
 from dsnet.models.net import DenseNet, DSNet, init_weights
+from dsnet.prune import implant, l1_prune
+from dsnet.runs import (_criterion, build_data, build_model, build_optimizer, build_scheduler, data_signature,
+                        scaled_lr, updates_per_epoch, wrap_ddp, write_eval)
 
-__all__ = ["BUDGETS", "METHODS", "Subnet", "sandwich_madds", "budget_steps", "run_name", "build_static",
-           "load_static", "StaticStep", "train_static"]
+__all__ = ["BUDGETS", "METHODS", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
+           "plain_subnet", "load_static", "baseline_report", "StaticStep", "train_static"]
 
 logger = logging.getLogger(__name__)
 BUDGETS = ("scratch-e", "scratch-b")
@@ -85,18 +90,19 @@ def parse_subnet(text: str | int) -> Subnet:
     return int(text)
 
 
-def build_static(name: str, kwargs: dict, subnet: Subnet) -> tuple[DenseNet, DSNet]:
-    """(plain model of ``subnet`` freshly initialised, the supernet it comes from)."""
-    try:
-        supernet = timm.create_model(name, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"model.kwargs {kwargs} do not fit {name}: {err}") from None
+def check_subnet(supernet: DSNet, subnet: Subnet) -> None:
+    """Refuse a ``--static-subnet`` that ``supernet`` does not have."""
     if subnet != "largest" and not 0 <= subnet < supernet.num_subnets:
-        raise ValueError(f"--static-subnet {subnet} is out of range: {name} has {supernet.num_subnets} "
-                         f"static subnets (0..{supernet.num_subnets - 1}) and 'largest'")
+        raise ValueError(f"--static-subnet {subnet} is out of range: {supernet.model_name} has "
+                         f"{supernet.num_subnets} static subnets (0..{supernet.num_subnets - 1}) and 'largest'")
+
+
+def plain_subnet(supernet: DSNet, subnet: Subnet) -> DenseNet:
+    """Static subnet ``subnet`` of ``supernet`` as a plain model, freshly initialised."""
+    check_subnet(supernet, subnet)
     model = supernet.extract(supernet.routes.resolve(subnet))
     init_weights(model, model.fc)  # the init of its own shape, not slices of a wider one
-    return _tag(model, supernet), supernet
+    return _tag(model, supernet)
 
 
 def _tag(model: DenseNet, supernet: DSNet) -> DenseNet:
@@ -104,17 +110,29 @@ def _tag(model: DenseNet, supernet: DSNet) -> DenseNet:
     return model
 
 
-def load_static(state: dict) -> DenseNet:
-    """The plain model of a ``static`` checkpoint (already read with ``read_checkpoint``)."""
-    from dsnet.checkpoint import CheckpointError
-
-    model, _ = build_static(state["model_name"], dict(state["model_kwargs"]), state["subnet"])
+def load_static(state: dict) -> tuple[DenseNet, DSNet]:
+    """(the plain model of a ``static`` checkpoint read with ``read_checkpoint``, in eval mode;
+    the supernet it was cut from, for its costs)."""
+    name, kwargs = state["model_name"], dict(state["model_kwargs"])
+    try:
+        supernet = timm.create_model(name, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:  # timm: unknown model; dsnet: bad kwargs
+        raise CheckpointError(f"checkpoint model {name}({kwargs}) cannot be built: {err}") from None
+    model = plain_subnet(supernet, state["subnet"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit subnet {state['subnet']} of "
                               f"{state['model_name']}: {str(err).splitlines()[-1].strip()}") from None
-    return model.eval()
+    return model.eval(), supernet
+
+
+def baseline_report(subnet: Subnet, cost, acc: dict) -> dict:
+    """A baseline's eval.json-shaped report: one static row (``cost`` a RouteCost, ``acc``
+    ``evaluate_plain``'s result), no largest route, no dynamic model."""
+    return {"static": [{"subnet": subnet, "madds": cost.madds, "params": cost.params,
+                        "top1": acc["top1"], "top5": acc["top5"]}],
+            "largest": None, "dynamic": None, "num_samples": acc["num_samples"]}
 
 
 class StaticStep:
@@ -131,10 +149,8 @@ class StaticStep:
         return {"loss": loss.detach(), "losses": {"ce": loss.detach()}}
 
 
-def _pretrained(cfg: Config, base: Path, path: str | None, model_name: str) -> dict:
-    """The finished Scratch-E run of the largest route that L1 pruning starts from."""
-    from dsnet.checkpoint import read_checkpoint
-
+def _pretrained(cfg: Config, base: Path, path: str | None, model_name: str) -> tuple[dict, Path]:
+    """(state, path) of the finished Scratch-E run of the largest route that L1 pruning starts from."""
     default = base / run_name("scratch-e", "largest") / "checkpoints" / "last.pth"
     if path is None and not default.exists():
         logger.info("no trained largest route at %s: training it first (Scratch-E)", default)
@@ -147,19 +163,13 @@ def _pretrained(cfg: Config, base: Path, path: str | None, model_name: str) -> d
     if state["step"] < state.get("total_steps", 0):
         raise ValueError(f"--pretrained {path} stopped at step {state['step']} of {state['total_steps']}; "
                          f"finish it first with train.resume={path}")
-    return state
+    return state, path
 
 
 def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
                  finetune_epochs: int = 1, finetune_lr: float | None = None,
                  pretrained: str | None = None) -> Path:
     """Train one baseline (module docs); returns its run directory."""
-    from dsnet.prune import implant, l1_prune
-    from dsnet.runs import _criterion, build_data, build_model, build_optimizer, build_scheduler
-    from dsnet.runs import data_signature, updates_per_epoch, write_eval
-    from dsnet import data as dsdata
-    from dsnet.evaluate import format_report
-
     if prune is not None and prune != "l1":
         raise ValueError(f"--prune must be 'l1', got '{prune}'")
     if prune and subnet == "largest":
@@ -170,39 +180,35 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     if method not in METHODS:
         raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     base = Path(cfg.output.dir)
-    build_static(cfg.model.name, {"num_classes": cfg.model.num_classes or 2, **cfg.model.kwargs}, subnet)  # checks I
-    start = _pretrained(cfg, base, pretrained, cfg.model.name) if prune else None
+    check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
+    start, start_path = _pretrained(cfg, base, pretrained, cfg.model.name) if prune else (None, None)
     cfg = replace(cfg, **{"output.dir": str(base / run_name(method, subnet))})
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
     data = build_data(cfg, runtime)
     supernet = build_model(cfg, len(data.classes))
-    model, _ = build_static(supernet.model_name, supernet.model_kwargs, subnet)
     size = (supernet.in_chans, cfg.data.input_size, cfg.data.input_size)
     per_epoch = updates_per_epoch(data.train, cfg)
-    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
-    world = runtime.world_size * cfg.train.grad_accum
-    lr = cfg.train.lr * cfg.train.batch_size * world / cfg.train.lr_base_batch
+    lr = scaled_lr(cfg, runtime, cfg.train.lr, cfg.train.lr_base_batch)
     info: dict[str, Any] = {"method": method, "subnet": subnet}
     if start is not None:
         if list(start.get("classes") or data.classes) != data.classes:
             raise ValueError(f"the pretrained largest route was trained on other classes than {cfg.data.root}")
-        model = _tag(l1_prune(implant(supernet, load_static(start)), subnet), supernet)
+        model = _tag(l1_prune(implant(supernet, load_static(start)[0]), subnet), supernet)
         steps, ratio, sched = finetune_epochs * per_epoch, 1.0, "none"
         lr = finetune_lr if finetune_lr is not None else lr / 100
-        info["pretrained"] = str(pretrained or Path(base) / run_name("scratch-e", "largest") / "checkpoints" / "last.pth")
+        info["pretrained"] = str(start_path)
     else:
+        model = plain_subnet(supernet, subnet)
         steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size)
         sched = cfg.train.sched
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
     cost = supernet.route_cost(supernet.routes.resolve(subnet), size)
     info.update(steps=steps, epochs=round(steps / per_epoch, 3), budget_ratio=round(ratio, 4), lr=lr)
+    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
     model = model.to(runtime.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_model = model
-    if runtime.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    train_model = wrap_ddp(model, runtime)
     optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
                                 cfg.train.nesterov)
     warmup = 0 if start is not None else round(cfg.train.warmup_epochs * per_epoch)
@@ -212,10 +218,7 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
 
     def evaluate(epoch: int | None = None) -> dict:
         acc = evaluate_plain(model, data.val, runtime.device, autocast, channels_last=cfg.train.channels_last)
-        report = {"static": [{"subnet": subnet, "madds": cost.madds, "params": cost.params,
-                              "top1": acc["top1"], "top5": acc["top5"]}],
-                  "largest": None, "dynamic": None, "num_samples": acc["num_samples"]}
-        return {"eval": report, "top1": acc["top1"], "best_metric": acc["top1"]}
+        return {"eval": baseline_report(subnet, cost, acc), "top1": acc["top1"], "best_metric": acc["top1"]}
 
     loop = Loop(cfg, runtime, "static", model, train_model, optimizer, scheduler, step, evaluate, data.train,
                 math.ceil(steps / per_epoch), run_dir, scaler=scaler, mixup=mixup, clip_grad=cfg.train.clip_grad,

@@ -57,17 +57,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(path: str, data_root: str | None, use_ema: bool = False, stages=("supernet", "gate")):
-    """(checkpoint state, model in eval mode, config with ``--data`` applied, runtime)."""
-    from dsnet.checkpoint import build_model, read_checkpoint
+def _run_context(state: dict, data_root: str | None):
+    """(the checkpoint's config with ``--data`` applied, a runtime for it)."""
     from dsnet.config import config_from_dict, replace
     from dsnet.engine import setup_runtime
 
-    state = read_checkpoint(path, stages)
     cfg = config_from_dict(state["config"])
     if data_root is not None:
         cfg = replace(cfg, **{"data.root": data_root})
-    runtime = setup_runtime(cfg.train.device, cfg.train.seed, False)
+    return cfg, setup_runtime(cfg.train.device, cfg.train.seed, False)
+
+
+def _load_run(path: str, data_root: str | None, use_ema: bool = False, stages=("supernet", "gate")):
+    """(checkpoint state, model in eval mode, config with ``--data`` applied, runtime)."""
+    from dsnet.checkpoint import build_model, read_checkpoint
+
+    state = read_checkpoint(path, stages)
+    cfg, runtime = _run_context(state, data_root)
     return state, build_model(state, use_ema).to(runtime.device).eval(), cfg, runtime
 
 
@@ -122,31 +128,24 @@ def _check_classes(state: dict, classes: list[str]) -> None:
 
 def _evaluate_baseline(args: argparse.Namespace) -> int:
     """``dsnet evaluate`` of a static baseline (``train_supernet.py --static-subnet``) checkpoint."""
-    from dsnet.baselines import build_static, load_static
+    from dsnet.baselines import baseline_report, load_static
     from dsnet.checkpoint import read_checkpoint
-    from dsnet.config import config_from_dict, replace
-    from dsnet.engine import autocast_factory, setup_runtime
+    from dsnet.engine import autocast_factory
     from dsnet.evaluate import evaluate_plain, format_report
     from dsnet.runs import build_val_loader, data_signature, write_eval
 
     if args.sweep or args.plot or args.ema:
         raise UserError(f"{args.checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
     state = read_checkpoint(args.checkpoint, "static")
-    cfg = config_from_dict(state["config"])
-    if args.data is not None:
-        cfg = replace(cfg, **{"data.root": args.data})
-    runtime = setup_runtime(cfg.train.device, cfg.train.seed, False)
+    cfg, runtime = _run_context(state, args.data)
     loader, classes = build_val_loader(cfg, runtime)
     _check_classes(state, classes)
-    model = load_static(state).to(runtime.device)
-    supernet = build_static(state["model_name"], dict(state["model_kwargs"]), state["subnet"])[1]
+    model, supernet = load_static(state)
     cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]),
                                (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
-    acc = evaluate_plain(model, loader, runtime.device, autocast_factory(cfg.train.amp, runtime.device)[0],
-                         args.max_batches)
-    report = {"static": [{"subnet": state["subnet"], "madds": cost.madds, "params": cost.params,
-                          "top1": acc["top1"], "top5": acc["top5"]}], "largest": None, "dynamic": None,
-              "num_samples": acc["num_samples"], "baseline": state.get("baseline"),
+    acc = evaluate_plain(model.to(runtime.device), loader, runtime.device,
+                         autocast_factory(cfg.train.amp, runtime.device)[0], args.max_batches)
+    report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),
               "data": data_signature(cfg, classes)}
     print(format_report(report))
     if args.json:

@@ -130,6 +130,10 @@ class DSConv2d(nn.Conv2d):
                          groups=out_choices[-1] if depthwise else 1, bias=bias)
         self.in_choices, self.out_choices, self.depthwise = in_choices, out_choices, depthwise
         self._pointwise = kernel_size == 1 and stride == 1 and not depthwise
+        # inputs narrower than this get a strided weight slice that the cached path keeps as a
+        # contiguous copy, stamped with the weight's version counter (0: never; a 1x1 stride-1
+        # conv reads its strided slice in place, a depthwise one slices filters only)
+        self._copy_below = 0 if self._pointwise or depthwise else self.in_channels
         self._views = _SliceViews()
 
     def _slices(self, out_c: int, in_c: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -138,14 +142,9 @@ class DSConv2d(nn.Conv2d):
         weight = self.weight[:out_c] if self.depthwise else self.weight[:out_c, :in_c]
         bias = self.bias[:out_c] if self.bias is not None else None
         strided = weight[:, :, 0, 0] if self._pointwise and not weight.is_contiguous() else None
-        if self._copies(in_c) and not torch.is_grad_enabled():  # cached: F.conv2d would copy it per call
+        if in_c < self._copy_below and not torch.is_grad_enabled():  # cached: F.conv2d would copy it per call
             weight = weight.contiguous()
         return weight, bias, strided
-
-    def _copies(self, in_c: int) -> bool:
-        """Whether the weight slice at input width ``in_c`` is a strided kxk slice, which the
-        cached path keeps as a contiguous copy (stamped with the weight's version counter)."""
-        return not self._pointwise and not self.depthwise and in_c < self.in_channels
 
     def forward(self, x: Tensor, k: int = -1) -> Tensor:
         """x: [B, C_in, H, W] with C_in <= widest input; returns [B, out_choices[k], H', W']."""
@@ -153,7 +152,7 @@ class DSConv2d(nn.Conv2d):
         out_c = in_c if self.depthwise else self.out_choices[k]
         w, b = self._parameters["weight"], self._parameters["bias"]  # not self.weight: see top
         if _reuse_views(w):
-            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr(), w._version if self._copies(in_c) else 0)
+            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr(), w._version if in_c < self._copy_below else 0)
             weight, bias, strided = self._views.get((out_c, in_c), stamp, lambda: self._slices(out_c, in_c))
             if strided is not None and x.is_contiguous():
                 y = _pointwise_strided(x, strided, bias)

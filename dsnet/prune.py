@@ -131,9 +131,9 @@ def l1_prune(model: DSNet, subnet: int) -> DenseNet:
     in place (its largest route computes the same function afterwards)."""
     for space in channel_spaces(model, subnet):
         keep = l1_keep(space)
-        rest = torch.ones(l1_scores(space).numel(), dtype=torch.bool)
+        rest = torch.ones(space.writers[0].shape[0], dtype=torch.bool, device=keep.device)
         rest[keep] = False
-        order = torch.cat([keep, rest.nonzero().flatten()]).to(space.writers[0].device)
+        order = torch.cat([keep, rest.nonzero().flatten()])
         for tensor, dim in space.members:
             tensor.copy_(tensor.index_select(dim, order))
     return model.extract(model.routes.static(subnet), largest_stats=True)

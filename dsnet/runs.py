@@ -26,7 +26,7 @@ from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
-           "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature"]
+           "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature", "scaled_lr", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")
@@ -124,6 +124,19 @@ def _criterion(cfg: Config, mixup: Any) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
 
+def scaled_lr(cfg: Config, runtime: Runtime, lr: float, base_batch: int) -> float:
+    """``lr`` scaled linearly from ``base_batch`` to the global batch (per-process batch x
+    processes x gradient accumulation)."""
+    return lr * cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum / base_batch
+
+
+def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when the run is distributed, else itself."""
+    if not runtime.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+
+
 def updates_per_epoch(loader: Any, cfg: Config) -> int:
     steps = len(loader)
     if cfg.train.max_steps_per_epoch is not None:
@@ -142,8 +155,7 @@ def train_supernet(cfg: Config) -> Path:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.gate.width_head.requires_grad_(False)  # stage two trains it
-    world = runtime.world_size * cfg.train.grad_accum
-    lr = cfg.train.lr * cfg.train.batch_size * world / cfg.train.lr_base_batch
+    lr = scaled_lr(cfg, runtime, cfg.train.lr, cfg.train.lr_base_batch)
     optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
                                 cfg.train.nesterov)
     steps = updates_per_epoch(data.train, cfg)
@@ -153,9 +165,7 @@ def train_supernet(cfg: Config) -> Path:
     ema = None
     if cfg.ieb.teacher in ("ensemble", "ema"):
         ema = timm.utils.ModelEmaV3(model, decay=cfg.ieb.ema_decay, use_warmup=cfg.ieb.ema_warmup)
-    train_model = model
-    if runtime.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    train_model = wrap_ddp(model, runtime)
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
     step = IEBStep(train_model, model.routes, ema.module if ema is not None else None, cfg.ieb.teacher,
                    cfg.ieb.num_random, _criterion(cfg, mixup), autocast)
@@ -243,7 +253,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
         with torch.no_grad():
             head.bias.copy_(torch.tensor(cfg.gate.logit_bias))
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
-    lr = cfg.gate.lr * cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum / cfg.gate.lr_base_batch
+    lr = scaled_lr(cfg, runtime, cfg.gate.lr, cfg.gate.lr_base_batch)
     optimizer = build_optimizer(head, cfg.gate.opt, lr, cfg.gate.weight_decay, cfg.train.momentum, cfg.train.nesterov)
     scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.gate.epochs, updates_per_epoch(data.train, cfg),
                                 cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)

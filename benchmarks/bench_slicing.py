@@ -2,17 +2,20 @@
 
 For every static subnet (and the largest route) of each model, time the supernet path
 ``model(x, subnet=i)`` against the extracted dense module ``dsnet.extract_subnet(model, i)`` on
-the same input, in eval mode under ``torch.inference_mode()`` with a fixed thread count.
-After a warm-up, each repeat times both paths back to back (alternating which goes first), so
-drifts in clock speed or load hit both alike; the median per path is reported, and the ratio
-(the median of the per-repeat ratios supernet / dense) is the price of slicing; the target is
-<= 1.05 for every subnet.
+the same input, in eval mode under ``torch.inference_mode()`` with a fixed thread count. The
+supernet runs its inference plan there (``dsnet.models.net``: plain functions over cached
+slices); its module path (``model.inference_plans = False``, what runs with autograd on) is
+timed too. After a warm-up, each repeat times the three back to back (rotating which goes
+first), so drifts in clock speed or load hit all alike; the median per path is reported, and a
+ratio is the median of the per-repeat ratios path / dense. The target is <= 1.05 for every
+subnet (``ratio``, the plan).
 
     python benchmarks/bench_slicing.py --models ds_resnet20 --batch-sizes 1 32 --json out.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -52,23 +55,27 @@ def sample_ms(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> f
     return (clock() - start) * 1e3 / n
 
 
-def time_pair(supernet: Callable[[], object], dense: Callable[[], object], args) -> tuple[float, float, float]:
-    """(median ms of each path, median of the per-repeat ratios) over interleaved repeats
-    (warm-up first). A repeat's two samples run back to back, so their ratio shrugs off a load
-    burst that moves both medians apart."""
+def time_paths(paths: dict[str, Callable[[], object]], args) -> dict[str, list[float]]:
+    """Per-repeat ms of each path over interleaved repeats (warm-up first; the order rotates
+    every repeat). A repeat's samples run back to back, so their ratios shrug off a load burst
+    that moves the medians apart."""
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.warmup):
-        supernet()
-        dense()
-    once = max(sample_ms(supernet, 1, clock), sample_ms(dense, 1, clock), 1e-3)
+        for fn in paths.values():
+            fn()
+    once = max(max(sample_ms(fn, 1, clock) for fn in paths.values()), 1e-3)
     n = max(1, int(args.min_ms / once))
-    times: dict[str, list[float]] = {"supernet": [], "dense": []}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths.items())
     for r in range(args.repeats):
-        pair = [("supernet", supernet), ("dense", dense)]
-        for name, fn in pair if r % 2 == 0 else pair[::-1]:
+        shift = r % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             times[name].append(sample_ms(fn, n, clock))
-    ratios = [a / b for a, b in zip(times["supernet"], times["dense"])]
-    return statistics.median(times["supernet"]), statistics.median(times["dense"]), statistics.median(ratios)
+    return times
+
+
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def bench_model(name: str, batch_size: int, args) -> list[dict]:
@@ -82,13 +89,21 @@ def bench_model(name: str, batch_size: int, args) -> list[dict]:
     rows = []
     for subnet in [*range(model.num_subnets), "largest"]:
         dense = dsnet.extract_subnet(model, subnet).eval()
+        module_model = copy.deepcopy(model)
+        module_model.inference_plans = False
         with torch.inference_mode():
-            sup_ms, dense_ms, ratio = time_pair(lambda: model(x, subnet=subnet), lambda: dense(x), args)
+            times = time_paths({"supernet": lambda: model(x, subnet=subnet),
+                                "module": lambda: module_model(x, subnet=subnet),
+                                "dense": lambda: dense(x)}, args)
+        med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"model": name, "batch_size": batch_size, "subnet": subnet,
-                     "madds": dsnet.count_madds(model, subnet), "supernet_ms": sup_ms,
-                     "dense_ms": dense_ms, "ratio": ratio})
-        print(f"{name:>16} {batch_size:>5} {subnet!s:>8} {rows[-1]['madds'] / 1e6:>10.1f} "
-              f"{sup_ms:>12.3f} {dense_ms:>10.3f} {rows[-1]['ratio']:>7.3f}", flush=True)
+                     "madds": dsnet.count_madds(model, subnet), "supernet_ms": med["supernet"],
+                     "dense_ms": med["dense"], "ratio": _ratio(times, "supernet", "dense"),
+                     "module_ms": med["module"], "module_ratio": _ratio(times, "module", "dense")})
+        r = rows[-1]
+        print(f"{name:>16} {batch_size:>5} {subnet!s:>8} {r['madds'] / 1e6:>10.1f} {r['supernet_ms']:>12.3f} "
+              f"{r['dense_ms']:>10.3f} {r['ratio']:>7.3f} {r['module_ms']:>10.3f} {r['module_ratio']:>7.3f}",
+              flush=True)
     return rows
 
 
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
           f"{'CPU' if args.cpu_time else 'wall'} time")
     print(f"{'model':>16} {'batch':>5} {'subnet':>8} {'MAdds (M)':>10} {'supernet_ms':>12} "
-          f"{'dense_ms':>10} {'ratio':>7}")
+          f"{'dense_ms':>10} {'ratio':>7} {'module_ms':>10} {'ratio':>7}")
     rows = [r for name in args.models for b in args.batch_sizes for r in bench_model(name, b, args)]
     print("\nworst ratio per model and batch size (target <= %.2f)" % TARGET)
     worst = []

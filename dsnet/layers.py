@@ -43,6 +43,12 @@ def _reuse_views(source: Tensor) -> bool:
             and not _is_compiling())
 
 
+def _version(t: Tensor) -> int:
+    """``t``'s version counter; 0 for a tensor made in inference mode, which has none (it cannot
+    be changed outside inference mode, and a change inside it is not seen by the copies)."""
+    return 0 if t.is_inference() else t._version
+
+
 class _SliceViews:
     """Leading-slice views of a layer's tensors, made once per width and reused.
 
@@ -77,6 +83,9 @@ class _SliceViews:
     def clear(self) -> None:
         self.entries.clear()
 
+    def __getstate__(self) -> dict:  # a copied or pickled layer makes its own views
+        return {"entries": {}}
+
 
 def clear_slice_caches(model: nn.Module) -> nn.Module:
     """Drop every cached slice of ``model``'s dsnet layers (needed only after editing weights
@@ -85,6 +94,9 @@ def clear_slice_caches(model: nn.Module) -> nn.Module:
         views = getattr(m, "_views", None)
         if isinstance(views, _SliceViews):
             views.clear()
+        plans = getattr(m, "_plans", None)  # a DSNet's inference plans hold the same slices
+        if isinstance(plans, dict):
+            plans.clear()
     return model
 
 
@@ -152,7 +164,7 @@ class DSConv2d(nn.Conv2d):
         out_c = in_c if self.depthwise else self.out_choices[k]
         w, b = self._parameters["weight"], self._parameters["bias"]  # not self.weight: see top
         if _reuse_views(w):
-            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr(), w._version if in_c < self._copy_below else 0)
+            stamp = (w.data_ptr(), 0 if b is None else b.data_ptr(), _version(w) if in_c < self._copy_below else 0)
             weight, bias, strided = self._views.get((out_c, in_c), stamp, lambda: self._slices(out_c, in_c))
             if strided is not None and x.is_contiguous():
                 y = _pointwise_strided(x, strided, bias)
@@ -162,6 +174,26 @@ class DSConv2d(nn.Conv2d):
             weight, bias, _ = self._slices(out_c, in_c)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
                         out_c if self.depthwise else 1)
+
+    def inference_fn(self, in_c: int, k: int = -1, watch: list[Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+        """This conv at input width ``in_c`` and choice ``k`` as a closure over its cached slices,
+        for inference plans (``DSNet.forward`` without autograd). A slice held as a copy goes
+        stale when the weight changes in place: its weight is appended to ``watch``."""
+        out_c = in_c if self.depthwise else self.out_choices[k]
+        w, b = self._parameters["weight"], self._parameters["bias"]
+        copied = in_c < self._copy_below
+        stamp = (w.data_ptr(), 0 if b is None else b.data_ptr(), _version(w) if copied else 0)
+        weight, bias, strided = self._views.get((out_c, in_c), stamp, lambda: self._slices(out_c, in_c))
+        if copied and watch is not None:
+            watch.append(w)
+        stride, padding, dilation, groups = self.stride, self.padding, self.dilation, out_c if self.depthwise else 1
+        if strided is None:
+            return lambda x: F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+        def conv(x: Tensor) -> Tensor:
+            y = _pointwise_strided(x, strided, bias) if x.is_contiguous() else None
+            return y if y is not None else F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return conv
 
     def dense(self, in_c: int, out_c: int) -> nn.Conv2d:
         """A plain nn.Conv2d holding this layer's weights at (in_c -> out_c)."""
@@ -245,6 +277,16 @@ class DSBatchNorm2d(nn.Module):
         k = self.row(c, largest)
         return self.running_mean[k, :c], self.running_var[k, :c], self.weight[:c], self.bias[:c]
 
+    def inference_fn(self, c: int, largest: bool = False) -> Callable[[Tensor], Tensor]:
+        """Batch norm in eval mode at width ``c`` as a closure over views of the statistics row and
+        affine slices (they follow in-place updates), for inference plans."""
+        params, buffers = self._parameters, self._buffers
+        stamp = (params["weight"].data_ptr(), params["bias"].data_ptr(), buffers["running_mean"].data_ptr(),
+                 buffers["running_var"].data_ptr())
+        mean, var, weight, bias = self._views.get((c, largest), stamp, lambda: self._slices(c, largest))
+        eps = self.eps
+        return lambda x: F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
     def reset_running_stats(self, momentum: float | None = None) -> None:
         """Zero every width's statistics and set the momentum (None: cumulative average)."""
         self.running_mean.zero_()
@@ -295,6 +337,14 @@ class DSLinear(nn.Linear):
         self._views.clear()
         return super()._apply(fn, recurse)
 
+    def inference_fn(self, in_f: int) -> Callable[[Tensor], Tensor]:
+        """This layer at input width ``in_f`` as a closure over a view, for inference plans."""
+        w, b = self._parameters["weight"], self._parameters["bias"]
+        (weight,) = self._views.get(in_f, (w.data_ptr(),), lambda: (w[:, :in_f],))
+        with torch.inference_mode(False):
+            bias = None if b is None else b.detach()
+        return lambda x: F.linear(x, weight, bias)
+
     def dense(self, in_f: int) -> nn.Linear:
         lin = nn.Linear(in_f, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
@@ -326,6 +376,12 @@ class SqueezeExcite(nn.Module):
         """x: [B, C, H, W] -> x scaled per channel, same shape."""
         hidden = self.squeeze(x)
         return x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1])))
+
+    def inference_fn(self, c: int, watch: list[Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+        """This block at width ``c`` as a closure, for inference plans (see DSConv2d.inference_fn)."""
+        reduce = self.reduce.inference_fn(c, 0, watch)
+        expand = self.expand.inference_fn(self.hidden, self.choices.index(c), watch)
+        return lambda x: x * torch.sigmoid(expand(torch.relu_(reduce(x.mean((2, 3), keepdim=True)))))
 
     def dense(self, width: int) -> "SqueezeExciteDense":
         return SqueezeExciteDense(self.reduce.dense(width, self.hidden), self.expand.dense(self.hidden, width))

@@ -2,6 +2,8 @@
 published numbers, routes resolve and validate, the dynamic path equals per-sample static runs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -268,3 +270,98 @@ def test_cifar_gate_can_sit_after_the_second_stage(device, gen, randomize_bn):
             _assert_same(model(x, subnet=subnet), dsnet.extract_subnet(model, subnet).eval()(x), str(subnet))
     with pytest.raises(ValueError, match=r"gate_stage must be in 1\.\.2"):
         timm.create_model("ds_resnet20", gate_stage=3)
+
+
+# ---- inference plans ---------------------------------------------------------------------
+
+def _module_path(model, x, subnet):
+    model.inference_plans = False
+    try:
+        return model(x, subnet=subnet)
+    finally:
+        model.inference_plans = True
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_inference_plans_equal_the_module_path_bit_for_bit(name, device, gen, randomize_bn):
+    """A plan runs the same kernels on the same cached slices as the module path, minus the
+    module calls: every route, the dynamic model, and batch 1 give identical logits."""
+    model = _model(name, gen, randomize_bn, device)
+    x = _input(gen, device, 2, TEST_SIZE[name])
+    with torch.no_grad():
+        _force_routes(model, x)
+    with torch.inference_mode():
+        _check_plans(model, x)
+    with torch.inference_mode():  # a model made in inference mode runs too
+        made_here = _model("ds_resnet20", gen, randomize_bn, device)
+        assert torch.equal(made_here(x[:, :, :32, :32], subnet=0), _module_path(made_here, x[:, :, :32, :32], 0))
+
+
+def _check_plans(model, x):
+    for subnet in _routes(model):
+        for batch in (x, x[:1]):
+            planned = model(batch, subnet=subnet)
+            assert torch.equal(planned, _module_path(model, batch, subnet)), subnet
+    assert len(model._plans) == len(_routes(model))
+    assert torch.equal(model(x, subnet="dynamic"), _module_path(model, x, "dynamic"))
+
+
+@torch.no_grad()
+def test_inference_plans_follow_weight_changes(device, gen, randomize_bn):
+    """Plans hold views (in-place updates show through) and copies of strided kxk slices
+    (renewed when the weight's version changes); load_state_dict and dtype moves rebuild them."""
+    model = _model("ds_resnet20", gen, randomize_bn, device)
+    x = _input(gen, device, 2, 32)
+    before = model(x, subnet=0)
+    conv = model.units[2].body[0].conv  # a 3x3 conv whose subnet-0 slice is a cached copy
+    conv.weight.mul_(1.5)
+    model.units[2].body[0].bn.running_var.mul_(2.0)
+    after = model(x, subnet=0)
+    assert not torch.allclose(after, before)
+    assert torch.equal(after, _module_path(model, x, 0))
+
+    with torch.enable_grad():  # an optimizer step between two evaluations
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(x, subnet=0).square().mean().backward()
+        opt.step()
+        model.eval()
+    stepped = model(x, subnet=0)
+    assert not torch.allclose(stepped, after)
+    assert torch.equal(stepped, _module_path(model, x, 0))
+
+    for seed, assign in ((1, True), (2, False)):  # new tensors, then copies into them
+        other = _model("ds_resnet20", torch.Generator().manual_seed(seed), randomize_bn, device)
+        model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=assign)
+        assert torch.equal(model(x, subnet=0), other(x, subnet=0))
+    twin = copy.deepcopy(model)  # an EMA teacher is made this way, after plans exist
+    assert model._plans and not twin._plans  # a copy's plans would close over our tensors
+    twin.units[2].body[0].conv.weight.mul_(2.0)
+    assert not torch.allclose(twin(x, subnet=0), model(x, subnet=0))
+    assert torch.equal(twin(x, subnet=0), _module_path(twin, x, 0))
+    model.double()
+    assert model(x.double(), subnet=0).dtype == torch.float64
+    assert_close(model(x.double(), subnet=0).float(), other(x, subnet=0))
+
+
+@torch.no_grad()
+def test_inference_plans_step_aside_for_hooks_training_and_autograd(device, gen, randomize_bn):
+    model = _model("ds_resnet20", gen, randomize_bn, device)
+    x = _input(gen, device, 2, 32)
+    seen = []
+    handle = model.units[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(x, subnet=1)
+    assert len(seen) == 1  # the hook fired: no plan was used
+    handle.remove()
+    dsnet.layers.clear_slice_caches(model)
+    model(x, subnet=1)
+    assert len(seen) == 1 and len(model._plans) == 1  # without hooks, the plan runs
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        y = model(x, subnet=1)
+        assert y.requires_grad  # autograd on: the module path records the graph
+    model.train()
+    counts = [m.num_batches_tracked.clone() for m in model.modules() if isinstance(m, dsnet.layers.DSBatchNorm2d)]
+    model(x.detach(), subnet=1)
+    after = [m.num_batches_tracked for m in model.modules() if isinstance(m, dsnet.layers.DSBatchNorm2d)]
+    assert all(int((b - a).sum()) == 1 for a, b in zip(counts, after))  # training mode: BN updates

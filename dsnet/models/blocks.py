@@ -11,9 +11,10 @@ element for average pooling; batch norm (foldable), activations and max pooling 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices
@@ -51,6 +52,12 @@ class Unit(nn.Module):
     def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         raise NotImplementedError
 
+    def inference_fn(self, in_c: int, k: int, largest: bool, watch: list[Tensor]) -> Callable[[Tensor], Tensor]:
+        """This unit at (in_c, k, largest) as a plain function of its input, for inference plans
+        (``DSNet.forward`` without autograd): closures over cached slices, no module calls. Slices
+        held as copies append their source weight to ``watch``. The default calls the unit."""
+        return lambda x: self(x, k, largest)
+
 
 class ConvBNAct(Unit):
     """conv -> switchable BN -> activation (regular, pointwise or depthwise)."""
@@ -71,6 +78,13 @@ class ConvBNAct(Unit):
     def out_width(self, in_c: int, k: int) -> int:
         return in_c if self.conv.depthwise else self.conv.out_choices[k]
 
+    def inference_fn(self, in_c, k, largest, watch):
+        conv, bn = self.conv.inference_fn(in_c, k, watch), self.bn.inference_fn(self.out_width(in_c, k), largest)
+        act = _inplace_act(self.act)
+        if act is None:
+            return lambda x: bn(conv(x))
+        return lambda x: act(bn(conv(x)))
+
     def cost(self, in_c, k, hw):
         out_c, c = self.out_width(in_c, k), self.conv
         hw = (_out_size(hw[0], c.kernel_size[0], c.stride[0]), _out_size(hw[1], c.kernel_size[0], c.stride[0]))
@@ -80,6 +94,13 @@ class ConvBNAct(Unit):
     def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Sequential:
         out_c = self.out_width(in_c, k)
         return nn.Sequential(self.conv.dense(in_c, out_c), self.bn.dense(out_c, largest), _copy_act(self.act))
+
+
+def _inplace_act(act: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The activation as an in-place function (None for identity; other modules are called)."""
+    if isinstance(act, nn.Identity):
+        return None
+    return {nn.ReLU: torch.relu_, nn.SiLU: lambda x: F.silu(x, inplace=True)}.get(type(act), act)
 
 
 def _copy_act(act: nn.Module) -> nn.Module:
@@ -101,6 +122,9 @@ class SEUnit(Unit):
     def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.se(x)
 
+    def inference_fn(self, in_c, k, largest, watch):
+        return self.se.inference_fn(in_c, watch)
+
     def cost(self, in_c, k, hw):
         return (*_se_cost(self.se, in_c, hw), hw)
 
@@ -118,6 +142,9 @@ class GateUnit(Unit):
 
     def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.gate(x)
+
+    def inference_fn(self, in_c, k, largest, watch):
+        return self.gate.inference_fn(in_c, watch)
 
     def cost(self, in_c, k, hw):
         return (*_se_cost(self.gate, in_c, hw), hw)
@@ -169,6 +196,21 @@ class _Residual(Unit):
 
     def out_width(self, in_c: int, k: int) -> int:
         return self.body[-1].out_width(in_c, k)
+
+    def inference_fn(self, in_c, k, largest, watch):
+        shortcut = self.shortcut.inference_fn(in_c, k, largest, watch) if self.shortcut is not None else None
+        steps, c = [], in_c
+        for step in self.body:
+            steps.append(step.inference_fn(c, k, largest, watch))
+            c = step.out_width(c, k)
+        *steps, last = steps
+
+        def block(x: Tensor) -> Tensor:
+            s = shortcut(x) if shortcut is not None else x
+            for step in steps:
+                x = step(x)
+            return torch.relu_(last(x) + s)
+        return block
 
     def cost(self, in_c, k, hw):
         madds = params = 0

@@ -14,7 +14,7 @@ than DS-Net's BN followed by a mask multiply). ``tests/test_bench.py`` holds its
 All paths are timed in the same interleaved rounds (``dsnet.bench.time_interleaved``): dynamic,
 masked, largest route and the pieces of the dense limit (dense gate + dense routes on the groups
 the gate formed, summed). Models run at random init with a hand-set gate spreading samples over
-the routes (``dsnet.bench.spread_gate``).
+the routes (``dsnet.bench.spread_gate``); ``--seed`` fixes the init, so runs route alike.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_dynamic.py --models ds_resnet20 ds_mobilenet_v1 \
         --batch-sizes 1 32 --repeats 7 --json dynamic.json
@@ -126,11 +126,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--cpu-time", action="store_true", help="time process CPU time instead of wall time: "
                    "steadier on a shared machine, meaningful with --threads 1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (and so of the routing)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
 
 def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
     model = timm.create_model(name).eval()
     size = tuple(model.default_input_size)
     g = torch.Generator().manual_seed(0)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": threads, "repeats": args.repeats,
-                       "results": rows}, f, indent=2)
+                       "seed": args.seed, "results": rows}, f, indent=2)
     return 0
 
 

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 import dsnet  # noqa: F401  (registers the models)
-from dsnet.bench import bench_batch, bench_threads, spread_gate
+from dsnet.bench import bench_batch, bench_threads, spread_gate, time_interleaved
+from dsnet.export import extract_dynamic
 from dsnet.layers import DSBatchNorm2d
 from dsnet.models.blocks import ConvBNAct, _Residual
 from dsnet.models.net import DSNet
@@ -126,32 +127,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--cpu-time", action="store_true", help="time process CPU time instead of wall time: "
                    "steadier on a shared machine, meaningful with --threads 1")
+    p.add_argument("--stream", type=int, default=8, metavar="N",
+                   help="also time batch 1 as N single-image calls in a row (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init (and so of the routing)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
 
-def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
+def _setup(name: str, n: int, args: argparse.Namespace) -> tuple[DSNet, tuple, Tensor, nn.Module, nn.Module]:
+    """(model at seeded random init with a spread gate, input size, n images, masked, narrow masked)."""
     torch.manual_seed(args.seed)
     model = timm.create_model(name).eval()
     size = tuple(model.default_input_size)
     g = torch.Generator().manual_seed(0)
     spread_gate(model, torch.randn(64, *size, generator=g))
-    x = torch.randn(batch_size, *size, generator=g)
-    masked, narrow = MaskedDynamic(model).eval(), MaskedDynamic(model, full_width=False).eval()
+    x = torch.randn(n, *size, generator=g)
+    return model, size, x, MaskedDynamic(model).eval(), MaskedDynamic(model, full_width=False).eval()
+
+
+def bench_model(name: str, batch_size: int, args: argparse.Namespace) -> dict:
+    model, size, x, masked, narrow = _setup(name, batch_size, args)
     row = bench_batch(model, x, size, args.repeats, subnets=False,
                       extra={"masked": lambda: masked(x), "masked_narrow": lambda: narrow(x)},
                       warmup=args.warmup, min_ms=args.min_ms,
                       clock=time.process_time if args.cpu_time else time.perf_counter)
-    out = {"model": name, "batch_size": batch_size, "dynamic_ms": row["dynamic_ms"],
-           "masked_ms": row["extra_ms"]["masked"], "masked_narrow_ms": row["extra_ms"]["masked_narrow"],
-           "dense_limit_ms": row["dense_limit_ms"],
-           "largest_ms": row["largest_ms"], "theoretical_speedup": row["theoretical_speedup"],
-           "realized_speedup": row["realized_speedup"],
-           "dynamic_over_dense_limit": row["dynamic_ms"] / row["dense_limit_ms"],
-           "masked_over_dynamic": row["extra_ms"]["masked"] / row["dynamic_ms"],
-           "masked_narrow_over_dynamic": row["extra_ms"]["masked_narrow"] / row["dynamic_ms"], "routing": row["routing"]}
-    print(f"{name:>16} {batch_size:>5} {out['dynamic_ms']:>10.3f} {out['masked_ms']:>10.3f} "
+    ms = {"dynamic": row["dynamic_ms"], "masked": row["extra_ms"]["masked"], "largest": row["largest_ms"],
+          "masked_narrow": row["extra_ms"]["masked_narrow"], "dense_limit": row["dense_limit_ms"]}
+    return _report(name, batch_size, ms, row["theoretical_speedup"], row["routing"])
+
+
+@torch.inference_mode()
+def bench_stream(name: str, n: int, args: argparse.Namespace) -> dict:
+    """Batch 1 as a server sees it: ``n`` single-image calls in a row, so the routing mix of the
+    images counts (one image takes one route; whether that is the widest is luck). Every path
+    loops over the same images; times are per image. The dense limit runs, per image, the dense
+    gate and the dense route the gate picked for it."""
+    model, size, x, masked, narrow = _setup(name, n, args)
+    xs = list(x.split(1))
+    net = extract_dynamic(model)
+    choices = [int(net.gate(net.pre(x))[1].argmax(1)) for x in xs]
+    fns = {"dynamic": lambda: [model(x, subnet="dynamic") for x in xs],
+           "masked": lambda: [masked(x) for x in xs], "masked_narrow": lambda: [narrow(x) for x in xs],
+           "largest": lambda: [model(x) for x in xs],
+           "dense_limit": lambda: [net.posts[c](net.gate(net.pre(x))[0]) for x, c in zip(xs, choices)]}
+    ms = time_interleaved(fns, args.repeats, args.warmup, args.min_ms,
+                          clock=time.process_time if args.cpu_time else time.perf_counter)
+    ms = {k: v / n for k, v in ms.items()}
+    costs = model.dynamic_costs(size)
+    largest_madds = model.route_cost(model.routes.largest, size).madds
+    theoretical = largest_madds / (sum(costs[c] for c in choices) / n)
+    routing = torch.bincount(torch.tensor(choices), minlength=len(model.routing_space)).tolist()
+    return _report(name, 1, ms, theoretical, routing, stream=n)
+
+
+def _report(name: str, batch_size: int, ms: dict[str, float], theoretical: float, routing: list[int],
+            stream: int | None = None) -> dict:
+    out = {"model": name, "batch_size": batch_size, "stream": stream, "dynamic_ms": ms["dynamic"],
+           "masked_ms": ms["masked"], "masked_narrow_ms": ms["masked_narrow"],
+           "dense_limit_ms": ms["dense_limit"], "largest_ms": ms["largest"],
+           "theoretical_speedup": theoretical, "realized_speedup": ms["largest"] / ms["dynamic"],
+           "dynamic_over_dense_limit": ms["dynamic"] / ms["dense_limit"],
+           "masked_over_dynamic": ms["masked"] / ms["dynamic"],
+           "masked_narrow_over_dynamic": ms["masked_narrow"] / ms["dynamic"], "routing": routing}
+    label = f"1 x{stream}" if stream else str(batch_size)
+    print(f"{name:>16} {label:>5} {out['dynamic_ms']:>10.3f} {out['masked_ms']:>10.3f} "
           f"{out['masked_narrow_ms']:>10.3f} "
           f"{out['dense_limit_ms']:>10.3f} {out['largest_ms']:>10.3f} {out['theoretical_speedup']:>7.2f} "
           f"{out['realized_speedup']:>7.2f} {out['dynamic_over_dense_limit']:>8.2f} "
@@ -168,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'model':>16} {'batch':>5} {'dynamic':>10} {'masked':>10} {'mask_nar':>10} {'dense_lim':>10} "
               f"{'largest':>10} {'theo x':>7} {'real x':>7} {'dyn/lim':>8} {'mask/dyn':>8} {'nar/dyn':>8}  routing")
         rows = [bench_model(name, b, args) for name in args.models for b in args.batch_sizes]
+        if args.stream:
+            rows += [bench_stream(name, args.stream, args) for name in args.models]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": threads, "repeats": args.repeats,

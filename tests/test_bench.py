@@ -100,3 +100,23 @@ def _mobilenet_masked_equals_routed(stages, build_mobilenet_v1, randomize_bn):
         for full_width in (True, False):
             masked = _bench_dynamic().MaskedDynamic(model, full_width).eval()
             assert_close(masked(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_dynamic_reports_batches_and_a_single_image_stream(tmp_path):
+    """One row per batch size plus one for the stream of single images; the stream's routing
+    counts its images and the theoretical ratio is the largest route's MAdds over their mean."""
+    path = tmp_path / "dynamic.json"
+    _bench_dynamic().main(["--models", "ds_resnet20", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
+                           "--min-ms", "0", "--threads", "1", "--stream", "3", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["seed"] == 0 and [(r["batch_size"], r["stream"]) for r in report["results"]] == [(4, None), (1, 3)]
+    batch, stream = report["results"]
+    assert sum(batch["routing"]) == 4 and sum(stream["routing"]) == 3
+    model = timm.create_model("ds_resnet20")
+    largest = model.route_cost(model.routes.largest).madds
+    costs = model.dynamic_costs()
+    mean = sum(c * n for c, n in zip(costs, stream["routing"])) / 3
+    assert stream["theoretical_speedup"] == pytest.approx(largest / mean)
+    for row in report["results"]:
+        assert row["dynamic_over_dense_limit"] == row["dynamic_ms"] / row["dense_limit_ms"]
+        assert row["masked_over_dynamic"] == row["masked_ms"] / row["dynamic_ms"]

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["ds_mobilenet_v1", "ds_resnet20"],
                    help="dsnet model names; each runs at its default input size")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--subnets", nargs="+", metavar="I",
+                   help="only these routes (static subnet indices or 'largest'; default: all)")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per path")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per path first")
     p.add_argument("--min-ms", type=float, default=20.0,
@@ -87,7 +89,10 @@ def bench_model(name: str, batch_size: int, args) -> list[dict]:
                 m.weight.fill_(1.0)
     x = torch.randn(batch_size, *model.default_input_size)
     rows = []
-    for subnet in [*range(model.num_subnets), "largest"]:
+    routes = [*range(model.num_subnets), "largest"]
+    if args.subnets:
+        routes = [s if s == "largest" else int(s) for s in args.subnets]
+    for subnet in routes:
         dense = dsnet.extract_subnet(model, subnet).eval()
         module_model = copy.deepcopy(model)
         module_model.inference_plans = False

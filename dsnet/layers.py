@@ -88,8 +88,9 @@ class _SliceViews:
 
 
 def clear_slice_caches(model: nn.Module) -> nn.Module:
-    """Drop every cached slice of ``model``'s dsnet layers (needed only after editing weights
-    through ``.data``, which hides the edit from the caches); returns ``model``."""
+    """Drop every cached slice of ``model``'s dsnet layers and its DSNet's inference plans; returns
+    ``model``. Needed only after editing weights through ``.data`` (hidden from the caches) or
+    moving one submodule of a DSNet on its own (its plans still hold the old tensors)."""
     for m in model.modules():
         views = getattr(m, "_views", None)
         if isinstance(views, _SliceViews):

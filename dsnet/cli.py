@@ -80,8 +80,8 @@ def _load_run(path: str, data_root: str | None, use_ema: bool = False, stages=("
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Static subnets, largest route and (after stage two) the dynamic model on validation data."""
     from dsnet.engine import autocast_factory
-    from dsnet.evaluate import (evaluate_dynamic, evaluate_static, format_report, plot_report,
-                                sweep_dynamic)
+    from dsnet.evaluate import (evaluate_dynamic, evaluate_static, format_report, format_sweep_row,
+                                plot_report, sweep_dynamic)
     from dsnet.runs import build_val_loader, write_eval
     from dsnet.sgs import frozen_forward, route_targets
 
@@ -112,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--sweep needs a gate: {args.checkpoint} is a stage-one checkpoint (run train_gate.py first)")
     print(format_report(report))
     for row in sweep or []:
-        print(f"sweep strength {row['strength']:+.2f}: {row['madds_mean'] / 1e6:.2f} M MAdds, top-1 {row['top1']:.2f}")
+        print(format_sweep_row(report, row))
     if args.json:
         write_eval(Path(args.json), report)
     if args.plot:

@@ -116,6 +116,21 @@ def evaluate_dynamic(model: DSNet, loader: Iterable, device: torch.device, input
             "gate_accuracy": float(gate_hits) * 100.0 / total if targets_fn is not None else None}
 
 
+def static_curve(report: dict, madds: float) -> float | None:
+    """Top-1 of the static subnets' accuracy-MAdds curve at ``madds``: linear between the two
+    neighbouring subnets (by MAdds); None outside the subnets' MAdds range."""
+    points = sorted((row["madds"], row["top1"]) for row in report["static"] if row["subnet"] != "largest")
+    for (m0, a0), (m1, a1) in zip(points, points[1:]):
+        if m0 <= madds <= m1:
+            return a0 if m1 == m0 else a0 + (a1 - a0) * (madds - m0) / (m1 - m0)
+    return points[0][1] if len(points) == 1 and madds == points[0][0] else None
+
+
+def _against_curve(report: dict, madds: float, top1: float) -> str:
+    curve = static_curve(report, madds)
+    return "" if curve is None else f" (static curve {curve:.2f}, {top1 - curve:+.2f})"
+
+
 def format_report(report: dict) -> str:
     """A readable table of an eval.json-shaped report."""
     lines = [f"{'route':>10} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
@@ -129,7 +144,8 @@ def format_report(report: dict) -> str:
                      f"{big.get('top5', float('nan')):>7.2f}")
     dyn = report.get("dynamic")
     if dyn:
-        lines.append(f"{'dynamic':>10} {dyn['madds_mean'] / 1e6:>10.2f} {dyn['top1']:>7.2f} {dyn['top5']:>7.2f}")
+        lines.append(f"{'dynamic':>10} {dyn['madds_mean'] / 1e6:>10.2f} {dyn['top1']:>7.2f} {dyn['top5']:>7.2f}"
+                     + _against_curve(report, dyn["madds_mean"], dyn["top1"]))
         lines.append("routing: " + ", ".join(f"{f * 100:.1f}%" for f in dyn["routing"])
                      + (f"; gate accuracy {dyn['gate_accuracy']:.1f}%" if dyn.get("gate_accuracy") is not None else ""))
     lines.append(f"samples: {report['num_samples']}")
@@ -173,6 +189,12 @@ def sweep_dynamic(model: DSNet, loader: Iterable, device: torch.device, input_si
                      "madds_mean": float(costs[choice].mean()),
                      "routing": (torch.bincount(choice, minlength=len(routes)).double() / len(choice)).tolist()})
     return rows
+
+
+def format_sweep_row(report: dict, row: dict) -> str:
+    """One operating point of ``sweep_dynamic`` against the report's static curve."""
+    return (f"sweep strength {row['strength']:+.2f}: {row['madds_mean'] / 1e6:.2f} M MAdds, top-1 {row['top1']:.2f}"
+            + _against_curve(report, row["madds_mean"], row["top1"]))
 
 
 def plot_report(report: dict, path: str, sweep: Sequence[dict] | None = None, title: str = "") -> None:

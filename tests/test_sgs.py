@@ -120,3 +120,23 @@ def test_sweep_at_zero_strength_equals_the_routed_evaluation_and_trades_cost_mon
     assert rows[0]["routing"][-1] == 1.0 and rows[2]["routing"][0] == 1.0
     assert rows[0]["madds_mean"] >= rows[1]["madds_mean"] >= rows[2]["madds_mean"]
     assert cost_bias(model, 1.0, size).tolist()[0] == 0.0
+
+
+def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_curve():
+    from dsnet.evaluate import format_report, format_sweep_row, static_curve
+
+    report = {"static": [{"subnet": 1, "madds": 30, "params": 1, "top1": 70.0, "top5": 90.0},
+                         {"subnet": 0, "madds": 10, "params": 1, "top1": 50.0, "top5": 80.0},
+                         {"subnet": 2, "madds": 40, "params": 1, "top1": 72.0, "top5": 91.0}],
+              "largest": {"madds": 80, "top1": 75.0},
+              "dynamic": {"top1": 64.0, "top5": 85.0, "madds_mean": 25.0, "routing": [0.25, 0.75, 0.0],
+                          "gate_accuracy": 60.0},
+              "num_samples": 4}
+    assert static_curve(report, 25) == 65.0  # between subnets 0 and 1, whatever their order
+    assert static_curve(report, 35) == 71.0
+    assert static_curve(report, 10) == 50.0 and static_curve(report, 40) == 72.0
+    assert static_curve(report, 5) is None and static_curve(report, 60) is None  # the largest is no subnet
+    assert "(static curve 65.00, -1.00)" in format_report(report)
+    row = {"strength": 1.0, "top1": 72.5, "madds_mean": 35.0}
+    assert format_sweep_row(report, row).endswith("top-1 72.50 (static curve 71.00, +1.50)")
+    assert "static curve" not in format_sweep_row(report, {**row, "madds_mean": 90.0})

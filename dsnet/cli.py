@@ -304,7 +304,7 @@ def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str
         base.add_argument("--pretrained", metavar="CKPT", help="the largest route's Scratch-E checkpoint to "
                           "prune (default <output.dir>/scratch-e-largest, trained first if missing)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit before and after the options
     if not stage_two and args.static_subnet is None:
         given = [f for f in ("prune", "pretrained", "finetune_lr") if getattr(args, f) is not None]
         if given or args.budget != "scratch-e":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,16 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^unknown section 'epochs' \(did you mean 'train\.epochs'\?"):
         load_config(_write(tmp_path, "epochs: 5\n"))
     assert load_config(_write(tmp_path, "")) == Config()
+
+
+def test_trainer_overrides_may_sit_before_and_after_the_options(tmp_path, capsys):
+    """``train_gate.py -c C --supernet S a=b`` and ``-c C a=b --supernet S c=d`` both parse; the
+    trailing override reaches the config (its bad value is what gets reported)."""
+    from dsnet.cli import train_gate_main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yml")
+    code = train_gate_main(["-c", config, f"output.dir={tmp_path}", "--supernet", str(tmp_path / "none.pth"),
+                            "gate.epochs=zero"])
+    err = capsys.readouterr().err
+    assert code == 2 and "gate.epochs" in err and "unrecognized arguments" not in err
+    assert not any(tmp_path.iterdir())

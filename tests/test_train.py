@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsnet
 from dsnet.checkpoint import load_checkpoint, read_checkpoint
 from dsnet.config import load_config, replace
 from dsnet.runs import train_gate, train_supernet
@@ -47,7 +48,7 @@ def test_stage_one_runs_each_teacher_mode_and_writes_the_run_dir(tmp_path, teach
     report = json.loads((run / "eval.json").read_text())
     assert len(report["static"]) == 3 and report["dynamic"] is None
     assert (run / "config.yaml").is_file()
-    model = load_checkpoint(run / "checkpoints" / "last.pth")
+    model = dsnet.load_checkpoint(run / "checkpoints" / "last.pth")  # the public API of DESIGN.md
     assert not model.training and model.num_subnets == 3
 
 

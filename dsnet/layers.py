@@ -417,3 +417,16 @@ class DSGate(SqueezeExcite):
         hidden = self.squeeze(x)
         x = x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1])))
         return x, self.width_head(hidden.flatten(1))
+
+    def gate_fn(self, c: int, watch: list[Tensor] | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """``forward_gate`` at width ``c`` as a closure, for inference plans (see
+        DSConv2d.inference_fn). The width head is read through views, so training it in place
+        needs no rebuild; replacing the head module does (``DSNet`` keys its plan by the head)."""
+        reduce = self.reduce.inference_fn(c, 0, watch)
+        expand = self.expand.inference_fn(self.hidden, self.choices.index(c), watch)
+        head_w, head_b = self.width_head.weight.detach(), self.width_head.bias.detach()
+
+        def gate(x: Tensor) -> tuple[Tensor, Tensor]:
+            hidden = torch.relu_(reduce(x.mean((2, 3), keepdim=True)))
+            return x * torch.sigmoid(expand(hidden)), F.linear(hidden.flatten(1), head_w, head_b)
+        return gate

@@ -345,6 +345,28 @@ def test_inference_plans_follow_weight_changes(device, gen, randomize_bn):
 
 
 @torch.no_grad()
+def test_gate_plan_follows_the_width_head(device, gen, randomize_bn):
+    """The gate's plan (units before it, attention and width head) reads the head in place, as
+    stage two trains it, and is rebuilt when set_routing_space replaces the head."""
+    model = _model("ds_resnet20", gen, randomize_bn, device)
+    x = _input(gen, device, 4, 32)
+    head = model.gate.width_head
+    head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)).to(device))
+    for _ in range(2):  # an in-place update between calls, as an optimizer step makes
+        planned, logits = model.forward_gate(x)
+        model.inference_plans = False
+        module, module_logits = model.forward_gate(x)
+        model.inference_plans = True
+        assert torch.equal(planned, module) and torch.equal(logits, module_logits)
+        head.bias.add_(torch.arange(head.out_features, device=device, dtype=head.bias.dtype))
+    model.set_routing_space((0, 3))
+    model.gate.width_head.bias.copy_(torch.tensor([0.0, 1.0], device=device))
+    assert model.forward_gate(x)[1].shape == (4, 2)
+    assert torch.equal(model.forward_dynamic(x).choice, torch.ones(4, dtype=torch.long, device=device))
+    assert sum(k[0] == "gate" for k in model._plans) == 1  # the replaced head's plan is gone
+
+
+@torch.no_grad()
 def test_inference_plans_step_aside_for_hooks_training_and_autograd(device, gen, randomize_bn):
     model = _model("ds_resnet20", gen, randomize_bn, device)
     x = _input(gen, device, 2, 32)

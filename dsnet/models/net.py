@@ -60,7 +60,7 @@ class DSNet(nn.Module):
         self._unit_list = list(self.units)  # plain list: ModuleList indexing costs per call
         self._choice_cache: dict[Route, list[int]] = {}
         self.inference_plans = True
-        self._plans: dict[tuple[Route, int, int], _Plan] = {}
+        self._plans: dict[tuple[Route | str, int, int], _Plan] = {}  # (route, start, stop)
         self._cost_cache: dict[tuple, RouteCost] = {}
         self.num_features = self._trace_width(self.routes.largest)
         self.classifier = DSLinear(self.num_features, num_classes)
@@ -126,8 +126,8 @@ class DSNet(nn.Module):
         ks, largest, end = self._choices(route), route == self.routes.largest, len(self.units)
         if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):
             if stop < end:
-                return _Plan([lambda x: self.forward_units(x, route, start, stop)], [])
-            return _Plan([lambda x: self.forward_head(self.forward_units(x, route, start, end), route)], [])
+                return _Plan([lambda x: self.forward_units(x, route, start, stop)], None)
+            return _Plan([lambda x: self.forward_head(self.forward_units(x, route, start, end), route)], None)
         c = self._trace_width_until(route, start)
         steps: list[Callable[[Tensor], Tensor]] = []
         watch: list[Tensor] = []
@@ -169,12 +169,28 @@ class DSNet(nn.Module):
 
     def forward_gate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images [B, C, H, W] -> (gate-attended features at the gate, route logits [B, R])."""
-        route = self.routes.dynamic_routes[0]
         if self._planning():
-            x = self._plan(route, 0, self.gate_index)(x)
-        else:
-            x = self.forward_units(x, route, 0, self.gate_index)
+            return self._gate_plan()(x)
+        x = self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index)
         return self.gate.forward_gate(x)
+
+    def _gate_plan(self) -> "_Plan":
+        """The units before the gate and both gate heads as one plan, keyed by the width head
+        (``set_routing_space`` replaces it) and rebuilt like route plans."""
+        head = self.gate.width_head
+        key = ("gate", id(head), self.gate_index)
+        plan = self._plans.get(key)
+        if plan is None or not plan.fresh():
+            for old in [k for k in self._plans if k[0] == "gate"]:  # a replaced head's plan
+                del self._plans[old]
+            route = self.routes.dynamic_routes[0]
+            units = self._build_plan(route, 0, self.gate_index)
+            if units.watch is None:  # hooks: the module path
+                gate = self.gate.forward_gate
+            else:
+                gate = self.gate.gate_fn(self._trace_width_until(route, self.gate_index), units.watch)
+            plan = self._plans[key] = _Plan([*units.steps, gate], units.watch)
+        return plan
 
     def forward_from_gate(self, h: Tensor, route: Route) -> Tensor:
         """Features after the gate [B, C, H, W] -> logits along ``route``."""
@@ -267,14 +283,15 @@ def init_weights(model: nn.Module, classifier: nn.Linear) -> None:
 
 
 class _Plan:
-    """A route's steps as plain functions, and the versions of the weights it holds as copies."""
+    """A route's steps as plain functions, and the versions of the weights it holds as copies
+    (``watch`` None: the steps are the module path, taken because of hooks)."""
 
-    def __init__(self, steps: list[Callable[[Tensor], Tensor]], watch: list[Tensor]) -> None:
+    def __init__(self, steps: list[Callable], watch: list[Tensor] | None) -> None:
         self.steps, self.watch = steps, watch
-        self.versions = [_version(t) for t in watch]
+        self.versions = [_version(t) for t in watch or ()]
 
     def fresh(self) -> bool:
-        return [_version(t) for t in self.watch] == self.versions
+        return [_version(t) for t in self.watch or ()] == self.versions
 
     def __call__(self, x: Tensor) -> Tensor:
         for step in self.steps:

@@ -119,7 +119,7 @@ class IEBConfig(_Section):
 @dataclass(frozen=True)
 class GateConfig(_Section):
     routing_space: tuple[int, ...] | None = None  # choice indices of the gated group; None = all
-    rule: str = "slimmest"                      # SGS target rule: slimmest, slimmest_largest
+    rule: str = "slimmest"                      # SGS target rule: slimmest, slimmest_largest, cheapest
     balance: bool = True                        # weight SGS targets by inverse batch frequency
     sgs_weight: float = 1.0
     task_weight: float = 1.0
@@ -174,7 +174,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
     "ieb.teacher": ("ensemble", "ema", "inplace", "none"),
-    "gate.rule": ("slimmest", "slimmest_largest"),
+    "gate.rule": ("slimmest", "slimmest_largest", "cheapest"),
     "gate.opt": _OPTIMIZERS,
 }
 

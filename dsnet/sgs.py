@@ -6,7 +6,11 @@ batch without autograd; the slimmest route's predictions label each sample onlin
 - rule ``slimmest`` (the published rule): slimmest correct -> "easy" -> target the slimmest
   choice; otherwise target the widest choice of the routing space;
 - rule ``slimmest_largest``: as above, but a sample that even the widest route of the routing
-  space gets wrong also targets the slimmest (width cannot save it, so do not pay for it).
+  space gets wrong also targets the slimmest (width cannot save it, so do not pay for it);
+- rule ``cheapest``: the slimmest route of the routing space that classifies the sample
+  correctly, the slimmest when none does. Every choice can be a target, not only the two ends:
+  the two-ended rules teach the gate to mix the slimmest and the widest route, whose chord lies
+  under a concave accuracy-MAdds curve, so a gate trained on them must be very sure to pay off.
 
 Loss = ``sgs_weight`` x CE(gate logits, targets) + ``task_weight`` x CE(ST-Gumbel mix of the
 routes' logits, labels) + ``complexity_weight`` x (mean cost of the sampled routes - target)^2
@@ -37,23 +41,22 @@ from dsnet.models.net import DSNet
 
 __all__ = ["RULES", "sgs_targets", "balanced_weights", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep"]
 
-RULES = ("slimmest", "slimmest_largest")
+RULES = ("slimmest", "slimmest_largest", "cheapest")
 
 
-def sgs_targets(slim_correct: Tensor, wide_correct: Tensor | None, rule: str, num_routes: int) -> Tensor:
-    """Routing-space index per sample: 0 (slimmest) for easy samples, ``num_routes - 1`` otherwise.
+def sgs_targets(correct: Tensor, rule: str) -> Tensor:
+    """Routing-space index per sample under ``rule`` (see the module docstring).
 
-    slim_correct / wide_correct: [B] bool, whether the slimmest / widest route of the routing
-    space classifies the sample correctly. Returns [B] long.
+    correct: [R, B] bool, whether each route of the routing space (slimmest first) classifies
+    each sample correctly. Returns [B] long.
     """
     if rule not in RULES:
         raise ValueError(f"gate.rule must be one of {', '.join(RULES)}, got {rule!r}")
-    easy = slim_correct
-    if rule == "slimmest_largest":
-        if wide_correct is None:
-            raise ValueError("rule slimmest_largest needs the widest route's correctness")
-        easy = easy | ~wide_correct
-    return torch.where(easy, 0, num_routes - 1).long()
+    widest = correct.shape[0] - 1
+    if rule == "cheapest":
+        return torch.where(correct.any(0), correct.int().argmax(0), 0).long()
+    easy = correct[0] | ~correct[-1] if rule == "slimmest_largest" else correct[0]
+    return torch.where(easy, 0, widest).long()
 
 
 def balanced_weights(targets: Tensor, num_routes: int) -> Tensor:
@@ -85,9 +88,7 @@ def frozen_forward(model: DSNet, x: Tensor, autocast: Callable[[], contextlib.Ab
 
 def route_targets(route_logits: Tensor, y: Tensor, rule: str) -> Tensor:
     """SGS targets [B] from every route's logits [R, B, K] and labels [B]."""
-    slim = route_logits[0].argmax(1) == y
-    wide = route_logits[-1].argmax(1) == y if rule == "slimmest_largest" else None
-    return sgs_targets(slim, wide, rule, route_logits.shape[0])
+    return sgs_targets(route_logits.argmax(2) == y, rule)
 
 
 class SGSStep:

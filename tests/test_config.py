@@ -109,7 +109,7 @@ def test_sections_validate_on_construction():
     ("train.sched=linear", r"train\.sched must be one of cosine, step, none"),
     ("train.amp=fp8", r"train\.amp must be one of none, bf16, fp16, auto"),
     ("ieb.teacher=student", r"ieb\.teacher must be one of ensemble, ema, inplace, none"),
-    ("gate.rule=widest", r"gate\.rule must be one of slimmest, slimmest_largest"),
+    ("gate.rule=widest", r"gate\.rule must be one of slimmest, slimmest_largest, cheapest"),
     ("train.device=gpu", r"^train\.device must be auto, cpu, cuda or cuda:N, got 'gpu'$"),
     ("gate.routing_space=[]", r"gate\.routing_space must be a non-empty, strictly increasing list"),
     ("gate.routing_space=[1,1]", r"gate\.routing_space must be a non-empty, strictly increasing"),

@@ -8,21 +8,29 @@ import dsnet
 from dsnet.evaluate import cost_bias, evaluate_dynamic, sweep_dynamic
 from dsnet.sgs import SGSStep, complexity_penalty, sgs_targets
 
-SLIM = torch.tensor([True, False, True, False])
-WIDE = torch.tensor([True, True, False, False])
+# Correctness of four routes (rows, slimmest first) on five samples (columns).
+CORRECT = torch.tensor([[1, 0, 1, 0, 0],
+                        [1, 0, 0, 1, 0],
+                        [0, 0, 0, 1, 1],
+                        [1, 1, 0, 0, 1]], dtype=torch.bool)
 
 
 def test_published_rule_easy_to_slimmest_rest_to_widest():
-    assert sgs_targets(SLIM, WIDE, "slimmest", 4).tolist() == [0, 3, 0, 3]
+    assert sgs_targets(CORRECT, "slimmest").tolist() == [0, 3, 0, 3, 3]
 
 
 def test_largest_rule_sends_hopeless_samples_to_the_slimmest():
-    assert sgs_targets(SLIM, WIDE, "slimmest_largest", 4).tolist() == [0, 3, 0, 0]
+    assert sgs_targets(CORRECT, "slimmest_largest").tolist() == [0, 3, 0, 0, 3]
+
+
+def test_cheapest_rule_targets_the_slimmest_correct_route():
+    assert sgs_targets(CORRECT, "cheapest").tolist() == [0, 3, 0, 1, 2]
+    assert sgs_targets(torch.zeros(3, 2, dtype=torch.bool), "cheapest").tolist() == [0, 0]  # none right
 
 
 def test_unknown_rule_names_the_key():
     with pytest.raises(ValueError, match="gate.rule must be one of"):
-        sgs_targets(SLIM, WIDE, "widest", 4)
+        sgs_targets(CORRECT, "widest")
 
 
 def test_balanced_weights_give_each_present_target_equal_total_weight():

@@ -371,13 +371,21 @@ def test_inference_plans_step_aside_for_hooks_training_and_autograd(device, gen,
     model = _model("ds_resnet20", gen, randomize_bn, device)
     x = _input(gen, device, 2, 32)
     seen = []
-    handle = model.units[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model(x, subnet=1)
-    assert len(seen) == 1  # the hook fired: no plan was used
-    handle.remove()
-    dsnet.layers.clear_slice_caches(model)
-    model(x, subnet=1)
-    assert len(seen) == 1 and len(model._plans) == 1  # without hooks, the plan runs
+    model(x, subnet="dynamic")  # plans exist before the hooks come
+    for register in (model.units[1].register_forward_hook, torch.nn.modules.module.register_module_forward_hook):
+        hook = register(lambda m, i, o: seen.append(o.shape))
+        before = len(seen)
+        model(x, subnet=1)
+        assert len(seen) > before  # the hook fired: no plan was used
+        before = len(seen)
+        model(x, subnet="dynamic")
+        assert len(seen) > before
+        hook.remove()
+        before, plans = len(seen), len(model._plans)
+        model(x, subnet=1)
+        model(x, subnet="dynamic")
+        assert len(seen) == before and len(model._plans) == plans  # hooks gone: the plans run again
     with torch.enable_grad():
         x.requires_grad_(True)
         y = model(x, subnet=1)

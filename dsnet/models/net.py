@@ -19,6 +19,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.utils.hooks import RemovableHandle
 
 from dsnet.layers import DSLinear, _is_compiling, _version
 from dsnet.models.blocks import GateUnit, Unit
@@ -61,6 +63,7 @@ class DSNet(nn.Module):
         self._choice_cache: dict[Route, list[int]] = {}
         self.inference_plans = True
         self._plans: dict[tuple[Route | str, int, int], _Plan] = {}  # (route, start, stop)
+        self._hook_scan: tuple[int, bool] | None = None  # (hook handles made by then, any hooks)
         self._cost_cache: dict[tuple, RouteCost] = {}
         self.num_features = self._trace_width(self.routes.largest)
         self.classifier = DSLinear(self.num_features, num_classes)
@@ -107,15 +110,26 @@ class DSNet(nn.Module):
 
     # ---- inference plans: a route's layers as plain functions over cached slices -------------
     def _planning(self) -> bool:
-        """Whether this call may run an inference plan: eval mode, no autograd, nobody tracing."""
+        """Whether this call may run an inference plan: eval mode, no autograd, nobody tracing,
+        and no forward hooks on submodules (plans make no module calls, so hooks would not fire)."""
         return (self.inference_plans and not self.training and not torch.is_grad_enabled()
-                and not torch.jit.is_tracing() and not _is_compiling())
+                and not torch.jit.is_tracing() and not _is_compiling() and not self._hooked())
+
+    def _hooked(self) -> bool:
+        """Whether a submodule or a global module hook watches forward calls. The modules are
+        scanned again only when a hook handle was made since the last scan (torch numbers every
+        handle) or while hooks were there, so a hook-free model pays one comparison per call."""
+        made = getattr(RemovableHandle, "next_id", None)
+        scan = getattr(self, "_hook_scan", None)
+        if made is None or scan is None or scan[0] != made or scan[1]:
+            hooked = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
+                m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+            self._hook_scan = scan = (made, hooked)
+        return scan[1]
 
     def _plan(self, route: Route, start: int, stop: int) -> "_Plan":
         """units[start:stop] along ``route`` (and the head if ``stop`` is the end) as one plan,
-        rebuilt when a weight it holds as a copy has changed in place. Plans make no module calls,
-        so hooks on submodules would not fire: a submodule with hooks when a plan is built makes
-        it the module path instead (``dsnet.layers.clear_slice_caches`` drops built plans)."""
+        rebuilt when a weight it holds as a copy has changed in place."""
         key = (route, start, stop)
         plan = self._plans.get(key)
         if plan is None or not plan.fresh():
@@ -124,10 +138,6 @@ class DSNet(nn.Module):
 
     def _build_plan(self, route: Route, start: int, stop: int) -> "_Plan":
         ks, largest, end = self._choices(route), route == self.routes.largest, len(self.units)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):
-            if stop < end:
-                return _Plan([lambda x: self.forward_units(x, route, start, stop)], None)
-            return _Plan([lambda x: self.forward_head(self.forward_units(x, route, start, end), route)], None)
         c = self._trace_width_until(route, start)
         steps: list[Callable[[Tensor], Tensor]] = []
         watch: list[Tensor] = []
@@ -145,7 +155,7 @@ class DSNet(nn.Module):
 
     def __getstate__(self):  # a copy (deepcopy, pickle) must not share plans over our tensors
         state = super().__getstate__()
-        state["_plans"] = {}
+        state["_plans"], state["_hook_scan"] = {}, None
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -185,10 +195,7 @@ class DSNet(nn.Module):
                 del self._plans[old]
             route = self.routes.dynamic_routes[0]
             units = self._build_plan(route, 0, self.gate_index)
-            if units.watch is None:  # hooks: the module path
-                gate = self.gate.forward_gate
-            else:
-                gate = self.gate.gate_fn(self._trace_width_until(route, self.gate_index), units.watch)
+            gate = self.gate.gate_fn(self._trace_width_until(route, self.gate_index), units.watch)
             plan = self._plans[key] = _Plan([*units.steps, gate], units.watch)
         return plan
 
@@ -283,15 +290,14 @@ def init_weights(model: nn.Module, classifier: nn.Linear) -> None:
 
 
 class _Plan:
-    """A route's steps as plain functions, and the versions of the weights it holds as copies
-    (``watch`` None: the steps are the module path, taken because of hooks)."""
+    """A route's steps as plain functions, and the versions of the weights it holds as copies."""
 
-    def __init__(self, steps: list[Callable], watch: list[Tensor] | None) -> None:
+    def __init__(self, steps: list[Callable], watch: list[Tensor]) -> None:
         self.steps, self.watch = steps, watch
-        self.versions = [_version(t) for t in watch or ()]
+        self.versions = [_version(t) for t in watch]
 
     def fresh(self) -> bool:
-        return [_version(t) for t in self.watch or ()] == self.versions
+        return [_version(t) for t in self.watch] == self.versions
 
     def __call__(self, x: Tensor) -> Tensor:
         for step in self.steps:

@@ -165,3 +165,18 @@ def test_trainer_overrides_may_sit_before_and_after_the_options(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "gate.epochs" in err and "unrecognized arguments" not in err
     assert not any(tmp_path.iterdir())
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_builds_its_model(path):
+    import timm
+
+    import dsnet  # noqa: F401  (registers the models)
+
+    cfg = load_config(str(path))
+    model = timm.create_model(cfg.model.name, **dict(cfg.model.kwargs or {}))
+    space = cfg.gate.routing_space or range(model.num_subnets)
+    assert max(space) < model.num_subnets

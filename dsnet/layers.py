@@ -89,8 +89,9 @@ class _SliceViews:
 
 def clear_slice_caches(model: nn.Module) -> nn.Module:
     """Drop every cached slice of ``model``'s dsnet layers and its DSNet's inference plans; returns
-    ``model``. Needed only after editing weights through ``.data`` (hidden from the caches) or
-    moving one submodule of a DSNet on its own (its plans still hold the old tensors)."""
+    ``model``. Needed only after editing weights through ``.data`` (hidden from the caches),
+    moving one submodule of a DSNet on its own (its plans still hold the old tensors) or swapping
+    in a submodule that already has forward hooks."""
     for m in model.modules():
         views = getattr(m, "_views", None)
         if isinstance(views, _SliceViews):
@@ -98,6 +99,7 @@ def clear_slice_caches(model: nn.Module) -> nn.Module:
         plans = getattr(m, "_plans", None)  # a DSNet's inference plans hold the same slices
         if isinstance(plans, dict):
             plans.clear()
+            m._hook_scan = None  # and look for hooks again
     return model
 
 

@@ -118,7 +118,9 @@ class DSNet(nn.Module):
     def _hooked(self) -> bool:
         """Whether a submodule or a global module hook watches forward calls. The modules are
         scanned again only when a hook handle was made since the last scan (torch numbers every
-        handle) or while hooks were there, so a hook-free model pays one comparison per call."""
+        handle) or while hooks were there, so a hook-free model pays one comparison per call.
+        A module swapped into the model with hooks already on is seen at the next scan (when
+        any hook handle is made); ``dsnet.layers.clear_slice_caches(model)`` forces one."""
         made = getattr(RemovableHandle, "next_id", None)
         scan = getattr(self, "_hook_scan", None)
         if made is None or scan is None or scan[0] != made or scan[1]:

@@ -380,11 +380,16 @@ class SqueezeExcite(nn.Module):
         hidden = self.squeeze(x)
         return x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1])))
 
-    def inference_fn(self, c: int, watch: list[Tensor] | None = None) -> Callable[[Tensor], Tensor]:
-        """This block at width ``c`` as a closure, for inference plans (see DSConv2d.inference_fn)."""
+    def _inference_parts(self, c: int, watch: list[Tensor] | None) -> tuple[Callable, Callable]:
+        """(squeeze, expand) at width ``c`` as closures over cached slices."""
         reduce = self.reduce.inference_fn(c, 0, watch)
         expand = self.expand.inference_fn(self.hidden, self.choices.index(c), watch)
-        return lambda x: x * torch.sigmoid(expand(torch.relu_(reduce(x.mean((2, 3), keepdim=True)))))
+        return (lambda x: torch.relu_(reduce(x.mean((2, 3), keepdim=True)))), expand
+
+    def inference_fn(self, c: int, watch: list[Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+        """This block at width ``c`` as a closure, for inference plans (see DSConv2d.inference_fn)."""
+        squeeze, expand = self._inference_parts(c, watch)
+        return lambda x: x * torch.sigmoid(expand(squeeze(x)))
 
     def dense(self, width: int) -> "SqueezeExciteDense":
         return SqueezeExciteDense(self.reduce.dense(width, self.hidden), self.expand.dense(self.hidden, width))
@@ -424,11 +429,10 @@ class DSGate(SqueezeExcite):
         """``forward_gate`` at width ``c`` as a closure, for inference plans (see
         DSConv2d.inference_fn). The width head is read through views, so training it in place
         needs no rebuild; replacing the head module does (``DSNet`` keys its plan by the head)."""
-        reduce = self.reduce.inference_fn(c, 0, watch)
-        expand = self.expand.inference_fn(self.hidden, self.choices.index(c), watch)
+        squeeze, expand = self._inference_parts(c, watch)
         head_w, head_b = self.width_head.weight.detach(), self.width_head.bias.detach()
 
         def gate(x: Tensor) -> tuple[Tensor, Tensor]:
-            hidden = torch.relu_(reduce(x.mean((2, 3), keepdim=True)))
+            hidden = squeeze(x)
             return x * torch.sigmoid(expand(hidden)), F.linear(hidden.flatten(1), head_w, head_b)
         return gate

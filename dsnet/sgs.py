@@ -52,11 +52,10 @@ def sgs_targets(correct: Tensor, rule: str) -> Tensor:
     """
     if rule not in RULES:
         raise ValueError(f"gate.rule must be one of {', '.join(RULES)}, got {rule!r}")
-    widest = correct.shape[0] - 1
     if rule == "cheapest":
         return torch.where(correct.any(0), correct.int().argmax(0), 0).long()
     easy = correct[0] | ~correct[-1] if rule == "slimmest_largest" else correct[0]
-    return torch.where(easy, 0, widest).long()
+    return torch.where(easy, 0, correct.shape[0] - 1).long()
 
 
 def balanced_weights(targets: Tensor, num_routes: int) -> Tensor:

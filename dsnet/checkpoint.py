@@ -114,6 +114,10 @@ def build_model(state: dict[str, Any], use_ema: bool = False) -> torch.nn.Module
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit {name}({kwargs}): "
                               f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+    if (state.get("deploy") or {}).get("policy"):  # the policy stage two chose (dsnet.policy)
+        from dsnet.policy import Policy
+
+        model.set_policy(Policy.from_dict(state["deploy"]["policy"]))
     return model
 
 

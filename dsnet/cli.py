@@ -77,46 +77,78 @@ def _load_run(path: str, data_root: str | None, use_ema: bool = False, stages=("
     return state, build_model(state, use_ema).to(runtime.device).eval(), cfg, runtime
 
 
+def parse_madds(text: str) -> float:
+    """``12M``, ``1.5G``, ``800k`` or a plain number -> MAdds; UserError naming the value otherwise."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9}
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) * units[raw[-1].lower()] if raw and raw[-1].lower() in units else float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UserError(f"--target-madds takes a positive number of MAdds such as 12M, 1.5G or 800k, got {text!r}")
+    return value
+
+
+def _target_policy(model, loader, cfg, runtime, size, autocast, target: float, kind: str, max_batches=None) -> dict:
+    """The deployment record of the ``kind`` policy whose mean MAdds on ``loader`` is ``target``."""
+    from dsnet.evaluate import _batches
+    from dsnet.policy import collect_outcomes
+    from dsnet.runs import select_policy
+
+    outcomes = collect_outcomes(model, _batches(loader, runtime.device, max_batches), runtime.device, size, autocast)
+    try:
+        return select_policy(outcomes, kind, target, cfg.gate.fallback_z)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Static subnets, largest route and (after stage two) the dynamic model on validation data."""
+    from dsnet.checkpoint import read_checkpoint, save_checkpoint
     from dsnet.engine import autocast_factory
-    from dsnet.evaluate import (evaluate_dynamic, evaluate_static, format_report, format_sweep_row,
-                                plot_report, sweep_dynamic)
-    from dsnet.runs import build_val_loader, write_eval
-    from dsnet.sgs import frozen_forward, route_targets
-
-    from dsnet.checkpoint import read_checkpoint
-    from dsnet.runs import data_signature
+    from dsnet.evaluate import evaluate_gated, evaluate_static, format_report, format_sweep_row, plot_report
+    from dsnet.policy import Policy
+    from dsnet.runs import build_val_loader, data_signature, write_eval
 
     if read_checkpoint(args.checkpoint).get("stage") == "static":
         return _evaluate_baseline(args)
     state, model, cfg, runtime = _load_run(args.checkpoint, args.data, args.ema)
+    if state["stage"] != "gate" and (args.sweep or args.target_madds):
+        raise UserError(f"--sweep and --target-madds need a gate: {args.checkpoint} is a stage-one checkpoint "
+                        "(run train_gate.py first)")
+    out = None
+    if args.target_madds is not None:
+        target = parse_madds(args.target_madds)
+        out = Path(args.output or Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{args.target_madds}.pth"))
+        if out.exists():
+            raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
     loader, classes = build_val_loader(cfg, runtime)
     _check_classes(state, classes)
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     report = evaluate_static(model, loader, runtime.device, size, autocast, args.max_batches)
-    report["data"] = data_signature(cfg, classes)
-    report["dynamic"], sweep = None, None
+    report["data"], report["dynamic"] = data_signature(cfg, classes), None
     if state["stage"] == "gate":
-        def targets(x, y):
-            return route_targets(frozen_forward(model, x, autocast)[1], y, cfg.gate.rule)
-
-        report["dynamic"] = evaluate_dynamic(model, loader, runtime.device, size, targets, autocast,
-                                             max_batches=args.max_batches)
-        if args.sweep:
-            strengths = [round(-3 + 6 * i / (args.sweep - 1), 3) for i in range(args.sweep)] if args.sweep > 1 else [0.0]
-            sweep = sweep_dynamic(model, loader, runtime.device, size, strengths, autocast, args.max_batches)
-            report["sweep"] = sweep
-    elif args.sweep:
-        raise UserError(f"--sweep needs a gate: {args.checkpoint} is a stage-one checkpoint (run train_gate.py first)")
+        record = state.get("deploy")
+        if out is not None:
+            record = _target_policy(model, loader, cfg, runtime, size, autocast, target, args.deploy, args.max_batches)
+            record["reason"] = record["reason"].replace("held-back", "validation")
+            model.set_policy(Policy.from_dict(record["policy"]))
+        report.update(evaluate_gated(model, loader, runtime.device, size, cfg.gate.rule, autocast,
+                                     args.max_batches, args.sweep or 9))
+        if record:
+            report["selection"] = record
     print(format_report(report))
-    for row in sweep or []:
+    for row in report.get("sweep", []) + report.get("cascade", []):
         print(format_sweep_row(report, row))
+    if out is not None:
+        save_checkpoint({**{k: v for k, v in state.items() if k not in ("format", "version")}, "deploy": record}, out)
+        print(f"checkpoint with this operating point -> {out}")
     if args.json:
         write_eval(Path(args.json), report)
     if args.plot:
-        plot_report(report, args.plot, sweep, title=f"{state['model_name']} ({Path(args.checkpoint).name})")
+        plot_report(report, args.plot, title=f"{state['model_name']} ({Path(args.checkpoint).name})")
     return 0
 
 
@@ -183,7 +215,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dsnet.export import export_command
 
     size = tuple(_positive_size(args.input_size)) if args.input_size else None
-    print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, size))
+    policy = None
+    if args.target_madds is not None:
+        from dsnet.engine import autocast_factory
+        from dsnet.policy import Policy
+        from dsnet.runs import build_val_loader
+
+        if not args.dynamic:
+            raise UserError("--target-madds sets the dynamic model's operating point: use it with --dynamic")
+        target = parse_madds(args.target_madds)
+        state, model, cfg, runtime = _load_run(args.checkpoint, args.data, stages=("gate",))
+        loader, _ = build_val_loader(cfg, runtime)
+        record = _target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
+                                autocast_factory(cfg.train.amp, runtime.device)[0], target, args.deploy)
+        policy = Policy.from_dict(record["policy"])
+        print(record["reason"].replace("held-back", "validation"))
+    print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, size, policy))
     return 0
 
 
@@ -208,6 +255,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench": cmd_bench, "compare": cmd_compare}
 
 
+def _target_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--target-madds", metavar="MADDS", help=help_text)
+    p.add_argument("--deploy", choices=("gate", "cascade"), default="gate",
+                   help="with --target-madds: reach the target with the gate's cost bias (default) or the "
+                        "confidence cascade's threshold")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsnet", description="Dynamic Slimmable Networks toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,9 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write eval.json-format results")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
     p.add_argument("--sweep", type=int, default=0, metavar="N",
-                   help="trace N operating points of the gate (cost bias from -3 to +3)")
+                   help="trace N operating points of the gate (cost bias from -3 to +3) and of the confidence "
+                        "cascade (5%% to 60%% escalated); default 9")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N batches only")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    _target_arguments(p, "write a checkpoint whose dynamic model runs at this mean MAdds on the validation "
+                         "set (e.g. 12M)")
+    p.add_argument("-o", "--output", metavar="FILE", help="with --target-madds: the new checkpoint "
+                   "(default: CHECKPOINT-<target>.pth beside it); never overwritten")
     p = sub.add_parser("recalibrate", help="re-estimate BN statistics per width of a stage-one checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", help="output checkpoint (default: recalibrated.pth beside the input)")
@@ -240,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (a folder for --dynamic --format onnx); never overwritten")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N",
                    help="C H W of the example input (default: the run's data.input_size); ONNX keeps H and W")
+    _target_arguments(p, "export the dynamic model at this mean MAdds on the validation set (e.g. 12M)")
+    p.add_argument("--data", metavar="ROOT", help="with --target-madds: dataset root (default: the run's)")
     p = sub.add_parser("bench", help="latency: dynamic model vs largest route, static subnets and the dense limit")
     p.add_argument("target", metavar="CHECKPOINT",
                    help="a checkpoint (its gate, validation images) or a dsnet model name (random init, hand-set gate)")
@@ -288,6 +349,8 @@ def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str
     parser.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
     if stage_two:
         parser.add_argument("--supernet", required=True, help="stage-one checkpoint, RUN_DIR/checkpoints/last.pth")
+        parser.add_argument("--target-madds", metavar="MADDS", help="ship the dynamic model at this mean MAdds "
+                            "on the held-back training images (e.g. 12M; sets gate.target_madds)")
     else:
         base = parser.add_argument_group(
             "static baselines (Liu et al. 2019; written to <output.dir>/<method>-<subnet>)")
@@ -314,7 +377,10 @@ def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str
         from dsnet.config import load_config
         from dsnet.runs import train_gate, train_supernet
 
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if stage_two and args.target_madds is not None:
+            overrides.append(f"gate.target_madds={parse_madds(args.target_madds)}")
+        cfg = load_config(args.config, overrides)
         if stage_two:
             run_dir = train_gate(cfg, args.supernet)
         elif args.static_subnet is not None:

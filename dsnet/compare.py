@@ -15,7 +15,8 @@ from typing import Sequence
 __all__ = ["SERIES", "collect", "compare_rows", "format_compare", "plot_compare", "compare_command"]
 
 # plot and table order; labels as the table prints them
-SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (gate)",
+SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (shipped policy)",
+          "gate": "DS-Net gate (cost-bias sweep)", "cascade": "confidence cascade (threshold sweep)",
           "scratch-e": "Scratch-E", "scratch-b": "Scratch-B", "l1": "L1-pruned + fine-tuned"}
 
 
@@ -78,7 +79,12 @@ def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
         if r.get("dynamic") is not None:
             d = r["dynamic"]
             rows.append({"method": "dynamic", "run": run, "subnet": "dynamic", "madds": d["madds_mean"],
-                         "params": None, "top1": d["top1"], "top5": d["top5"], "routing": d["routing"]})
+                         "params": None, "top1": d["top1"], "top5": d["top5"], "routing": d["routing"],
+                         "policy": d.get("policy")})
+            for method, key, name in (("gate", "sweep", "strength"), ("cascade", "cascade", "escalated")):
+                rows += [{"method": method, "run": run, "subnet": f"{name[0]}={pt[name]:+.2f}" if name == "strength"
+                          else f"{pt[name] * 100:.0f}%", "madds": pt["madds_mean"], "params": None,
+                          "top1": pt["top1"], "top5": pt.get("top5")} for pt in r.get(key) or []]
     order = list(SERIES)
     return sorted(rows, key=lambda x: (order.index(x["method"]) if x["method"] in order else len(order),
                                        x["madds"]))
@@ -89,10 +95,10 @@ def _row(row: dict) -> dict:
 
 
 def format_compare(rows: list[dict]) -> str:
-    lines = [f"{'method':<34} {'subnet':>8} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
+    lines = [f"{'method':<38} {'subnet':>8} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
     for r in rows:
         top5 = f"{r['top5']:>7.2f}" if r.get("top5") is not None else f"{'-':>7}"
-        lines.append(f"{SERIES.get(r['method'], r['method']):<34} {str(r['subnet']):>8} "
+        lines.append(f"{SERIES.get(r['method'], r['method']):<38} {str(r['subnet']):>8} "
                      f"{r['madds'] / 1e6:>10.2f} {r['top1']:>7.2f} {top5}")
     return "\n".join(lines)
 
@@ -105,11 +111,13 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
-    styles = {"supernet": "o-", "dynamic": "*", "scratch-e": "s--", "scratch-b": "^--", "l1": "D:"}
+    styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
+              "scratch-b": "^--", "l1": "D:"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     supernets = {r["run"] for r in rows if r["method"] == "supernet"}
     # a baseline series gathers its runs; each supernet (and its gate) is a series of its own
-    keys = dict.fromkeys((r["method"], r["run"] if r["method"] in ("supernet", "dynamic") else "") for r in rows)
+    keys = dict.fromkeys((r["method"], r["run"] if r["method"] in ("supernet", "dynamic", "gate", "cascade") else "")
+                         for r in rows)
     for method, run in keys:
         pts = [r for r in rows if r["method"] == method and (not run or r["run"] == run)]
         label = SERIES.get(method, method) + (f" ({Path(run).name})" if run and len(supernets) > 1 else "")

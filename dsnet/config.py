@@ -136,6 +136,16 @@ class GateConfig(_Section):
     weight_decay: float = 0.01
     warmup_epochs: float = 0.0
     logit_bias: tuple[float, ...] | None = None  # initial gate logits, one per routing choice
+    head: str = "fc"                            # width head: fc (published) or mlp (FC -> ReLU -> dropout -> FC)
+    head_hidden: int = 64                       # mlp: hidden units
+    head_dropout: float = 0.1                   # mlp: dropout before the last FC
+    soft_targets: bool = False                  # SGS targets as probabilities from each route's p(label)
+    # deployment (dsnet.policy): after training, the policy the dynamic model ships is chosen on
+    # `holdout` of the training images, which the gate does not train on
+    holdout: float = 0.1                        # fraction of the training set; 0: ship the gate as trained
+    deploy: str = "auto"                        # auto: best of gate / cascade, else static fallback; gate; cascade
+    fallback_z: float = 1.0                     # a dynamic policy ships when gain - z x standard error > 0
+    target_madds: float | None = None           # ship the gate (or cascade) at this mean MAdds instead
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16", "auto"),
     "ieb.teacher": ("ensemble", "ema", "inplace", "none"),
     "gate.rule": ("slimmest", "slimmest_largest", "cheapest"),
+    "gate.head": ("fc", "mlp"),
+    "gate.deploy": ("auto", "gate", "cascade"),
     "gate.opt": _OPTIMIZERS,
 }
 
@@ -209,6 +221,8 @@ _RULES: dict[str, _Rule] = {
     "gate.complexity_target": _NONNEG, "gate.gumbel_tau": _POS, "gate.epochs": _POS_INT,
     "gate.lr": _POS, "gate.lr_base_batch": _POS_INT, "gate.weight_decay": _NONNEG,
     "gate.warmup_epochs": _NONNEG, "gate.logit_bias": (lambda v: len(v) > 0, "a non-empty list of numbers"),
+    "gate.head_hidden": _POS_INT, "gate.head_dropout": _UNIT, "gate.holdout": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "gate.fallback_z": _NONNEG, "gate.target_madds": _POS,
     "output.dir": _NONEMPTY, "output.checkpoint_interval": _POS_INT,
 }
 

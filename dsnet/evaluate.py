@@ -16,17 +16,22 @@ from torch import Tensor
 from dsnet.models.net import DSNet
 from dsnet.routes import Route
 
-__all__ = ["topk_correct", "evaluate_static", "evaluate_plain", "evaluate_dynamic", "format_report", "cost_bias", "sweep_dynamic",
-           "plot_report"]
+__all__ = ["topk_hits", "topk_correct", "evaluate_static", "evaluate_plain", "evaluate_dynamic", "evaluate_gated",
+           "static_curve", "format_report", "format_sweep_row", "plot_report"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
-def topk_correct(logits: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
-    """Counts of samples whose label is in the top-k, one per k; logits [B, K], y [B] -> [len(ks)]."""
+def topk_hits(logits: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> list[Tensor]:
+    """Per sample, whether its label is in the top-k, one [B] bool tensor per k; logits [B, K], y [B]."""
     k_max = min(max(ks), logits.shape[1])
     hit = logits.topk(k_max, dim=1).indices.eq(y[:, None])
-    return torch.stack([hit[:, :min(k, k_max)].any(1).sum() for k in ks])
+    return [hit[:, :min(k, k_max)].any(1) for k in ks]
+
+
+def topk_correct(logits: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
+    """Counts of samples whose label is in the top-k, one per k; logits [B, K], y [B] -> [len(ks)]."""
+    return torch.stack([hit.sum() for hit in topk_hits(logits, y, ks)])
 
 
 def _batches(loader: Iterable, device: torch.device, max_batches: int | None):
@@ -87,13 +92,14 @@ def evaluate_dynamic(model: DSNet, loader: Iterable, device: torch.device, input
                      targets_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                      autocast: Autocast = contextlib.nullcontext, logit_bias: Tensor | None = None,
                      max_batches: int | None = None) -> dict:
-    """Accuracy, mean MAdds, routing histogram and gate accuracy of the gated model.
+    """Accuracy, mean MAdds, routing histogram and gate accuracy of the dynamic model, run as
+    routed inference under its deployment policy (``model.policy``).
 
     ``targets_fn(x, y) -> [B]`` gives the SGS target (routing-space index) of each sample; the
     gate's accuracy is measured against it when given.
     """
     model.eval()
-    costs = torch.tensor(model.dynamic_costs(input_size), dtype=torch.float64, device=device)
+    costs = torch.tensor(model.policy_costs(input_size), dtype=torch.float64, device=device)
     num_routes = len(model.routing_space)
     correct = torch.zeros(2, dtype=torch.long, device=device)
     hist = torch.zeros(num_routes, dtype=torch.long, device=device)
@@ -142,63 +148,80 @@ def format_report(report: dict) -> str:
     if big:
         lines.append(f"{'largest':>10} {big['madds'] / 1e6:>10.2f} {big['top1']:>7.2f} "
                      f"{big.get('top5', float('nan')):>7.2f}")
-    dyn = report.get("dynamic")
+    dyn, gate = report.get("dynamic"), report.get("gate")
     if dyn:
         lines.append(f"{'dynamic':>10} {dyn['madds_mean'] / 1e6:>10.2f} {dyn['top1']:>7.2f} {dyn['top5']:>7.2f}"
                      + _against_curve(report, dyn["madds_mean"], dyn["top1"]))
+    shipped = (dyn or {}).get("policy") or {"kind": "gate", "strength": 0.0}
+    if gate and (shipped["kind"] != "gate" or shipped["strength"] != 0):
+        lines.append(f"{'gate':>10} {gate['madds_mean'] / 1e6:>10.2f} {gate['top1']:>7.2f} {gate['top5']:>7.2f}"
+                     + _against_curve(report, gate["madds_mean"], gate["top1"]) + "  (as trained, not shipped)")
+    if dyn:
         lines.append("routing: " + ", ".join(f"{f * 100:.1f}%" for f in dyn["routing"])
                      + (f"; gate accuracy {dyn['gate_accuracy']:.1f}%" if dyn.get("gate_accuracy") is not None else ""))
+        if dyn.get("policy"):
+            lines.append(f"policy: {_describe(report)}")
+    if report.get("selection"):
+        lines.append(f"chosen on held-back training images: {report['selection']['reason']}")
     lines.append(f"samples: {report['num_samples']}")
     return "\n".join(lines)
 
 
-def cost_bias(model: DSNet, strength: float, input_size: Sequence[int]) -> Tensor:
-    """Gate-logit bias of one operating point: ``-strength`` x each route's cost, scaled to [0, 1].
+def _describe(report: dict) -> str:
+    from dsnet.policy import Policy
 
-    strength > 0 favours slimmer routes, < 0 wider ones, 0 is the trained gate. Add it to the
-    gate's width-head bias to deploy that operating point.
+    space = report.get("routing_space") or list(range(len(report["dynamic"]["routing"])))
+    return Policy.from_dict(report["dynamic"]["policy"]).describe(space)
+
+
+def evaluate_gated(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int], rule: str,
+                   autocast: Autocast = contextlib.nullcontext, max_batches: int | None = None,
+                   sweep: int = 9) -> dict:
+    """What ``eval.json`` holds after stage two, beside the static rows:
+
+    - ``dynamic``: the deployment policy run as routed inference (``evaluate_dynamic``), with its
+      ``policy`` record and the trained gate's agreement with its SGS targets (rule ``rule``);
+    - ``gate``: the gate as trained (no cost bias), scored from the per-image table;
+    - ``sweep``: the gate at ``sweep`` cost-bias strengths in [-3, 3];
+    - ``cascade``: the confidence cascade at ``sweep`` escalation rates in [5%, 60%].
     """
-    costs = torch.tensor(model.dynamic_costs(input_size), dtype=torch.float32)
-    span = float(costs.max() - costs.min()) or 1.0
-    return -strength * (costs - costs.min()) / span
+    from dsnet.policy import cascade_policy, collect_outcomes, gate_policy, score
+    from dsnet.sgs import sgs_targets
 
+    outcomes = collect_outcomes(model, _batches(loader, device, max_batches), device, input_size, autocast)
+    dynamic = evaluate_dynamic(model, loader, device, input_size, autocast=autocast, max_batches=max_batches)
+    space = list(outcomes.space)
+    targets = sgs_targets(outcomes.hit1[:, space].T, rule)
+    agreement = float((outcomes.gate_logits.argmax(1) == targets).double().mean()) * 100
+    dynamic.update(gate_accuracy=agreement, policy=model.policy.to_dict())
+    strengths = [round(-3 + 6 * i / (sweep - 1), 3) for i in range(sweep)] if sweep > 1 else [0.0]
+    rates = [round(0.05 + 0.55 * i / (sweep - 1), 3) for i in range(sweep)] if sweep > 1 else [0.2]
+    thresholds = torch.quantile(outcomes.confidence.double(), torch.tensor(rates, dtype=torch.float64)).tolist()
 
-@torch.inference_mode()
-def sweep_dynamic(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
-                  strengths: Sequence[float], autocast: Autocast = contextlib.nullcontext,
-                  max_batches: int | None = None) -> list[dict]:
-    """Accuracy and mean MAdds of the gate at several operating points (``cost_bias`` strengths).
+    def row(policy, **extra) -> dict:
+        scored = score(outcomes, policy)
+        return {**extra, "top1": scored["top1"], "top5": scored["top5"], "madds_mean": scored["madds_mean"],
+                "routing": scored["routing"]}
 
-    Every route of the routing space runs once per sample and the gate's logits are kept; an
-    operating point is then a table lookup (routed inference gives these same logits).
-    """
-    model.eval()
-    routes = model.routes.dynamic_routes
-    hits, gates = [], []
-    for x, y in _batches(loader, device, max_batches):
-        with autocast():
-            h, gate_logits = model.forward_gate(x)
-            hits.append(torch.stack([model.forward_from_gate(h, r).argmax(1) == y for r in routes], 1))
-        gates.append(gate_logits.float())
-    hit, gate = torch.cat(hits), torch.cat(gates)
-    costs = torch.tensor(model.dynamic_costs(input_size), dtype=torch.float64, device=device)
-    rows = []
-    for s in strengths:
-        choice = (gate + cost_bias(model, s, input_size).to(device)).argmax(1)
-        rows.append({"strength": float(s), "top1": float(hit.gather(1, choice[:, None]).double().mean()) * 100,
-                     "madds_mean": float(costs[choice].mean()),
-                     "routing": (torch.bincount(choice, minlength=len(routes)).double() / len(choice)).tolist()})
-    return rows
+    return {"dynamic": dynamic, "routing_space": space,
+            "gate": {**row(gate_policy(outcomes, 0.0)), "gate_accuracy": agreement},
+            "sweep": [row(gate_policy(outcomes, t), strength=t) for t in strengths],
+            "cascade": [row(cascade_policy(q), threshold=q, escalated=float((outcomes.confidence < q).double().mean()))
+                        for q in thresholds]}
 
 
 def format_sweep_row(report: dict, row: dict) -> str:
-    """One operating point of ``sweep_dynamic`` against the report's static curve."""
-    return (f"sweep strength {row['strength']:+.2f}: {row['madds_mean'] / 1e6:.2f} M MAdds, top-1 {row['top1']:.2f}"
+    """One operating point of the gate's sweep (``strength``) or the cascade's (``threshold``)
+    against the report's static curve."""
+    what = (f"gate  strength {row['strength']:+.2f}" if "strength" in row
+            else f"cascade {row['escalated'] * 100:4.1f}% escalated")
+    return (f"{what}: {row['madds_mean'] / 1e6:.2f} M MAdds, top-1 {row['top1']:.2f}"
             + _against_curve(report, row["madds_mean"], row["top1"]))
 
 
-def plot_report(report: dict, path: str, sweep: Sequence[dict] | None = None, title: str = "") -> None:
-    """Accuracy vs MAdds: static subnets as a curve, the largest route and the dynamic model as points."""
+def plot_report(report: dict, path: str, title: str = "") -> None:
+    """Accuracy vs MAdds: static subnets as a curve, the largest route, the gate's cost-bias sweep,
+    the confidence cascade's threshold sweep, and the shipped dynamic model as a star."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -209,11 +232,13 @@ def plot_report(report: dict, path: str, sweep: Sequence[dict] | None = None, ti
     static = report["static"]
     ax.plot([r["madds"] / 1e6 for r in static], [r["top1"] for r in static], "o-", label="static subnets")
     ax.plot([report["largest"]["madds"] / 1e6], [report["largest"]["top1"]], "s", label="largest route")
-    if sweep:
-        ax.plot([r["madds_mean"] / 1e6 for r in sweep], [r["top1"] for r in sweep], ".--", label="dynamic (sweep)")
+    for key, style, label in (("sweep", ".--", "gate (cost-bias sweep)"), ("cascade", "x:", "confidence cascade")):
+        rows = sorted(report.get(key) or [], key=lambda r: r["madds_mean"])
+        if rows:
+            ax.plot([r["madds_mean"] / 1e6 for r in rows], [r["top1"] for r in rows], style, label=label)
     if report.get("dynamic"):
         d = report["dynamic"]
-        ax.plot([d["madds_mean"] / 1e6], [d["top1"]], "*", markersize=14, label="dynamic (gate)")
+        ax.plot([d["madds_mean"] / 1e6], [d["top1"]], "*", markersize=14, label=f"dynamic ({_describe(report)})")
     ax.set_xlabel("MAdds per image (M)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)

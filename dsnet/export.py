@@ -49,12 +49,13 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dsnet.layers import head_output
 from dsnet.madds import _route
 from dsnet.models.net import DenseNet, DSNet
 
@@ -102,11 +103,12 @@ class DynamicNet(nn.Module):
     """
 
     def __init__(self, pre: nn.Sequential, gate: DenseGate, posts: Sequence[DenseNet],
-                 subnets: Sequence[int], num_classes: int) -> None:
+                 subnets: Sequence[int], num_classes: int, cascade_threshold: float = -1.0) -> None:
         super().__init__()
         self.pre, self.gate, self.posts = pre, gate, nn.ModuleList(posts)
         self.subnets: List[int] = [int(i) for i in subnets]
         self.num_classes = int(num_classes)
+        self.cascade_threshold = float(cascade_threshold)  # >= 0: the confidence cascade, not the gate
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> logits [B, num_classes], each sample along the route its gate picks."""
@@ -119,6 +121,8 @@ class DynamicNet(nn.Module):
         One host sync per call: the group sizes decide which routes run.
         """
         h, gate_logits = self.gate(self.pre(x))
+        if self.cascade_threshold >= 0.0:
+            return self.cascade(h, gate_logits)
         choice = gate_logits.argmax(1)
         if h.shape[0] == 1:
             r = int(choice[0])
@@ -138,16 +142,40 @@ class DynamicNet(nn.Module):
         logits = torch.empty_like(sorted_logits).index_copy_(0, order, sorted_logits)
         return logits, choice, gate_logits
 
+    def cascade(self, h: Tensor, gate_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The confidence cascade on gate features h: the slimmest route for every sample, the
+        widest too where the slimmest's top softmax probability is under the threshold."""
+        last = len(self.subnets) - 1
+        logits = h.new_empty((h.shape[0], self.num_classes))
+        for i, slimmest in enumerate(self.posts):
+            if i == 0:
+                logits = slimmest(h)
+        escalate = torch.softmax(logits, 1).amax(1) < self.cascade_threshold
+        index = escalate.nonzero().squeeze(1)
+        if index.numel() > 0:
+            for j, widest in enumerate(self.posts):
+                if j == last:
+                    logits = logits.index_copy(0, index, widest(h.index_select(0, index)))
+        return logits, escalate.long() * last, gate_logits
+
 
 def extract_dynamic(model: DSNet) -> DynamicNet:
-    """The gated model as plain torch.nn, in eval mode: ``DynamicNet(x)`` equals
-    ``model(x, subnet="dynamic")`` with ``model`` in eval mode. Shares no storage with ``model``."""
+    """The dynamic model as plain torch.nn, in eval mode: ``DynamicNet(x)`` equals
+    ``model(x, subnet="dynamic")`` with ``model`` in eval mode, under its deployment policy (the
+    policy's logit bias is folded into the width head's last bias; the cascade keeps its
+    threshold). Shares no storage with ``model``."""
     routes, g = model.routes.dynamic_routes, model.gate_index
     dense = [model.extract(route) for route in routes]
     attention = dense[0].features[g]  # the gate's dense twin at the width it sees
-    gate = DenseGate(attention.reduce, attention.expand, copy.deepcopy(model.gate.width_head))
+    head = copy.deepcopy(model.gate.width_head)
+    if model.policy.bias:
+        last = head_output(head)
+        with torch.no_grad():
+            last.bias += torch.tensor(model.policy.bias, dtype=last.bias.dtype, device=last.bias.device)
+    gate = DenseGate(attention.reduce, attention.expand, head)
     posts = [DenseNet(d.features[g + 1:], d.fc, model.drop_rate) for d in dense]
-    net = DynamicNet(dense[0].features[:g], gate, posts, model.routing_space, model.num_classes)
+    threshold = model.policy.threshold if model.policy.kind == "cascade" else -1.0
+    net = DynamicNet(dense[0].features[:g], gate, posts, model.routing_space, model.num_classes, threshold)
     return net.requires_grad_(False).eval()
 
 
@@ -208,7 +236,8 @@ def save_dynamic_onnx(net: DynamicNet, example: Tensor, folder: str | os.PathLik
         save_onnx(post, features, folder / name, ["features"], ["logits"])
     manifest = {"format": DYNAMIC_ONNX_FORMAT, "version": 1, "gate": "gate.onnx", "routes": names,
                 "subnets": list(net.subnets), "num_classes": net.num_classes,
-                "input_size": list(example.shape[1:]), "opset": OPSET}
+                "input_size": list(example.shape[1:]), "opset": OPSET,
+                "cascade_threshold": net.cascade_threshold if net.cascade_threshold >= 0 else None}
     (folder / "dynamic.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -231,9 +260,17 @@ class DynamicOnnxRunner:
         load = lambda name: ort.InferenceSession(str(folder / name), providers=list(providers))  # noqa: E731
         self.gate, self.routes = load(spec["gate"]), [load(name) for name in spec["routes"]]
         self.subnets, self.num_classes = spec["subnets"], spec["num_classes"]
+        self.cascade_threshold = spec.get("cascade_threshold")
 
     def __call__(self, x):
         features, gate_logits = self.gate.run(None, {"input": np.ascontiguousarray(x, np.float32)})
+        if self.cascade_threshold is not None:  # the confidence cascade: slimmest, then widest if unsure
+            logits = self.routes[0].run(None, {"features": features})[0]
+            z = np.exp(logits - logits.max(1, keepdims=True))
+            idx = np.flatnonzero((z / z.sum(1, keepdims=True)).max(1) < self.cascade_threshold)
+            if idx.size:
+                logits[idx] = self.routes[-1].run(None, {"features": features[idx]})[0]
+            return logits
         choice = gate_logits.argmax(1)
         logits = np.empty((features.shape[0], self.num_classes), np.float32)
         for r, session in enumerate(self.routes):
@@ -252,12 +289,13 @@ def run_dynamic_onnx(folder: str | os.PathLike, x: np.ndarray) -> np.ndarray:
 # ---- dsnet export ----------------------------------------------------------------------------
 
 def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str, output: str,
-                   input_size: tuple[int, int, int] | None = None) -> str:
+                   input_size: tuple[int, int, int] | None = None, policy: Any = None) -> str:
     """``dsnet export``: write static subnet ``subnet`` or the gated model (``dynamic``) of a
     checkpoint as ``fmt``, check the file against dsnet on a random batch, return a summary line.
 
     ``input_size`` (C, H, W) sets the example input (default: the run's ``data.input_size``, else
-    the model's); ONNX graphs keep its H and W, TorchScript takes any size. Raises ValueError
+    the model's); ONNX graphs keep its H and W, TorchScript takes any size. ``policy``
+    (``dsnet.policy.Policy``) replaces the checkpoint's deployment policy. Raises ValueError
     naming the bad value (format, subnet, existing output, missing ONNX packages).
     """
     from dsnet.checkpoint import build_model, read_checkpoint
@@ -276,6 +314,8 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
         _require_onnx()
     state = read_checkpoint(checkpoint, ("supernet", "gate"))
     model = build_model(state).eval()
+    if policy is not None:
+        model.set_policy(policy)
     if subnet is not None and not 0 <= subnet < model.num_subnets:
         raise ValueError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
@@ -295,8 +335,8 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
         else:
             save_onnx(module, example, tmp, ["input"], ["logits"])
         check = _verify(fmt, dynamic, tmp, example, expected)
-    what = (f"dynamic model (routes = subnets {', '.join(map(str, model.routing_space))})" if dynamic
-            else f"subnet {subnet}")
+    what = (f"dynamic model (routes = subnets {', '.join(map(str, model.routing_space))}; "
+            f"{model.policy.describe(model.routing_space)})" if dynamic else f"subnet {subnet}")
     return f"exported {what} of {checkpoint} as {fmt} -> {out} ({check})"
 
 

@@ -23,7 +23,7 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["clear_slice_caches", "DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "SqueezeExcite", "SqueezeExciteDense",
+__all__ = ["HEADS", "MLPHead", "head_output", "width_head", "head_cost", "clear_slice_caches", "DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "SqueezeExcite", "SqueezeExciteDense",
            "check_choices"]
 
 
@@ -415,9 +415,7 @@ class DSGate(SqueezeExcite):
 
     def __init__(self, choices: Sequence[int], num_routes: int, ratio: float = 0.25) -> None:
         super().__init__(choices, ratio)
-        self.width_head = nn.Linear(self.hidden, num_routes)
-        nn.init.zeros_(self.width_head.weight)
-        nn.init.zeros_(self.width_head.bias)
+        self.width_head: nn.Module = width_head("fc", self.hidden, num_routes)
 
     def forward_gate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, C, H, W] -> (attended x [B, C, H, W], route logits [B, num_routes])."""
@@ -430,9 +428,50 @@ class DSGate(SqueezeExcite):
         DSConv2d.inference_fn). The width head is read through views, so training it in place
         needs no rebuild; replacing the head module does (``DSNet`` keys its plan by the head)."""
         squeeze, expand = self._inference_parts(c, watch)
-        head_w, head_b = self.width_head.weight.detach(), self.width_head.bias.detach()
+        head = self.width_head
+        if isinstance(head, nn.Linear):
+            head_w, head_b = head.weight.detach(), head.bias.detach()
+            head = lambda h: F.linear(h, head_w, head_b)  # noqa: E731
 
         def gate(x: Tensor) -> tuple[Tensor, Tensor]:
             hidden = squeeze(x)
-            return x * torch.sigmoid(expand(hidden)), F.linear(hidden.flatten(1), head_w, head_b)
+            return x * torch.sigmoid(expand(hidden)), head(hidden.flatten(1))
         return gate
+
+
+HEADS = ("fc", "mlp")
+
+
+class MLPHead(nn.Module):
+    """The gate's width head as a 2-layer MLP: FC -> ReLU -> dropout -> FC (``gate.head=mlp``)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(in_features, hidden), nn.Dropout(dropout), nn.Linear(hidden, out_features)
+        self.in_features, self.out_features, self.hidden, self.dropout = in_features, out_features, hidden, dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, in_features] -> route logits [B, out_features]."""
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def head_output(head: nn.Module) -> nn.Linear:
+    """The linear layer that produces a width head's logits (where a logit bias folds in)."""
+    return head if isinstance(head, nn.Linear) else head.fc2
+
+
+def width_head(kind: str, in_features: int, out_features: int, hidden: int = 64, dropout: float = 0.0) -> nn.Module:
+    """A gate width head [B, in_features] -> route logits [B, out_features] that starts at zero
+    logits (every route equally likely): ``fc`` (the published head) or ``mlp`` (``MLPHead``)."""
+    if kind not in HEADS:
+        raise ValueError(f"gate head must be one of {', '.join(HEADS)}, got {kind!r}")
+    head = nn.Linear(in_features, out_features) if kind == "fc" else MLPHead(in_features, out_features, hidden, dropout)
+    nn.init.zeros_(head_output(head).weight)
+    nn.init.zeros_(head_output(head).bias)
+    return head
+
+
+def head_cost(head: nn.Module) -> tuple[int, int]:
+    """(MAdds per sample, parameters) of a width head: its linear layers."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return sum(m.in_features * m.out_features for m in linears), sum(p.numel() for p in head.parameters())

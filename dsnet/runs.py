@@ -21,12 +21,13 @@ import dsnet  # noqa: F401  (registers the models)
 from dsnet import data as dsdata
 from dsnet.config import Config, save_config
 from dsnet.engine import Loop, Runtime, autocast_factory, prepare_run_dir, setup_runtime
-from dsnet.evaluate import evaluate_static, format_report
+from dsnet.evaluate import evaluate_gated, evaluate_static, format_report
 from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
-           "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature", "scaled_lr", "wrap_ddp"]
+           "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature", "scaled_lr", "wrap_ddp",
+           "holdout_split", "head_kwargs", "select_policy"]
 
 logger = logging.getLogger(__name__)
 BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")
@@ -38,6 +39,7 @@ class Data:
     val: Any            # DataLoader of validation batches
     calib: Any          # training images with training transforms, one process's share (BN recalibration)
     classes: list[str]
+    holdout: Any = None  # training images held back from training, evaluation transforms, every rank all of them
 
 
 def _datasets(cfg: Config, split: str, train_transform: bool) -> Any:
@@ -62,17 +64,38 @@ def build_val_loader(cfg: Config, runtime: Runtime) -> tuple[Any, list[str]]:
     return _loader(cfg, runtime, val_set, bs, False, runtime.distributed), list(val_set.classes)
 
 
-def build_data(cfg: Config, runtime: Runtime) -> Data:
-    """Training, validation and calibration loaders for ``cfg.data``."""
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held back) indices of an ``n``-image training set: a seeded random ``fraction``
+    (at least one image when the fraction is positive) is held back; both lists sorted."""
+    if fraction <= 0:
+        return list(range(n)), []
+    count = min(n - 1, max(1, round(n * fraction)))
+    held = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    chosen = set(held)
+    return [i for i in range(n) if i not in chosen], held
+
+
+def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
+    """Training, validation and calibration loaders for ``cfg.data``; with ``holdout`` > 0 that
+    fraction of the training images is left out of training and served by ``Data.holdout``."""
     train_set = _datasets(cfg, "train", True)
     val, classes = build_val_loader(cfg, runtime)
     if list(train_set.classes) != classes:
         raise dsdata.DataError(f"the train and val splits of {cfg.data.root} have different classes")
     bs = cfg.train.batch_size
+    kept, held = holdout_split(len(train_set), holdout, cfg.train.seed)
+    held_loader = None
+    if held:
+        if len(kept) < bs:
+            raise dsdata.DataError(f"gate.holdout={holdout} leaves {len(kept)} training images, fewer than one "
+                                   f"batch of train.batch_size={bs}; lower gate.holdout or the batch size")
+        train_set = torch.utils.data.Subset(train_set, kept)
+        plain = torch.utils.data.Subset(_datasets(cfg, "train", False), held)
+        held_loader = _loader(cfg, runtime, plain, cfg.data.val_batch_size or bs, False, False)
     # recalibration sees what training saw (augmented images): statistics of un-augmented images
     # cost ds_resnet20 on CIFAR-10 3 points of top-1 (docs/results.md)
     return Data(_loader(cfg, runtime, train_set, bs, True, runtime.distributed), val,
-                _loader(cfg, runtime, train_set, bs, True, False), classes)
+                _loader(cfg, runtime, train_set, bs, True, False), classes, held_loader)
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -226,48 +249,62 @@ def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) ->
                          f"({', '.join(classes[:4])}, ...)")
 
 
-def train_gate(cfg: Config, supernet: str | Path) -> Path:
-    """Stage two: train the gate's width head with SGS on a frozen supernet; returns the run dir."""
-    from dsnet.checkpoint import build_model as rebuild, read_checkpoint
-    from dsnet.evaluate import evaluate_dynamic
-    from dsnet.sgs import SGSStep, frozen_forward, route_targets
+def _gate_model(cfg: Config, state: dict, supernet: Path) -> nn.Module:
+    """The frozen supernet of ``state`` with the routing space and width head stage two trains."""
+    from dsnet.checkpoint import build_model as rebuild
 
-    supernet = Path(supernet)
-    state = read_checkpoint(supernet, "supernet")
-    cfg = _gate_run_dir(cfg, supernet)
     model = rebuild(state)
     space = cfg.gate.routing_space or model.routing_space
     if max(space) >= model.num_subnets:
         raise ValueError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
+    model.set_routing_space(space)
+    model.set_width_head(cfg.gate.head, cfg.gate.head_hidden, cfg.gate.head_dropout)
+    model.model_kwargs = {**model.model_kwargs, "routing_space": tuple(space), **head_kwargs(cfg)}
+    model.requires_grad_(False).eval()
+    model.gate.width_head.requires_grad_(True)
+    if cfg.gate.logit_bias is not None:
+        with torch.no_grad():
+            model.gate.width_head.bias.copy_(torch.tensor(cfg.gate.logit_bias))
+    return model
+
+
+def head_kwargs(cfg: Config) -> dict:
+    """Model kwargs that rebuild stage two's width head (none for the published ``fc`` head)."""
+    g = cfg.gate
+    return {} if g.head == "fc" else {"gate_head": g.head, "gate_hidden": g.head_hidden, "gate_dropout": g.head_dropout}
+
+
+def train_gate(cfg: Config, supernet: str | Path) -> Path:
+    """Stage two: train the gate's width head with SGS on a frozen supernet, then choose the
+    deployment policy on the held-back training images (``dsnet.policy``); returns the run dir."""
+    from dsnet.checkpoint import read_checkpoint
+    from dsnet.sgs import SGSStep
+
+    supernet = Path(supernet)
+    state = read_checkpoint(supernet, "supernet")
+    cfg = _gate_run_dir(cfg, supernet)
+    model = _gate_model(cfg, state, supernet)
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    data = build_data(cfg, runtime)
+    data = build_data(cfg, runtime, cfg.gate.holdout)
     _check_supernet(cfg, state, supernet, data.classes)
     run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
     model = model.to(runtime.device)
-    model.set_routing_space(space)
-    model.model_kwargs = {**model.model_kwargs, "routing_space": tuple(space)}
-    model.requires_grad_(False).eval()
-    head = model.gate.width_head.requires_grad_(True)
-    if cfg.gate.logit_bias is not None:
-        with torch.no_grad():
-            head.bias.copy_(torch.tensor(cfg.gate.logit_bias))
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
     lr = scaled_lr(cfg, runtime, cfg.gate.lr, cfg.gate.lr_base_batch)
-    optimizer = build_optimizer(head, cfg.gate.opt, lr, cfg.gate.weight_decay, cfg.train.momentum, cfg.train.nesterov)
+    optimizer = build_optimizer(model.gate.width_head, cfg.gate.opt, lr, cfg.gate.weight_decay, cfg.train.momentum,
+                                cfg.train.nesterov)
     scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.gate.epochs, updates_per_epoch(data.train, cfg),
                                 cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)
     autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
     costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device)
     step = SGSStep(model, cfg.gate.rule, cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight,
-                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs / costs[-1], autocast, cfg.gate.balance)
-
-    def targets(x, y):
-        return route_targets(frozen_forward(model, x, autocast)[1], y, cfg.gate.rule)
+                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs / costs[-1], autocast, cfg.gate.balance,
+                   cfg.gate.soft_targets)
 
     def evaluate(epoch: int) -> dict:
         report = evaluate_static(model, data.val, runtime.device, size, autocast)
-        report["dynamic"] = evaluate_dynamic(model, data.val, runtime.device, size, targets, autocast)
+        report.update(evaluate_gated(model, data.val, runtime.device, size, cfg.gate.rule, autocast))
         return {"eval": report, "top1_dynamic": report["dynamic"]["top1"],
                 "madds_dynamic": report["dynamic"]["madds_mean"]}
 
@@ -279,10 +316,54 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     if runtime.is_main:
         save_config(cfg, run_dir / "config.yaml")
     loop.run()
+    if loop.epoch == cfg.gate.epochs:
+        _deploy(cfg, loop, model, data, runtime, size, autocast, evaluate)
     if runtime.is_main and "eval" in loop.last_metrics:
         write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "data": data_signature(cfg, data.classes)})
         print(format_report(loop.last_metrics["eval"]))
     return run_dir
+
+
+def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runtime, size: tuple, autocast,
+            evaluate) -> None:
+    """Choose the deployment policy on the held-back images (or the gate as trained when
+    ``gate.holdout`` is 0), apply it, evaluate it and save it in ``last.pth``."""
+    from dsnet.policy import Policy, collect_outcomes
+
+    if data.holdout is None:
+        record = {"policy": Policy().to_dict(), "reason": "gate.holdout is 0: the gate ships as trained"}
+    else:
+        outcomes = collect_outcomes(model, data.holdout, runtime.device, size, autocast)
+        record = select_policy(outcomes, cfg.gate.deploy, cfg.gate.target_madds, cfg.gate.fallback_z)
+    model.set_policy(Policy.from_dict(record["policy"]))
+    metrics = evaluate(loop.epoch)
+    metrics["eval"]["selection"] = record
+    loop.extra_state["deploy"] = record
+    loop.last_metrics = {**loop.last_metrics, **metrics}
+    loop.log({"stage": "gate", "epoch": loop.epoch, "deploy": record, **{k: v for k, v in metrics.items() if k != "eval"}})
+    loop.save(False)
+
+
+def select_policy(outcomes, deploy: str, target_madds: float | None, z: float) -> dict:
+    """The deployment record ``{"policy", "reason", "holdout_samples"}`` for ``gate.deploy``:
+    ``auto`` (best of gate and cascade, static fallback: ``choose_policy``), ``gate`` or ``cascade``;
+    with ``target_madds`` the gate's cost bias (or the cascade's threshold) that costs that much."""
+    from dsnet.policy import candidates, choose_policy, gate_policy, policy_at_madds, score
+
+    n = outcomes.num_samples
+    if target_madds is not None:
+        kind = "cascade" if deploy == "cascade" else "gate"
+        policy = policy_at_madds(outcomes, target_madds, kind)
+        cost = score(outcomes, policy)["madds_mean"]
+        return {"policy": policy.to_dict(), "holdout_samples": n,
+                "reason": f"{kind} at {cost / 1e6:.3f} M MAdds on {n} held-back images (target {target_madds / 1e6:.3f} M)"}
+    if deploy == "gate":
+        return {"policy": gate_policy(outcomes, 0.0).to_dict(), "holdout_samples": n,
+                "reason": "gate.deploy=gate: the gate ships as trained"}
+    pool = [p for p in candidates(outcomes) if deploy == "auto" or p.kind == deploy]
+    chosen = choose_policy(outcomes, z, pool)
+    return {"policy": chosen["policy"].to_dict(), "holdout_samples": n, "reason": chosen["reason"],
+            "candidates": chosen["candidates"]}
 
 
 def data_signature(cfg: Config, classes: list[str]) -> dict:
@@ -296,15 +377,16 @@ def data_signature(cfg: Config, classes: list[str]) -> dict:
 
 
 def write_eval(path: Path, report: dict) -> None:
-    """Write an eval.json report (DESIGN.md's format, plus the optional ``sweep``, ``baseline``
-    (static baselines) and ``data`` (``data_signature``) records)."""
+    """Write an eval.json report (DESIGN.md's format, plus the optional records: after stage two
+    ``gate``, ``sweep``, ``cascade``, ``routing_space`` and ``selection`` (``evaluate_gated``,
+    ``select_policy``); ``baseline`` (static baselines); ``data`` (``data_signature``))."""
     import json
 
     big = report.get("largest")
     out = {"static": report["static"],
            "largest": {"madds": big["madds"], "top1": big["top1"]} if big else None,
            "dynamic": report.get("dynamic"), "num_samples": report["num_samples"]}
-    for key in ("sweep", "baseline", "data"):
+    for key in ("gate", "sweep", "cascade", "routing_space", "selection", "baseline", "data"):
         if report.get(key) is not None:
             out[key] = report[key]
     tmp = path.with_suffix(".tmp")

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dsnet.models.net import DSNet
 
-__all__ = ["RULES", "sgs_targets", "balanced_weights", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep"]
+__all__ = ["RULES", "sgs_targets", "soft_sgs_targets", "balanced_weights", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep"]
 
 RULES = ("slimmest", "slimmest_largest", "cheapest")
 
@@ -58,12 +58,35 @@ def sgs_targets(correct: Tensor, rule: str) -> Tensor:
     return torch.where(easy, 0, correct.shape[0] - 1).long()
 
 
+def soft_sgs_targets(p_true: Tensor, rule: str) -> Tensor:
+    """Soft SGS targets [B, R]: the probability that ``rule`` picks each route when route r is
+    right with probability ``p_true[r]`` (its softmax probability of the label), independently.
+    With 0/1 probabilities this is the one-hot of ``sgs_targets``. p_true: [R, B]."""
+    if rule not in RULES:
+        raise ValueError(f"gate.rule must be one of {', '.join(RULES)}, got {rule!r}")
+    num_routes, p = p_true.shape[0], p_true.float()
+    q = torch.zeros_like(p)
+    if rule == "cheapest":
+        all_wrong_before = torch.cumprod(torch.cat([torch.ones_like(p[:1]), 1 - p[:-1]]), 0)
+        q = p * all_wrong_before
+        q[0] += all_wrong_before[-1] * (1 - p[-1])  # nobody right: the slimmest
+        return q.T
+    easy = p[0] + (1 - p[0]) * (1 - p[-1]) if rule == "slimmest_largest" else p[0]
+    q[0] += easy
+    q[num_routes - 1] += 1 - easy
+    return q.T
+
+
 def balanced_weights(targets: Tensor, num_routes: int) -> Tensor:
     """Per-choice CE weights [R] that give every target choice present in the batch equal total
-    weight (inverse frequency); absent choices get weight 0. targets: [B] long."""
-    counts = torch.bincount(targets, minlength=num_routes).float()
-    present = (counts > 0).float()
-    return present / counts.clamp_min(1.0) * (targets.numel() / present.sum().clamp_min(1.0))
+    weight (inverse frequency); absent choices get weight 0. targets: [B] long, or [B, R]
+    probabilities (soft targets, counted by their mass)."""
+    if targets.dim() == 2:
+        counts = targets.sum(0).float()
+    else:
+        counts = torch.bincount(targets, minlength=num_routes).float()
+    present = (counts > 1e-6).float()
+    return present / counts.clamp_min(1e-6) * (targets.shape[0] / present.sum().clamp_min(1.0))
 
 
 def complexity_penalty(route_weights: Tensor, route_costs: Tensor, target: float) -> Tensor:
@@ -85,8 +108,12 @@ def frozen_forward(model: DSNet, x: Tensor, autocast: Callable[[], contextlib.Ab
     return hidden.flatten(1).float(), logits
 
 
-def route_targets(route_logits: Tensor, y: Tensor, rule: str) -> Tensor:
-    """SGS targets [B] from every route's logits [R, B, K] and labels [B]."""
+def route_targets(route_logits: Tensor, y: Tensor, rule: str, soft: bool = False) -> Tensor:
+    """SGS targets from every route's logits [R, B, K] and labels [B]: [B] long, or with
+    ``soft`` [B, R] probabilities (``soft_sgs_targets``)."""
+    if soft:
+        p_true = torch.softmax(route_logits.float(), 2).gather(2, y.expand(route_logits.shape[0], -1)[..., None])
+        return soft_sgs_targets(p_true.squeeze(2), rule)
     return sgs_targets(route_logits.argmax(2) == y, rule)
 
 
@@ -96,8 +123,9 @@ class SGSStep:
     def __init__(self, model: DSNet, rule: str, sgs_weight: float, task_weight: float,
                  complexity_weight: float, complexity_target: float, tau: float, route_costs: Tensor,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 balance: bool = False) -> None:
+                 balance: bool = False, soft_targets: bool = False) -> None:
         self.model, self.rule, self.tau, self.autocast, self.balance = model, rule, tau, autocast, balance
+        self.soft_targets = soft_targets
         self.weights = {"sgs": sgs_weight, "task": task_weight, "complexity": complexity_weight}
         self.complexity_target, self.route_costs = complexity_target, route_costs
 
@@ -105,11 +133,12 @@ class SGSStep:
         return frozen_forward(self.model, x, self.autocast)
 
     def targets(self, route_logits: Tensor, y: Tensor) -> Tensor:
-        return route_targets(route_logits, y, self.rule)
+        return route_targets(route_logits, y, self.rule, self.soft_targets)
 
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward: Callable[[Tensor], None]) -> dict:
         hidden, route_logits = self.frozen_forward(x)
-        gate_logits = self.model.gate.width_head(hidden)
+        head = self.model.gate.width_head.train()  # the supernet stays in eval mode; a head's dropout trains
+        gate_logits = head(hidden)
         losses: dict[str, Tensor] = {}
         total = gate_logits.new_zeros(())
         if self.weights["sgs"] > 0:

@@ -5,7 +5,8 @@ import torch
 from torch.testing import assert_close
 
 import dsnet
-from dsnet.evaluate import cost_bias, evaluate_dynamic, sweep_dynamic
+from dsnet.evaluate import evaluate_dynamic, evaluate_gated
+from dsnet.policy import cost_bias
 from dsnet.sgs import SGSStep, complexity_penalty, sgs_targets
 
 # Correctness of four routes (rows, slimmest first) on five samples (columns).
@@ -123,11 +124,15 @@ def test_sweep_at_zero_strength_equals_the_routed_evaluation_and_trades_cost_mon
     model, loader, size = _tiny(), _loader(), (3, 32, 32)
     _spread_gate(model, loader)
     report = evaluate_dynamic(model, loader, torch.device("cpu"), size)
-    rows = sweep_dynamic(model, loader, torch.device("cpu"), size, [-50.0, 0.0, 50.0])
-    assert rows[1]["top1"] == pytest.approx(report["top1"]) and rows[1]["madds_mean"] == pytest.approx(report["madds_mean"])
-    assert rows[0]["routing"][-1] == 1.0 and rows[2]["routing"][0] == 1.0
-    assert rows[0]["madds_mean"] >= rows[1]["madds_mean"] >= rows[2]["madds_mean"]
-    assert cost_bias(model, 1.0, size).tolist()[0] == 0.0
+    gated = evaluate_gated(model, loader, torch.device("cpu"), size, "slimmest", sweep=3)
+    rows = [gated["gate"], *gated["sweep"]]  # the trained gate, then strengths -3, 0, +3
+    assert [r["strength"] for r in rows[1:]] == [-3.0, 0.0, 3.0]
+    for row in rows[:1] + rows[2:3]:
+        assert row["top1"] == pytest.approx(report["top1"]) and row["madds_mean"] == pytest.approx(report["madds_mean"])
+    assert gated["dynamic"]["top1"] == pytest.approx(report["top1"])
+    assert rows[1]["madds_mean"] >= rows[2]["madds_mean"] >= rows[3]["madds_mean"]
+    costs = model.dynamic_costs(size)
+    assert cost_bias(costs, 1.0)[0] == 0.0 and cost_bias(costs, 1.0)[-1] == -1.0
 
 
 def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_curve():
@@ -147,4 +152,6 @@ def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_cur
     assert "(static curve 65.00, -1.00)" in format_report(report)
     row = {"strength": 1.0, "top1": 72.5, "madds_mean": 35.0}
     assert format_sweep_row(report, row).endswith("top-1 72.50 (static curve 71.00, +1.50)")
+    cascade = {"threshold": 0.5, "escalated": 0.25, "top1": 64.5, "madds_mean": 25.0}
+    assert format_sweep_row(report, cascade) == "cascade 25.0% escalated: 0.00 M MAdds, top-1 64.50 (static curve 65.00, -0.50)"
     assert "static curve" not in format_sweep_row(report, {**row, "madds_mean": 90.0})

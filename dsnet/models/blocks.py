@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices
+from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices, head_cost
 
 __all__ = ["Unit", "ConvBNAct", "SEUnit", "GateUnit", "MaxPoolUnit", "BasicBlock", "Bottleneck",
            "DenseBasicBlock", "DenseBottleneck", "conv_madds", "conv_params"]
@@ -151,8 +151,7 @@ class GateUnit(Unit):
 
     def head_cost(self) -> tuple[int, int]:
         """(MAdds, parameters) of the width head, paid only when the gate routes."""
-        head = self.gate.width_head
-        return head.in_features * head.out_features, head.weight.numel() + head.bias.numel()
+        return head_cost(self.gate.width_head)
 
     def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         return self.gate.dense(in_c)

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
-from dsnet.layers import DSLinear, _is_compiling, _version
+from dsnet.layers import DSLinear, _is_compiling, _version, width_head
 from dsnet.models.blocks import GateUnit, Unit
+from dsnet.policy import Policy
 from dsnet.routes import Route, RouteTable
 
 __all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "init_weights"]
@@ -65,6 +66,7 @@ class DSNet(nn.Module):
         self._plans: dict[tuple[Route | str, int, int], _Plan] = {}  # (route, start, stop)
         self._hook_scan: tuple[int, bool] | None = None  # (hook handles made by then, any hooks)
         self._cost_cache: dict[tuple, RouteCost] = {}
+        self.set_policy(Policy())
         self.num_features = self._trace_width(self.routes.largest)
         self.classifier = DSLinear(self.num_features, num_classes)
         self._init_weights()
@@ -83,13 +85,39 @@ class DSNet(nn.Module):
         return self.routes.routing_space
 
     def set_routing_space(self, space: Sequence[int]) -> None:
-        """Route among static subnets ``space``; a new width head if the size changes."""
+        """Route among static subnets ``space``; a new width head of the same kind if the size
+        changes. The deployment policy returns to the plain gate."""
         self.routes = RouteTable(self.routes.group_sizes, tuple(space))
         head = self.gate.width_head
         if head.out_features != len(space):
-            self.gate.width_head = nn.Linear(head.in_features, len(space)).to(head.weight.device)
-            nn.init.zeros_(self.gate.width_head.weight)
-            nn.init.zeros_(self.gate.width_head.bias)
+            self.set_width_head("mlp" if hasattr(head, "hidden") else "fc", getattr(head, "hidden", 64),
+                                getattr(head, "dropout", 0.0))
+        self.set_policy(Policy())
+
+    def set_width_head(self, kind: str, hidden: int = 64, dropout: float = 0.0) -> None:
+        """Replace the gate's width head by a fresh one (``dsnet.layers.width_head``): ``fc`` or
+        ``mlp`` with ``hidden`` units; it starts at zero logits."""
+        old = self.gate.width_head
+        self.gate.width_head = width_head(kind, old.in_features, len(self.routing_space), hidden,
+                                          dropout).to(next(old.parameters()).device)
+
+    # ---- deployment policy: what ``subnet="dynamic"`` runs --------------------------------------
+    def set_policy(self, policy: Policy) -> None:
+        """Make ``policy`` (``dsnet.policy.Policy``) the dynamic model: the gate with a per-route
+        logit bias (``gate``; ``static`` is a bias that always picks one route) or the confidence
+        cascade. ``dsnet.load_checkpoint`` applies the policy a run chose."""
+        policy.check(len(self.routing_space))
+        self.policy = policy
+        self._bias_cache: dict[tuple, Tensor] = {}
+
+    def _policy_bias(self, like: Tensor) -> Tensor | None:
+        bias = getattr(self, "policy", Policy()).bias
+        if not bias:
+            return None
+        key = (like.device, like.dtype)
+        if key not in self._bias_cache:
+            self._bias_cache[key] = torch.tensor(bias, dtype=like.dtype, device=like.device)
+        return self._bias_cache[key]
 
     def _choices(self, route: Route) -> list[int]:
         ks = self._choice_cache.get(route)
@@ -157,7 +185,7 @@ class DSNet(nn.Module):
 
     def __getstate__(self):  # a copy (deepcopy, pickle) must not share plans over our tensors
         state = super().__getstate__()
-        state["_plans"], state["_hook_scan"] = {}, None
+        state["_plans"], state["_hook_scan"], state["_bias_cache"] = {}, None, {}
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -208,14 +236,19 @@ class DSNet(nn.Module):
         return self.forward_head(self.forward_units(h, route, self.gate_index + 1, len(self.units)), route)
 
     def forward_dynamic(self, x: Tensor, logit_bias: Tensor | None = None) -> DynamicOutput:
-        """Each sample takes the route its gate picks (argmax of logits + ``logit_bias`` [R]).
+        """Each sample takes the route the deployment policy picks: the argmax of the gate's
+        logits + the policy's bias + ``logit_bias`` [R], or the confidence cascade.
 
         Samples sharing a route run together on dense slices; outputs return in input order.
         One host sync per call (the group sizes decide which kernels run).
         """
-        h, gate_logits = self.forward_gate(x)
-        scores = gate_logits if logit_bias is None else gate_logits + logit_bias
-        choice = scores.argmax(1)
+        if self.policy.kind == "cascade":
+            return self.forward_cascade(x, self.policy.threshold)
+        h, scores = self.forward_gate(x)
+        for bias in (self._policy_bias(scores), logit_bias):
+            if bias is not None:
+                scores = scores + bias
+        gate_logits, choice = scores, scores.argmax(1)
         routes = self.routes.dynamic_routes
         if x.shape[0] == 1:
             logits = self.forward_from_gate(h, routes[int(choice)])
@@ -227,6 +260,19 @@ class DSNet(nn.Module):
         sorted_logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         logits = torch.empty_like(sorted_logits).index_copy_(0, order, sorted_logits)
         return DynamicOutput(logits, choice, gate_logits)
+
+    def forward_cascade(self, x: Tensor, threshold: float) -> DynamicOutput:
+        """The confidence cascade: every sample takes the slimmest route of the routing space;
+        those whose top softmax probability is under ``threshold`` also take the widest, whose
+        logits replace the slimmest's. The units up to the gate run once. ``choice`` is 0 or R-1."""
+        routes = self.routes.dynamic_routes
+        h, gate_logits = self.forward_gate(x)
+        logits = self.forward_from_gate(h, routes[0])
+        escalate = torch.softmax(logits.float(), 1).amax(1) < threshold
+        index = escalate.nonzero().squeeze(1)  # the host sync
+        if index.numel():
+            logits = logits.index_copy(0, index, self.forward_from_gate(h[index], routes[-1]).to(logits.dtype))
+        return DynamicOutput(logits, escalate.long() * (len(routes) - 1), gate_logits)
 
     # ---- cost and extraction --------------------------------------------------------------
     def _trace_width(self, route: Route) -> int:
@@ -260,6 +306,26 @@ class DSNet(nn.Module):
         """Per-route MAdds of the dynamic model (gate width head included), routing-space order."""
         head = self.units[self.gate_index].head_cost()[0]
         return [self.route_cost(r, input_size).madds + head for r in self.routes.dynamic_routes]
+
+    def shared_cost(self, input_size: Sequence[int] | None = None) -> int:
+        """MAdds of the units every routing-space route shares: up to and including the gate's
+        channel attention (its width head excluded)."""
+        size = tuple(input_size or self.default_input_size)
+        route, madds, c, hw = self.routes.dynamic_routes[0], 0, self.in_chans, (size[1], size[2])
+        for unit, k in zip(self._unit_list[:self.gate_index + 1], self._choices(route)):
+            m, _, hw = unit.cost(c, k, hw)
+            madds, c = madds + m, unit.out_width(c, k)
+        return madds
+
+    def policy_costs(self, input_size: Sequence[int] | None = None) -> list[int]:
+        """MAdds a sample pays under the deployment policy, per routing-space index it ends on:
+        ``dynamic_costs`` for the gate; for the cascade, the slimmest route (gate included) and,
+        for an escalated sample (index R-1), the widest route's units after the shared ones too."""
+        costs = self.dynamic_costs(input_size)
+        if self.policy.kind != "cascade":
+            return costs
+        wide = self.route_cost(self.routes.dynamic_routes[-1], input_size).madds
+        return [costs[0]] * (len(costs) - 1) + [costs[0] + wide - self.shared_cost(input_size)]
 
     def extract(self, route: Route, largest_stats: bool = False) -> "DenseNet":
         """A plain torch.nn copy of ``route``: sliced weights and that width's BN statistics

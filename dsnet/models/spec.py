@@ -45,8 +45,11 @@ def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if pretrained:
             raise ValueError(f"dsnet ships no pretrained weights for '{name}'; train one with "
                              "train_supernet.py or load a run with dsnet.load_checkpoint")
+        head = {k: kwargs.pop(k) for k in ("gate_head", "gate_hidden", "gate_dropout") if k in kwargs}
         model = fn(**kwargs)
-        model.model_name, model.model_kwargs = name, dict(kwargs)
+        if head:  # stage two's width head (gate.head=mlp); every family has one gate
+            model.set_width_head(head.get("gate_head", "fc"), head.get("gate_hidden", 64), head.get("gate_dropout", 0.0))
+        model.model_name, model.model_kwargs = name, {**kwargs, **head}
         return model
 
     entry.__name__, entry.__doc__, entry.__module__ = name, fn.__doc__, fn.__module__

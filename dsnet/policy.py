@@ -1,0 +1,269 @@
+"""What the dynamic model runs (its deployment policy), how each policy scores, and how dsnet
+chooses one that is never worse than a static subnet.
+
+A policy decides per image which routes of the routing space run:
+
+- ``gate``: the argmax of the gate's route logits plus a per-route bias (``cost_bias`` of a
+  strength t; t = 0 is the gate as trained);
+- ``static``: one routing-space route for every image, as a bias that always picks it (the
+  fallback when no dynamic policy beats the static subnets);
+- ``cascade``: every image runs the slimmest route; an image whose top softmax probability is
+  under a threshold also runs the widest route, whose prediction replaces the slimmest's. The
+  units up to the gate run once, so an escalated image pays the widest route's remaining units
+  on top of the slimmest route. This is what a user would build without a gate.
+
+``collect_outcomes`` runs every static subnet once per image and keeps the per-image correctness,
+the gate's logits and the slimmest route's confidence; a policy's accuracy and mean MAdds are then
+a table lookup (``score``), equal to routed inference with that policy (tests/test_policy.py).
+
+``choose_policy`` compares each candidate with the static subnets' accuracy-MAdds curve on the
+same images, sample by sample: the curve at the candidate's mean MAdds mixes the two neighbouring
+subnets, and the per-image difference gives the gain and its standard error. The candidate with
+the highest lower bound (gain - z x standard error) ships when that bound is positive; otherwise
+the best static route at the trained gate's cost does, and the report says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from dsnet.models.net import DSNet
+
+__all__ = ["KINDS", "Policy", "Outcomes", "cost_bias", "collect_outcomes", "score", "against_curve",
+           "gate_policy", "static_policy", "cascade_policy", "candidates", "choose_policy", "policy_at_madds"]
+
+KINDS = ("gate", "static", "cascade")
+_NEVER = -1.0e6  # a logit bias no trained gate logit overcomes: the route is never picked
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A deployment policy (see the module docstring). ``bias``: per-route logit bias of ``gate``
+    and ``static``; ``route``: the routing-space index of ``static``; ``threshold``: the cascade's
+    confidence threshold; ``strength``: the cost-bias strength ``bias`` came from."""
+
+    kind: str = "gate"
+    bias: tuple[float, ...] = ()
+    strength: float = 0.0
+    route: int = 0
+    threshold: float = 0.0
+
+    def check(self, num_routes: int) -> None:
+        """Raise ValueError unless the policy fits a routing space of ``num_routes`` routes."""
+        if self.kind not in KINDS:
+            raise ValueError(f"policy kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.bias and len(self.bias) != num_routes:
+            raise ValueError(f"a policy bias needs one value per route ({num_routes}), got {len(self.bias)}")
+        if not 0 <= self.route < num_routes:
+            raise ValueError(f"policy route {self.route} is outside the routing space (0..{num_routes - 1})")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bias": list(self.bias)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        return cls(**{**d, "bias": tuple(d.get("bias", ()))})
+
+    def describe(self, space: Sequence[int]) -> str:
+        if self.kind == "static":
+            return f"static subnet {space[self.route]} (fallback)"
+        if self.kind == "cascade":
+            return (f"cascade: subnet {space[0]}, then subnet {space[-1]} when confidence < "
+                    f"{self.threshold:.3f}")
+        return "gate" + (f", cost bias {self.strength:+.3f}" if self.strength else "")
+
+
+def cost_bias(costs: Sequence[float], strength: float) -> list[float]:
+    """Gate-logit bias of strength ``strength``: ``-strength`` x each route's cost, scaled to [0, 1]
+    over the routing space. strength > 0 favours slimmer routes, < 0 wider ones."""
+    low, span = min(costs), (max(costs) - min(costs)) or 1.0
+    return [-strength * (c - low) / span for c in costs]
+
+
+def gate_policy(outcomes: "Outcomes", strength: float) -> Policy:
+    return Policy("gate", tuple(cost_bias(outcomes.dynamic_costs, strength)), float(strength))
+
+
+def static_policy(route: int, num_routes: int) -> Policy:
+    return Policy("static", tuple(0.0 if r == route else _NEVER for r in range(num_routes)), route=route)
+
+
+def cascade_policy(threshold: float) -> Policy:
+    return Policy("cascade", threshold=float(threshold))
+
+
+@dataclass
+class Outcomes:
+    """Per-image results of every static subnet on one evaluation set, enough to score any policy.
+
+    hit1, hit5: [N, S] bool, static subnet s right at top-1 / top-5; gate_logits: [N, R] (as
+    trained, no policy bias); confidence: [N] top softmax probability of the routing space's
+    slimmest route; costs in MAdds: ``static_costs`` [S] per fixed route, ``dynamic_costs`` [R]
+    with the gate's width head, ``escalation_cost`` what the cascade adds for an escalated image.
+    """
+
+    hit1: Tensor
+    hit5: Tensor
+    gate_logits: Tensor
+    confidence: Tensor
+    space: tuple[int, ...]
+    static_costs: list[int]
+    dynamic_costs: list[int]
+    escalation_cost: int
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.hit1.shape[0]
+
+    def static_top1(self) -> list[float]:
+        return (self.hit1.double().mean(0) * 100).tolist()
+
+
+@torch.inference_mode()
+def collect_outcomes(model: "DSNet", batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                     input_size: Sequence[int], autocast: Callable = contextlib.nullcontext) -> Outcomes:
+    """One pass over ``batches`` of (images, labels): every static subnet's per-image top-1/top-5
+    correctness, the gate's logits and the slimmest routing-space route's confidence."""
+    from dsnet.evaluate import topk_hits
+
+    model.eval()
+    routes = model.routes.static_routes
+    slim = model.routing_space[0]
+    hit1, hit5, gates, conf = [], [], [], []
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            h, gate_logits = model.forward_gate(x)
+            logits = [model.forward_from_gate(h, r).float() for r in routes]
+        hits = [topk_hits(out, y) for out in logits]
+        hit1.append(torch.stack([t[0] for t in hits], 1))
+        hit5.append(torch.stack([t[1] for t in hits], 1))
+        gates.append(gate_logits.float())
+        conf.append(torch.softmax(logits[slim], 1).amax(1))
+    wide = model.route_cost(model.routes.dynamic_routes[-1], input_size).madds
+    return Outcomes(torch.cat(hit1).cpu(), torch.cat(hit5).cpu(), torch.cat(gates).cpu(), torch.cat(conf).cpu(),
+                    tuple(model.routing_space), [model.route_cost(r, input_size).madds for r in routes],
+                    model.dynamic_costs(input_size), wide - model.shared_cost(input_size))
+
+
+def _choices(outcomes: Outcomes, policy: Policy) -> tuple[Tensor, Tensor]:
+    """(routing-space index [N] each image ends on, MAdds [N] it pays) under ``policy``."""
+    costs = torch.tensor(outcomes.dynamic_costs, dtype=torch.float64)
+    if policy.kind == "cascade":
+        escalate = outcomes.confidence < policy.threshold
+        return escalate.long() * (len(outcomes.space) - 1), costs[0] + escalate.double() * outcomes.escalation_cost
+    scores = outcomes.gate_logits + torch.tensor(policy.bias) if policy.bias else outcomes.gate_logits
+    choice = scores.argmax(1)
+    return choice, costs[choice]
+
+
+def score(outcomes: Outcomes, policy: Policy) -> dict:
+    """Top-1/top-5 (percent), mean MAdds and routing histogram of ``policy``, plus ``hits`` [N]
+    (per-image top-1 correctness, for ``against_curve``)."""
+    choice, madds = _choices(outcomes, policy)
+    subnets = torch.tensor(outcomes.space)[choice]
+    rows = torch.arange(outcomes.num_samples)
+    hits = outcomes.hit1[rows, subnets]
+    routing = torch.bincount(choice, minlength=len(outcomes.space)).double() / max(outcomes.num_samples, 1)
+    return {"policy": policy.to_dict(), "top1": float(hits.double().mean()) * 100,
+            "top5": float(outcomes.hit5[rows, subnets].double().mean()) * 100,
+            "madds_mean": float(madds.mean()), "routing": routing.tolist(), "hits": hits}
+
+
+def against_curve(outcomes: Outcomes, scored: dict) -> tuple[float, float] | None:
+    """(gain in points over the static curve at the policy's mean MAdds, its standard error), from
+    per-image differences with the mix of the two neighbouring static subnets; None outside the
+    static subnets' MAdds range."""
+    madds = scored["madds_mean"]
+    points = sorted(zip(outcomes.static_costs, range(len(outcomes.static_costs))))
+    for (m0, s0), (m1, s1) in zip(points, points[1:]):
+        if m0 <= madds <= m1:
+            w = 0.0 if m1 == m0 else (madds - m0) / (m1 - m0)
+            curve = (1 - w) * outcomes.hit1[:, s0].double() + w * outcomes.hit1[:, s1].double()
+            diff = scored["hits"].double() - curve
+            n = diff.numel()
+            se = float(diff.std()) / math.sqrt(n) if n > 1 else math.inf
+            return float(diff.mean()) * 100, se * 100
+    return None
+
+
+def candidates(outcomes: Outcomes, strengths: Sequence[float] | None = None,
+               escalations: Sequence[float] | None = None) -> list[Policy]:
+    """Gate operating points (cost-bias strengths, default 25 in [-3, 3]) and cascade thresholds
+    (the confidence quantiles that escalate 5%, 10%, ... 50% of the images)."""
+    strengths = [-3 + 0.25 * i for i in range(25)] if strengths is None else strengths
+    escalations = [0.05 * i for i in range(1, 11)] if escalations is None else escalations
+    quantiles = torch.quantile(outcomes.confidence.double(), torch.tensor(list(escalations), dtype=torch.float64))
+    # escalate images strictly under the threshold: nudge up so the quantile image itself escalates
+    return ([gate_policy(outcomes, s) for s in strengths]
+            + [cascade_policy(math.nextafter(float(q), math.inf)) for q in quantiles])
+
+
+def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | None = None) -> dict:
+    """The policy to ship, chosen on ``outcomes`` (images the gate did not train on).
+
+    Returns {"policy": Policy, "reason": str, "candidates": [{"policy", "top1", "madds_mean",
+    "gain", "se"}]}: the candidate with the highest ``gain - z * se`` if that is positive, else the
+    static fallback (the most accurate routing-space route that costs no more than the trained gate).
+    """
+    rows, best = [], None
+    for policy in (candidates(outcomes) if pool is None else pool):
+        scored = score(outcomes, policy)
+        versus = against_curve(outcomes, scored)
+        row = {"policy": policy.to_dict(), "top1": scored["top1"], "madds_mean": scored["madds_mean"],
+               "gain": None if versus is None else versus[0], "se": None if versus is None else versus[1]}
+        rows.append(row)
+        if versus is not None and (best is None or versus[0] - z * versus[1] > best[1]):
+            best = (policy, versus[0] - z * versus[1], versus)
+    n = outcomes.num_samples
+    if best is not None and best[1] > 0:
+        gain, se = best[2]
+        return {"policy": best[0], "candidates": rows,
+                "reason": f"{best[0].kind} beats the static curve on {n} held-back images by {gain:+.2f} "
+                          f"points (standard error {se:.2f}, z = {z})"}
+    budget = score(outcomes, gate_policy(outcomes, 0.0))["madds_mean"]
+    top1 = outcomes.static_top1()
+    affordable = [r for r, c in enumerate(outcomes.dynamic_costs) if c <= budget + 1e-9] or [0]
+    route = max(affordable, key=lambda r: (top1[outcomes.space[r]], -r))
+    shown = "none" if best is None else f"{best[2][0]:+.2f} points (standard error {best[2][1]:.2f})"
+    return {"policy": static_policy(route, len(outcomes.space)), "candidates": rows,
+            "reason": f"no dynamic policy beats the static curve on {n} held-back images (best: {shown}); "
+                      f"falling back to static subnet {outcomes.space[route]}, the best route at the gate's cost"}
+
+
+def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", tolerance: float = 1e-3) -> Policy:
+    """The ``kind`` policy (``gate``: a cost-bias strength; ``cascade``: a threshold) whose mean
+    MAdds on ``outcomes`` is closest to ``target``. Raises ValueError when ``target`` is outside
+    what the policy can reach."""
+    if kind == "cascade":
+        low = outcomes.dynamic_costs[0]
+        high = low + outcomes.escalation_cost
+        make: Callable[[float], Policy] = cascade_policy
+        lo, hi = 0.0, math.nextafter(1.0, math.inf)  # cost rises with the threshold
+    elif kind == "gate":
+        low, high = min(outcomes.dynamic_costs), max(outcomes.dynamic_costs)
+        make = lambda s: gate_policy(outcomes, -s)  # noqa: E731  (cost rises as the strength falls)
+        lo, hi = -1e4, 1e4
+    else:
+        raise ValueError(f"--target-madds applies to the gate or the cascade, got {kind!r}")
+    if not low <= target <= high:
+        raise ValueError(f"target {target / 1e6:.2f} M MAdds is outside what the {kind} can reach "
+                         f"({low / 1e6:.2f} M .. {high / 1e6:.2f} M)")
+    best = None
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        policy = make(mid)
+        cost = score(outcomes, policy)["madds_mean"]
+        if best is None or abs(cost - target) < abs(best[1] - target):
+            best = (policy, cost)
+        if abs(cost - target) <= tolerance * target:
+            break
+        lo, hi = (mid, hi) if cost < target else (lo, mid)
+    return best[0]

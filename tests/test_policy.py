@@ -56,7 +56,7 @@ def test_table_score_equals_routed_inference_under_the_policy(randomize_bn, make
 
 
 def test_gate_and_cascade_route_sample_by_sample_as_their_definitions_say(randomize_bn):
-    model, (x, y) = _model(randomize_bn), _loader(n=32, batch=32)[0]
+    model, (x, _) = _model(randomize_bn), _loader(n=32, batch=32)[0]
     with torch.no_grad():
         gate_logits = model.forward_gate(x)[1]
         slim, wide = model(x, subnet=0), model(x, subnet=2)

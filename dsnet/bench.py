@@ -99,14 +99,17 @@ def gate_choice(model: DSNet, x: Tensor) -> Tensor:
 
 
 def dense_limit_fns(model: DSNet, x: Tensor) -> tuple[dict[str, Callable[[], object]], Tensor]:
-    """The pieces of the dense limit on batch x: ``{"gate": pre + gate, "route{r}": post r on its
-    group}`` for every non-empty group, and the route index [B] the dense gate picked."""
+    """The pieces of the dense limit on batch x under the deployment policy: ``{"gate": pre + gate,
+    "route{r}": post r on its group}`` for every non-empty group (for the cascade: the slimmest
+    post on the whole batch and the widest on the escalated samples), and the route index [B]
+    each sample ends on."""
     net = extract_dynamic(model).to(x.device)
-    h, logits = net.gate(net.pre(x))
-    choice = logits.argmax(1)
+    h = net.gate(net.pre(x))[0]
+    choice = net.routed(x)[1]
     fns: dict[str, Callable[[], object]] = {"gate": lambda: net.gate(net.pre(x))}
+    cascade = net.cascade_threshold >= 0
     for r, post in enumerate(net.posts):
-        group = h[choice == r]
+        group = h if cascade and r == 0 else h[choice == r]
         if group.shape[0] > 0:
             fns[f"route{r}"] = lambda post=post, group=group: post(group)
     return fns, choice
@@ -135,7 +138,7 @@ def bench_batch(model: DSNet, x: Tensor, input_size: Sequence[int], repeats: int
             fns[f"dense/{i}"] = lambda i=i: dense[i](x)
     fns.update({f"extra/{k}": f for k, f in (extra or {}).items()})
     ms = time_interleaved(fns, repeats, warmup, min_ms, device, clock)
-    costs = model.dynamic_costs(input_size)
+    costs = model.policy_costs(input_size)
     largest_madds = model.route_cost(model.routes.largest, input_size).madds
     dyn_madds = sum(costs[c] for c in choice.tolist()) / len(choice)
     row = {"batch_size": int(x.shape[0]), "largest_ms": ms["largest"], "dynamic_ms": ms["dynamic"],

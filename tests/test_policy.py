@@ -231,7 +231,7 @@ def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(
     from dsnet.config import load_config
     from dsnet.runs import train_gate, train_supernet
 
-    data = _noise_folder(tmp_path / "noise")
+    data = _noise_folder(tmp_path / "noise", per_class=(24, 25))
     cfg = load_config(None, [
         "model.name=ds_resnet20", "model.kwargs={base_mults: [0.25, 0.5], width_mults: [0.125, 0.25, 0.5]}",
         "data.name=folder", f"data.root={data}", "data.num_workers=0", "train.batch_size=16", "train.epochs=1",
@@ -249,3 +249,43 @@ def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(
     model = load_checkpoint(gate_run / "checkpoints/last.pth")
     assert model.policy.kind == "static" and dynamic["madds_mean"] == model.dynamic_costs((3, 32, 32))[route]
     assert "falling back" in (gate_run / "metrics.jsonl").read_text()
+
+    # a budget instead: dsnet evaluate --target-madds writes a new checkpoint, export routes with it
+    from dsnet.cli import main as dsnet_main
+
+    ckpt = gate_run / "checkpoints/last.pth"
+    before = ckpt.read_bytes()
+    costs = model.dynamic_costs((3, 32, 32))
+    target = (costs[0] + costs[-1]) / 2
+    out, again = tmp_path / "budget.pth", tmp_path / "budget.json"
+    assert dsnet_main(["evaluate", str(ckpt), "--target-madds", f"{target / 1e6:.4f}M", "-o", str(out),
+                       "--json", str(again)]) == 0
+    assert ckpt.read_bytes() == before
+    budget = json.loads(again.read_text())["dynamic"]
+    assert budget["policy"]["kind"] == "gate" and budget["madds_mean"] == pytest.approx(target, rel=0.02)
+    assert dsnet_main(["evaluate", str(ckpt), "--target-madds", "1G", "-o", str(tmp_path / "x.pth")]) == 2
+    assert not (tmp_path / "x.pth").exists()
+    assert dsnet_main(["export", str(out), "--dynamic", "--format", "torchscript", "-o", str(tmp_path / "b.pt")]) == 0
+    shipped = load_checkpoint(out)
+    images = torch.stack([torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(16)])
+    with torch.no_grad():
+        expected = shipped.forward_dynamic(images)
+        choice = torch.jit.load(str(tmp_path / "b.pt")).routed(images)[1]
+    assert choice.tolist() == expected.choice.tolist()
+
+
+def test_bench_times_and_prices_the_cascade_it_ships(randomize_bn):
+    from dsnet.bench import bench_batch, dense_limit_fns
+
+    model = _model(randomize_bn)
+    x = torch.cat([b[0] for b in _loader(n=32)])
+    with torch.no_grad():
+        confidence = torch.softmax(model(x, subnet=0), 1).amax(1)
+        model.set_policy(cascade_policy(float(confidence.median())))
+        expected = model.forward_dynamic(x).choice
+        fns, choice = dense_limit_fns(model, x)
+    assert choice.tolist() == expected.tolist() and set(fns) == {"gate", "route0", "route1"}
+    row = bench_batch(model, x, SIZE, repeats=1, subnets=False, warmup=0, min_ms=0.0)
+    costs = model.policy_costs(SIZE)
+    assert row["dynamic_madds_mean"] == pytest.approx(sum(costs[c] for c in expected.tolist()) / len(x))
+    assert row["routing"] == torch.bincount(expected, minlength=2).tolist()

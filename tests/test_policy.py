@@ -129,6 +129,17 @@ def test_a_gate_that_routes_against_difficulty_falls_back_to_the_best_static_rou
     assert score(outcomes, chosen["policy"])["top1"] == pytest.approx(float(hit1[:, 1].double().mean()) * 100)
 
 
+def test_the_fallback_reads_the_routing_space_not_the_static_table_order():
+    # static subnets 0, 1, 2; the gate routes among subnets 1 and 2 only, and knows nothing
+    hit1 = torch.tensor([[True, False, True], [True, True, True], [True, False, False], [True, True, True]] * 25)
+    gate = torch.tensor([[0.0, 1.0]]).expand(100, 2)  # the trained gate sends everything to subnet 2 (cost 31)
+    outcomes = Outcomes(hit1, hit1, gate, torch.full((100,), 0.5), (1, 2), [10, 20, 30], [21, 31], 26)
+    chosen = choose_policy(outcomes, z=1e6)  # subnet 0 is 100% right but outside the routing space
+    assert chosen["policy"] == static_policy(1, 2) and "static subnet 2" in chosen["reason"]
+    scored = score(outcomes, chosen["policy"])
+    assert scored["routing"] == [0.0, 1.0] and scored["madds_mean"] == 31 and scored["top1"] == 75.0
+
+
 def test_the_choice_needs_more_than_noise():
     hit1, is_hard, confidence = _hard_easy_table(n=400)
     weak = torch.stack([torch.zeros(len(is_hard)), torch.zeros(len(is_hard)), is_hard.float() * 0.0], 1)

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dsnet.layers import head_output
+from dsnet.heads import head_output
 from dsnet.madds import _route
 from dsnet.models.net import DenseNet, DSNet
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dsnet
 from dsnet.evaluate import evaluate_dynamic
 from dsnet.export import extract_dynamic
-from dsnet.layers import head_output
+from dsnet.heads import head_output
 from dsnet.policy import (Outcomes, Policy, cascade_policy, choose_policy, collect_outcomes, gate_policy,
                           policy_at_madds, score, static_policy)
 from dsnet.sgs import route_targets, sgs_targets, soft_sgs_targets

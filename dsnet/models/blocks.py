@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices, head_cost
+from dsnet.heads import head_cost
+from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices
 
 __all__ = ["Unit", "ConvBNAct", "SEUnit", "GateUnit", "MaxPoolUnit", "BasicBlock", "Bottleneck",
            "DenseBasicBlock", "DenseBottleneck", "conv_madds", "conv_params"]

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
-from dsnet.layers import DSLinear, _is_compiling, _version, width_head
+from dsnet.heads import width_head
+from dsnet.layers import DSLinear, _is_compiling, _version
 from dsnet.models.blocks import GateUnit, Unit
 from dsnet.policy import Policy
 from dsnet.routes import Route, RouteTable

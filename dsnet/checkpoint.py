@@ -39,7 +39,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save({"format": FORMAT, "version": VERSION, **_timm_ema(state)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,6 +52,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _timm_ema(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its EMA weights also under 'model_ema', where ``timm.models.load_checkpoint(m,
+    path, use_ema=True)`` looks for them (it reads 'model' otherwise). torch.save writes a tensor
+    held twice once, so the file does not grow."""
+    state = {k: v for k, v in state.items() if k != "model_ema"}
+    return {**state, "model_ema": state["ema"]} if state.get("ema") is not None else state
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--subnet", type=int, metavar="I", help="static subnet I (0 = slimmest)")
     route.add_argument("--dynamic", action="store_true",
                        help="the gated model: each sample takes the route its gate picks")
-    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx", "safetensors"),
+                   help="safetensors: weights only (--dynamic: the whole supernet's)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="output file (a folder for --dynamic --format onnx); never overwritten")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N",

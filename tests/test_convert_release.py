@@ -2,6 +2,8 @@
 (``tests/release_fixture.py``): logits of the largest route and of each of the 14 static
 subnets, and one-line refusals of anything that is not a release checkpoint of this width table."""
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import dsnet
 from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main
 from tests.release_fixture import fixture_input, load_fixture, release_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,31 @@ def test_other_width_tables_truncated_files_and_strangers_are_refused(fixture, r
     assert "truncated or corrupt" in err
     err = _refused(["convert", str(release_file), "-o", str(out), "--from", "torchvision-resnet50"], capsys, out)
     assert "conv1.weight" in err
+
+
+def test_converted_release_goes_through_stage_two_evaluate_export_and_bench(converted, tmp_path, capsys):
+    """The converted checkpoint as a stage-one checkpoint of every command (64px synthetic images
+    keep it quick; docs/results.md has the same run at 224px)."""
+    from dsnet.cli import train_gate_main
+
+    config = str(ROOT / "configs" / "imagenet_ds_mobilenet_v1.yml")
+    data = ["data.name=synthetic", "data.input_size=64", "data.synthetic_train_size=8", "data.synthetic_val_size=4",
+            "data.synthetic_classes=10", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0",
+            "train.batch_size=4", "train.amp=none", "train.channels_last=false", "train.progress=false",
+            "gate.epochs=1", f"output.dir={tmp_path / 'gate'}"]
+    assert train_gate_main(["-c", config, "--supernet", str(converted), *data]) == 0
+    gate = tmp_path / "gate" / "checkpoints" / "last.pth"
+    state = read_checkpoint(gate, "gate")
+    assert state["step"] == 2 and not torch.equal(
+        state["model"]["units.17.gate.width_head.weight"], read_checkpoint(converted)["model"]["units.17.gate.width_head.weight"])
+    assert dsnet_main(["evaluate", str(gate), "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert len(report["static"]) == 14 and report["dynamic"] is not None
+    assert dsnet_main(["export", str(gate), "--dynamic", "--format", "torchscript", "-o", str(tmp_path / "dyn.pt")]) == 0
+    scripted = torch.jit.load(str(tmp_path / "dyn.pt"))
+    model = dsnet.load_checkpoint(gate)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x, subnet="dynamic"), rtol=1e-4, atol=1e-4)
+    assert dsnet_main(["bench", str(gate), "--batch-sizes", "1", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["batch_size"] == 1

@@ -69,7 +69,8 @@ def test_narrow_widths_start_from_the_full_widths_leading_bn_statistics(resnet50
         torch.testing.assert_close(bn.running_var[row, :width], full[:width], rtol=0, atol=0)
 
 
-def _refused(argv, capsys, out):
+def refused(argv, capsys, out):
+    """Run ``dsnet`` argv; it must fail with one line on stderr and leave ``out`` unwritten."""
     assert dsnet_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -79,25 +80,25 @@ def _refused(argv, capsys, out):
 
 def test_wrong_sources_end_in_one_line_and_write_nothing(resnet50_file, tmp_path, capsys):
     out = tmp_path / "out.pth"
-    err = _refused(["convert", str(resnet50_file), "-o", str(out), "--from", "ds-net-release"], capsys, out)
+    err = refused(["convert", str(resnet50_file), "-o", str(out), "--from", "ds-net-release"], capsys, out)
     assert "conv_stem.weight" in err and "conv1.weight" in err
     cut = tmp_path / "cut.pth"
     cut.write_bytes(resnet50_file.read_bytes()[: resnet50_file.stat().st_size // 2])
-    err = _refused(["convert", str(cut), "-o", str(out), "--from", "torchvision-resnet50"], capsys, out)
+    err = refused(["convert", str(cut), "-o", str(out), "--from", "torchvision-resnet50"], capsys, out)
     assert "truncated or corrupt" in err
     sd = torch.load(resnet50_file, weights_only=True)["state_dict"]
     sd["module.layer3.2.conv2.weight"] = sd["module.layer3.2.conv2.weight"][:128]  # another width table
     torch.save(sd, tmp_path / "narrow.pth")
-    err = _refused(["convert", str(tmp_path / "narrow.pth"), "-o", str(out), "--from", "torchvision-resnet50"],
+    err = refused(["convert", str(tmp_path / "narrow.pth"), "-o", str(out), "--from", "torchvision-resnet50"],
                    capsys, out)
     assert "'layer3.2.conv2.weight' has shape [128, 256, 3, 3]" in err and "[256, 256, 3, 3]" in err
     sd = torch.load(resnet50_file, weights_only=True)["state_dict"]
     sd["module.extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "extra.pth")
-    err = _refused(["convert", str(tmp_path / "extra.pth"), "-o", str(out), "--from", "torchvision-resnet50"],
+    err = refused(["convert", str(tmp_path / "extra.pth"), "-o", str(out), "--from", "torchvision-resnet50"],
                    capsys, out)
     assert "'extra.weight'" in err
-    err = _refused(["convert", str(resnet50_file), "-o", str(out), "--from", "torchvision-resnet50", "--ema"],
+    err = refused(["convert", str(resnet50_file), "-o", str(out), "--from", "torchvision-resnet50", "--ema"],
                    capsys, out)
     assert "state_dict_ema" in err
 

@@ -12,6 +12,7 @@ import dsnet
 from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main
 from tests.release_fixture import fixture_input, load_fixture, release_state_dict
+from tests.test_convert import refused
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,34 +89,26 @@ def test_ema_flag_converts_the_ema_weights(fixture, release_file, tmp_path, caps
     assert _rel_max_diff(got, fixture["logits"]["largest"] + 1.0) <= 1e-4
 
 
-def _refused(argv, capsys, out):
-    assert dsnet_main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
-    return err
-
-
 def test_other_width_tables_truncated_files_and_strangers_are_refused(fixture, release_file, tmp_path, capsys):
     out = tmp_path / "out.pth"
     sd = release_state_dict(fixture)
     wider = {**sd, "blocks.4.first_block.conv_pw.weight": torch.zeros(1280, 640, 1, 1)}
     torch.save({"state_dict": wider}, tmp_path / "wider.pth")
-    err = _refused(["convert", str(tmp_path / "wider.pth"), "-o", str(out), "--from", "ds-net-release"], capsys, out)
+    err = refused(["convert", str(tmp_path / "wider.pth"), "-o", str(out), "--from", "ds-net-release"], capsys, out)
     assert "'blocks.4.first_block.conv_pw.weight' has shape [1280, 640, 1, 1]" in err and "[1152, 640, 1, 1]" in err
     extra = {**sd, "blocks.5.first_block.conv_dw.weight": torch.zeros(1)}
     torch.save(extra, tmp_path / "extra.pth")
-    err = _refused(["convert", str(tmp_path / "extra.pth"), "-o", str(out), "--from", "ds-net-release"], capsys, out)
+    err = refused(["convert", str(tmp_path / "extra.pth"), "-o", str(out), "--from", "ds-net-release"], capsys, out)
     assert "'blocks.5.first_block.conv_dw.weight'" in err
     missing = {k: v for k, v in sd.items() if k != "blocks.2.residual_blocks.0.gate.conv_expand.bias"}
     torch.save(missing, tmp_path / "missing.pth")
-    err = _refused(["convert", str(tmp_path / "missing.pth"), "-o", str(out), "--from", "ds-net-release"], capsys, out)
+    err = refused(["convert", str(tmp_path / "missing.pth"), "-o", str(out), "--from", "ds-net-release"], capsys, out)
     assert "'blocks.2.residual_blocks.0.gate.conv_expand.bias'" in err
     cut = tmp_path / "cut.pth.tar"
     cut.write_bytes(release_file.read_bytes()[:100_000])
-    err = _refused(["convert", str(cut), "-o", str(out), "--from", "ds-net-release"], capsys, out)
+    err = refused(["convert", str(cut), "-o", str(out), "--from", "ds-net-release"], capsys, out)
     assert "truncated or corrupt" in err
-    err = _refused(["convert", str(release_file), "-o", str(out), "--from", "torchvision-resnet50"], capsys, out)
+    err = refused(["convert", str(release_file), "-o", str(out), "--from", "torchvision-resnet50"], capsys, out)
     assert "conv1.weight" in err
 
 

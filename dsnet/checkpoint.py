@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint", "build_model", "rng_state", "set_rng_state"]
+           "load_checkpoint", "build_model", "init_from_checkpoint", "rng_state", "set_rng_state"]
 
 FORMAT, VERSION = "dsnet-checkpoint", 1
 STAGES = ("supernet", "gate", "static")
@@ -39,7 +39,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save({"format": FORMAT, "version": VERSION, **_timm_ema(state)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,6 +52,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _timm_ema(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its EMA weights also under 'model_ema', where ``timm.models.load_checkpoint(m,
+    path, use_ema=True)`` looks for them (it reads 'model' otherwise). torch.save writes a tensor
+    held twice once, so the file does not grow."""
+    state = {k: v for k, v in state.items() if k != "model_ema"}
+    return {**state, "model_ema": state["ema"]} if state.get("ema") is not None else state
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -145,3 +153,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load the weights of a supernet checkpoint (a run's or ``dsnet convert``'s) into ``model``
+    to start a new run from them; optimizer and schedule are the new run's. A classifier for
+    another number of classes is left as ``model`` built it. Returns the keys left as built."""
+    state = read_checkpoint(path, ("supernet", "gate"))
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    ours, theirs = dict(model.model_kwargs), dict(state.get("model_kwargs") or {})
+    differ = [k for k in ours.keys() & theirs.keys() - {"num_classes", "routing_space", "drop_rate"}
+              if plain(ours[k]) != plain(theirs[k])]
+    if state.get("model_name") != model.model_name or differ:
+        raise CheckpointError(f"train.init_from={path} holds {state.get('model_name')}({theirs}), but the config "
+                              f"builds {model.model_name}({ours})")
+    own = model.state_dict()
+    weights = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}
+    kept = [k for k in own if k not in weights]
+    misfit = [k for k in kept if not (k.startswith("classifier.") or ".width_head." in k)]
+    if misfit:
+        raise CheckpointError(f"train.init_from={path}: '{misfit[0]}' does not fit {model.model_name}")
+    model.load_state_dict({**own, **weights})
+    return kept

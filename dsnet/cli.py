@@ -1,4 +1,4 @@
-"""The ``dsnet`` command: profile, evaluate, recalibrate, export, bench.
+"""The ``dsnet`` command: profile, evaluate, recalibrate, export, bench, compare, convert.
 
 Every subcommand turns a user error (bad path, model name, value, checkpoint) into one line on
 stderr and exit status 2; a traceback means a bug in dsnet.
@@ -242,6 +242,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Published weights (torchvision ResNet-50, the DS-Net release) -> a dsnet stage-one checkpoint."""
+    from dsnet.convert import convert
+
+    print(convert(args.source, args.output, args.source_format, args.ema, args.data))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Static subnets, dynamic model and static baselines of several runs in one table and plot."""
     from dsnet.compare import compare_command
@@ -252,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "export": cmd_export,
-    "bench": cmd_bench, "compare": cmd_compare}
+    "bench": cmd_bench, "compare": cmd_compare, "convert": cmd_convert}
 
 
 def _target_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -294,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--subnet", type=int, metavar="I", help="static subnet I (0 = slimmest)")
     route.add_argument("--dynamic", action="store_true",
                        help="the gated model: each sample takes the route its gate picks")
-    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx", "safetensors"),
+                   help="safetensors: weights only (--dynamic: the whole supernet's)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="output file (a folder for --dynamic --format onnx); never overwritten")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N",
@@ -313,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directories (searched for eval.json) or eval.json files")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
+    p = sub.add_parser("convert", help="published weights (torchvision ResNet-50, the DS-Net release) -> a dsnet checkpoint")
+    p.add_argument("source", metavar="SRC", help="the checkpoint file to convert")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output checkpoint; never overwritten")
+    p.add_argument("--from", dest="source_format", required=True, choices=("torchvision-resnet50", "ds-net-release"),
+                   help="torchvision-resnet50 -> ds_resnet50, ds-net-release -> ds_mobilenet_v1")
+    p.add_argument("--ema", action="store_true", help="convert the source's EMA weights (state_dict_ema)")
+    p.add_argument("--data", metavar="ROOT", help="ImageNet folder recorded in the checkpoint's config "
+                   "(default /data/imagenet; evaluate/recalibrate --data override it)")
     return parser
 
 

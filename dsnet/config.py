@@ -103,6 +103,7 @@ class TrainConfig(_Section):
     recalibrate_bn: bool = True
     recalibrate_batches: int = 20
     progress: bool = True
+    init_from: str | None = None                # a checkpoint whose weights start a stage-one run (fresh optimizer, schedule)
 
 
 @dataclass(frozen=True)

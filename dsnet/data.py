@@ -32,7 +32,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CIFAR10_MEAN",
-           "CIFAR10_STD", "build_dataset", "build_transforms", "build_loader", "build_mixup"]
+           "CIFAR10_STD", "default_normalization", "build_dataset", "build_transforms", "build_loader", "build_mixup"]
 
 _logger = logging.getLogger(__name__)
 
@@ -319,6 +319,12 @@ def _small_transform(size: int, is_training: bool, augment: Any, reprob: float,
     return transforms.Compose(ops)
 
 
+def default_normalization(input_size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) dsnet normalises with at ``input_size``: CIFAR-10's up to 64 px, else ImageNet's."""
+    small = input_size <= _SMALL_INPUT
+    return (CIFAR10_MEAN, CIFAR10_STD) if small else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
 def build_transforms(input_size: int, is_training: bool, auto_augment: str | None = None,
                      reprob: float = 0.0, interpolation: str = "bilinear",
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -338,8 +344,8 @@ def build_transforms(input_size: int, is_training: bool, auto_augment: str | Non
     if not 0.0 <= reprob <= 1.0:
         raise DataError(f"reprob (random-erasing probability) must be in [0, 1], got {reprob}")
     small = input_size <= _SMALL_INPUT
-    mean = tuple(mean) if mean is not None else (CIFAR10_MEAN if small else IMAGENET_DEFAULT_MEAN)
-    std = tuple(std) if std is not None else (CIFAR10_STD if small else IMAGENET_DEFAULT_STD)
+    mean = tuple(mean) if mean is not None else default_normalization(input_size)[0]
+    std = tuple(std) if std is not None else default_normalization(input_size)[1]
     try:   # built (and so validated) even for eval, so a bad string fails before training
         augment = _augment(auto_augment, input_size, mean, interpolation) if auto_augment else None
     except (AssertionError, KeyError, ValueError) as err:

@@ -160,6 +160,9 @@ class Loop:
         if state["model_name"] != self.model.model_name or dict(state["model_kwargs"]) != dict(self.model.model_kwargs):
             raise ValueError(f"train.resume={path} holds {state['model_name']}({state['model_kwargs']}), "
                              f"but the config builds {self.model.model_name}({self.model.model_kwargs})")
+        if state.get("optimizer") is None:
+            raise ValueError(f"train.resume={path} holds weights but no training state (a converted "
+                             f"checkpoint?); start a new run from it with train.init_from={path}")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])

@@ -65,7 +65,7 @@ __all__ = ["extract_subnet", "extract_dynamic", "DenseGate", "DynamicNet", "save
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "safetensors")
 OPSET = 17
 DYNAMIC_ONNX_FORMAT = "dsnet-dynamic-onnx"
 
@@ -307,6 +307,10 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     out = Path(output)
     if out.exists() or out.is_symlink():
         raise ValueError(f"{out} exists; dsnet export never overwrites, choose another -o")
+    if fmt == "safetensors":  # weights only: --dynamic means the whole supernet
+        from dsnet.safetensors_export import export_safetensors
+
+        return export_safetensors(checkpoint, subnet, out)
     if fmt == "onnx" and dynamic and out.suffix == ".onnx":
         raise ValueError(f"--dynamic --format onnx writes a folder (gate.onnx, route_R.onnx, dynamic.json); "
                          f"give -o a folder name such as {out.with_suffix('')}, not {out}")

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dsnet  # noqa: F401  (registers the models)
 from dsnet import data as dsdata
+from dsnet.checkpoint import init_from_checkpoint
 from dsnet.config import Config, save_config
 from dsnet.engine import Loop, Runtime, autocast_factory, prepare_run_dir, setup_runtime
 from dsnet.evaluate import evaluate_gated, evaluate_static, format_report
@@ -177,6 +178,9 @@ def train_supernet(cfg: Config) -> Path:
     run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.init_from and not cfg.train.resume:  # a resumed run has its own weights
+        kept = init_from_checkpoint(model, cfg.train.init_from)
+        logger.info("weights from %s%s", cfg.train.init_from, f" (kept as built: {', '.join(kept)})" if kept else "")
     model.gate.width_head.requires_grad_(False)  # stage two trains it
     lr = scaled_lr(cfg, runtime, cfg.train.lr, cfg.train.lr_base_batch)
     optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,

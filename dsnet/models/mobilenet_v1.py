@@ -45,7 +45,9 @@ def build_mobilenet_v1(stem: Sequence[int], stages: Sequence[StageSpec], num_cla
             units.append(ConvBNAct(in_choices, spec.choices, 1, 1, act, group=spec.group))
             in_choices = spec.choices
     sizes = group_sizes([(0, len(stem))] + [(s.group, len(s.choices)) for s in stages])
-    return DSNet(units, num_classes, sizes, space, drop_rate, in_chans, (in_chans, 224, 224))
+    model = DSNet(units, num_classes, sizes, space, drop_rate, in_chans, (in_chans, 224, 224))
+    model.default_interpolation = "bicubic"  # the DS-Net release's
+    return model
 
 
 @register

@@ -342,8 +342,48 @@ class DSNet(nn.Module):
     def _init_weights(self) -> None:
         init_weights(self, self.classifier)
 
+    # ---- timm conventions -------------------------------------------------------------------
+    default_interpolation = "bilinear"  # ds_mobilenet_v1: bicubic, as the DS-Net release trained it
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """What ``timm.data.resolve_data_config({}, model=m)`` reads: dsnet's own data settings for
+        this model (CIFAR-10 statistics and no crop up to 64 px, ImageNet's and 0.875 above)."""
+        from dsnet.data import default_normalization
+
+        size = tuple(self.default_input_size)
+        mean, std = default_normalization(size[-1])
+        small = (mean, std) == default_normalization(1)
+        return {"input_size": size, "num_classes": self.num_classes, "classifier": "classifier",
+                "first_conv": "units.0.conv", "interpolation": self.default_interpolation, "mean": mean,
+                "std": std, "crop_pct": 1.0 if small else 0.875, "crop_mode": "center"}
+
+    default_cfg = pretrained_cfg
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` classes (dsnet's init), as timm models do. dsnet
+        keeps average pooling (``global_pool`` None or "avg"); for features use ``forward_features``."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"dsnet supernets pool by averaging; global_pool must be None or 'avg', got {global_pool!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (for features use forward_features), got {num_classes}")
+        old = self.classifier
+        self.classifier = DSLinear(self.num_features, num_classes).to(old.weight.device, old.weight.dtype)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+        self.num_classes = num_classes
+        if hasattr(self, "model_kwargs"):
+            self.model_kwargs = {**self.model_kwargs, "num_classes": num_classes}
+        self._plans.clear()
+        self._cost_cache.clear()
+
+    def forward_features(self, x: Tensor, subnet: int | str | Sequence[int] | None = None) -> Tensor:
+        """Images [B, C, H, W] -> features before pooling [B, C', H', W'] along ``subnet``
+        (default: the largest route), as timm's ``forward_features``."""
+        return self.forward_units(x, self.routes.resolve(subnet), 0, len(self.units))
 
 
 def init_weights(model: nn.Module, classifier: nn.Linear) -> None:

@@ -4,8 +4,9 @@ own model code computed from it (``tests/fixtures/ds_net_release.pt``).
 The fixture holds the release's key names and shapes, BN statistics the release measured along
 three routes (float16; ``release_statistics`` derives every width's from them), and the release's logits on two fixed 64x64 images along the
 largest route and each of the 14 static subnets. ``release_state_dict`` rebuilds the full state
-dict from it; ``tests/fixtures/make_ds_net_release_fixture.py`` made it (it needs a checkout of
-changlin31/DS-Net, which the tests never do).
+dict from it. The fixture was recorded once, in a temporary checkout of the release run beside
+dsnet (docs/results.md); no script that runs the release is kept here, and the tests never
+need it.
 """
 from __future__ import annotations
 

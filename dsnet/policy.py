@@ -18,8 +18,8 @@ a table lookup (``score``), equal to routed inference with that policy (tests/te
 
 ``choose_policy`` compares each candidate with the static subnets' accuracy-MAdds curve on the
 same images, sample by sample: the curve at the candidate's mean MAdds mixes the two neighbouring
-subnets, and the per-image difference gives the gain and its standard error. The candidate with
-the highest lower bound (gain - z x standard error) ships when that bound is positive; otherwise
+subnets, and the per-image difference gives the gain and its standard error. Among the candidates
+whose gain exceeds z standard errors, the one with the largest gain ships; when there is none,
 the best static route at the trained gate's cost does, and the report says so.
 """
 from __future__ import annotations
@@ -210,21 +210,26 @@ def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | N
     """The policy to ship, chosen on ``outcomes`` (images the gate did not train on).
 
     Returns {"policy": Policy, "reason": str, "candidates": [{"policy", "top1", "madds_mean",
-    "gain", "se"}]}: the candidate with the highest ``gain - z * se`` if that is positive, else the
-    static fallback (the most accurate routing-space route that costs no more than the trained gate).
+    "gain", "se"}]}: of the candidates whose gain exceeds ``z`` standard errors, the one with the
+    largest gain; else the static fallback (the most accurate routing-space route that costs no
+    more than the trained gate).
     """
-    rows, best = [], None
+    rows, best, shown = [], None, None
     for policy in (candidates(outcomes) if pool is None else pool):
         scored = score(outcomes, policy)
         versus = against_curve(outcomes, scored)
         row = {"policy": policy.to_dict(), "top1": scored["top1"], "madds_mean": scored["madds_mean"],
                "gain": None if versus is None else versus[0], "se": None if versus is None else versus[1]}
         rows.append(row)
-        if versus is not None and (best is None or versus[0] - z * versus[1] > best[1]):
-            best = (policy, versus[0] - z * versus[1], versus)
+        if versus is None:
+            continue
+        if shown is None or versus[0] > shown[0]:
+            shown = versus
+        if versus[0] > z * versus[1] and versus[0] > 0 and (best is None or versus[0] > best[1][0]):
+            best = (policy, versus)
     n = outcomes.num_samples
-    if best is not None and best[1] > 0:
-        gain, se = best[2]
+    if best is not None:
+        gain, se = best[1]
         return {"policy": best[0], "candidates": rows,
                 "reason": f"{best[0].kind} beats the static curve on {n} held-back images by {gain:+.2f} "
                           f"points (standard error {se:.2f}, z = {z})"}
@@ -232,7 +237,7 @@ def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | N
     top1 = outcomes.static_top1()
     affordable = [r for r, c in enumerate(outcomes.dynamic_costs) if c <= budget + 1e-9] or [0]
     route = max(affordable, key=lambda r: (top1[outcomes.space[r]], -r))
-    shown = "none" if best is None else f"{best[2][0]:+.2f} points (standard error {best[2][1]:.2f})"
+    shown = "none" if shown is None else f"{shown[0]:+.2f} points (standard error {shown[1]:.2f})"
     return {"policy": static_policy(route, len(outcomes.space)), "candidates": rows,
             "reason": f"no dynamic policy beats the static curve on {n} held-back images (best: {shown}); "
                       f"falling back to static subnet {outcomes.space[route]}, the best route at the gate's cost"}

@@ -145,8 +145,36 @@ def _gate_checkpoint(tmp_path, run):
     return train_gate(tiny(tmp_path / "g"), run / "checkpoints/last.pth") / "checkpoints/last.pth"
 
 
+class _Stop(Exception):
+    pass
+
+
+def _single_process_sandwiches(out, monkeypatch):
+    """The sandwiches of one process's first epoch with the DDP run's global batch (16)."""
+    from dsnet.ieb import IEBStep
+
+    plans, original = [], IEBStep.plan
+
+    def plan(self, generator):
+        plans.append(original(self, generator))
+        return plans[-1]
+
+    def stop(*args, **kwargs):  # the first evaluation comes after the last step
+        raise _Stop
+
+    monkeypatch.setattr(IEBStep, "plan", plan)
+    monkeypatch.setattr("dsnet.runs.evaluate_static", stop)
+    with pytest.raises(_Stop):
+        train_supernet(tiny(out, "train.epochs=1", "train.recalibrate_bn=false"))
+    assert len(plans) == 96 // 16 and len(set(map(tuple, plans))) > 1
+    return plans
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_two_process_torchrun_ends_with_identical_weights(tmp_path):
+def test_two_process_torchrun_draws_one_sandwich_per_step_and_syncs_gradients(tmp_path, monkeypatch):
+    """Both ranks train the sandwiches a single process with the same global batch trains, step by
+    step; and they end with the same weights although each saw its own shard of every batch (the
+    gradients of the whole sandwich were all-reduced, not only the last subnet's)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), *TINY, "train.epochs=1",
@@ -154,7 +182,9 @@ def test_two_process_torchrun_ends_with_identical_weights(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert_same_weights(a, b)
+    assert a["plans"] == b["plans"]
+    assert a["plans"] == _single_process_sandwiches(tmp_path / "single", monkeypatch)
+    assert_same_weights(a["state"], b["state"])
 
 
 def test_model_and_routing_space_errors_stop_before_a_run_directory_exists(tmp_path):

@@ -167,9 +167,13 @@ def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_cur
     assert "static curve" not in format_sweep_row(report, {**row, "madds_mean": 90.0})
 
 
-def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost_penalty(monkeypatch):
+@pytest.mark.parametrize("weights, balance", [((1.0, 2.0, 4.0), False), ((1.0, 2.0, 4.0), True),
+                                             ((0.0, 2.0, 0.0), False), ((0.0, 0.0, 4.0), False)])
+def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost_penalty(
+        monkeypatch, weights, balance):
     """A one-hot Gumbel sample picks each sample's route: the task term is the CE of that route's
-    logits, the complexity term the squared excess of the picked routes' mean cost."""
+    logits, the complexity term the squared excess of the picked routes' mean cost; a term with
+    weight 0 is absent."""
     import torch.nn.functional as F
 
     model, (space, _) = _tiny(*SPACES["gapped"]), SPACES["gapped"]
@@ -184,17 +188,22 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
 
     monkeypatch.setattr("dsnet.sgs.F.gumbel_softmax", one_hot_sample)
     costs = torch.tensor([0.25, 1.0])
-    step = SGSStep(model, "slimmest", 1.0, 2.0, 4.0, 0.3, 0.7, costs)
+    step = SGSStep(model, "slimmest", *weights, 0.3, 0.7, costs, balance=balance)
     out = step(x, y, torch.Generator(), lambda loss: None)
-    assert calls == [(0.7, True)]
+    assert calls == ([(0.7, True)] if weights[1] or weights[2] else [])
     with torch.no_grad():
         logits = torch.stack([model(x, subnet=s) for s in space])  # [R, B, K], plain forwards
         task = F.cross_entropy(logits[choice, torch.arange(6)], y)
         targets = torch.where(logits[0].argmax(1) == y, 0, len(space) - 1)
-        sgs = F.cross_entropy(model.forward_gate(x)[1], targets)
-    mean_cost = (4 * 1.0 + 2 * 0.25) / 6
-    losses = out["losses"]
-    assert_close(losses["task"], task)
-    assert_close(losses["complexity"], torch.tensor((mean_cost - 0.3) ** 2))
-    assert_close(losses["sgs"], sgs)
-    assert_close(out["loss"], sgs + 2.0 * task + 4.0 * (mean_cost - 0.3) ** 2)
+        nll = -F.log_softmax(model.forward_gate(x)[1], 1)[torch.arange(6), targets]
+        share = torch.tensor([1.0 / (targets == t).sum() for t in targets])  # each target's total: 1
+        sgs = (nll * share).sum() / share.sum() if balance else nll.mean()
+    if balance:
+        assert len(set(targets.tolist())) == 2 and (targets == 0).sum() != 3  # the weights matter
+    excess = (4 * 1.0 + 2 * 0.25) / 6 - 0.3
+    expected = {"sgs": sgs, "task": task, "complexity": torch.tensor(excess ** 2)}
+    expected = {k: v for k, v, w in zip(expected, expected.values(), weights) if w > 0}
+    assert out["losses"].keys() == expected.keys()
+    for k in expected:
+        assert_close(out["losses"][k], expected[k], msg=k)
+    assert_close(out["loss"], sum(w * expected[k] for k, w in zip(["sgs", "task", "complexity"], weights) if w > 0))

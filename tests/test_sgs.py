@@ -168,7 +168,7 @@ def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_cur
 
 
 @pytest.mark.parametrize("weights, balance", [((1.0, 2.0, 4.0), False), ((1.0, 2.0, 4.0), True),
-                                             ((0.0, 2.0, 0.0), False), ((0.0, 0.0, 4.0), False)])
+                                             ((0.0, 0.5, 0.0), False), ((0.0, 0.0, 0.5), False)])
 def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost_penalty(
         monkeypatch, weights, balance):
     """A one-hot Gumbel sample picks each sample's route: the task term is the CE of that route's

@@ -29,7 +29,7 @@ import yaml
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
-           "save_config", "replace"]
+           "save_config", "replace", "BEST_METRICS"]
 
 
 class ConfigError(ValueError):
@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     eval_interval: int = 1                      # epochs
     max_steps_per_epoch: int | None = None
     resume: str | None = None                   # a checkpoint path
-    best_metric: str = "top1_largest"
+    best_metric: str = "top1_largest"           # top1_largest, top1_slimmest, top1_mean
     recalibrate_bn: bool = True
     recalibrate_batches: int = 20
     progress: bool = True
@@ -176,6 +176,7 @@ _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fie
 _SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
 _ACCEPTED_SECTIONS = ", ".join(sorted(_SECTIONS))
 
+BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")  # checkpoint selection (runs.best_metric)
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
                "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -184,6 +185,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.opt": _OPTIMIZERS,
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
+    "train.best_metric": BEST_METRICS,
     "ieb.teacher": ("ensemble", "ema", "inplace", "none"),
     "gate.rule": ("slimmest", "slimmest_largest", "cheapest"),
     "gate.head": ("fc", "mlp"),
@@ -214,7 +216,7 @@ _RULES: dict[str, _Rule] = {
                      "auto, cpu, cuda or cuda:N"),
     "train.seed": _NONNEG_INT, "train.log_interval": _POS_INT, "train.eval_interval": _POS_INT,
     "train.max_steps_per_epoch": _POS_INT, "train.resume": _NONEMPTY,
-    "train.best_metric": _NONEMPTY, "train.recalibrate_batches": _POS_INT,
+    "train.recalibrate_batches": _POS_INT,
     "ieb.num_random": _NONNEG_INT, "ieb.ema_decay": _UNIT,
     "gate.routing_space": (lambda v: len(v) > 0 and v[0] >= 0 and all(a < b for a, b in zip(v, v[1:])),
                            "a non-empty, strictly increasing list of non-negative integers"),
@@ -317,10 +319,25 @@ def _check_cross(cfg: Config) -> None:
         if sec.warmup_epochs >= sec.epochs:
             raise ConfigError(f"{s}.warmup_epochs must be less than {s}.epochs ({sec.epochs}), "
                               f"got {sec.warmup_epochs}")
+    _check_gate_weights(cfg.gate)
     space, bias = cfg.gate.routing_space, cfg.gate.logit_bias
     if space is not None and bias is not None and len(space) != len(bias):
         raise ConfigError(f"gate.logit_bias must have one value per gate.routing_space choice "
                           f"({len(space)}), got {len(bias)}")
+
+
+def _check_gate_weights(gate: GateConfig) -> None:
+    """Refuse loss weights that give the gate's width head no gradient: every weight 0, or only
+    the complexity term with a target no route exceeds (a route's cost is at most 1, the widest)."""
+    if gate.sgs_weight > 0 or gate.task_weight > 0:
+        return
+    if gate.complexity_weight == 0:
+        raise ConfigError("gate.sgs_weight, gate.task_weight and gate.complexity_weight are all 0, "
+                          "so nothing would train the gate; set at least one of them above 0")
+    if gate.complexity_target >= 1:
+        raise ConfigError(f"gate.complexity_target must be below 1 when gate.sgs_weight and "
+                          f"gate.task_weight are 0 (no route costs more than 1, so nothing would train "
+                          f"the gate), got {gate.complexity_target}")
 
 
 def config_from_dict(d: dict | None) -> Config:

@@ -122,6 +122,8 @@ def test_sections_validate_on_construction():
     ("model.kwargs=[1]", r"^model\.kwargs must be a mapping with string keys, got \[1\]$"),
     ("model.num_classes=0", r"model\.num_classes must be a positive integer"),
     ("output.dir=", r"^output\.dir must be a string, got None$"),
+    ("train.best_metric=top5",
+     r"^train\.best_metric must be one of top1_largest, top1_slimmest, top1_mean, got 'top5'$"),
 ])
 def test_bad_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -180,3 +182,23 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     model = timm.create_model(cfg.model.name, **dict(cfg.model.kwargs or {}))
     space = cfg.gate.routing_space or range(model.num_subnets)
     assert max(space) < model.num_subnets
+
+
+@pytest.mark.parametrize("weights, message", [
+    ((0, 0, 0), r"^gate\.sgs_weight, gate\.task_weight and gate\.complexity_weight are all 0, so nothing"),
+    ((0, 0, 0.5, "gate.complexity_target=1"),
+     r"^gate\.complexity_target must be below 1 when gate\.sgs_weight and gate\.task_weight are 0 .* got 1\.0$"),
+])
+def test_gate_weights_that_train_nothing_are_refused_by_name(weights, message):
+    sgs, task, complexity, *rest = weights
+    overrides = [f"gate.sgs_weight={sgs}", f"gate.task_weight={task}", f"gate.complexity_weight={complexity}", *rest]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("weights", [(1, 0, 0), (0, 1, 0), (0, 0, 0.5)])
+def test_any_gate_term_that_trains_the_head_is_accepted(weights):
+    sgs, task, complexity = weights
+    cfg = load_config(None, [f"gate.sgs_weight={sgs}", f"gate.task_weight={task}",
+                             f"gate.complexity_weight={complexity}"])
+    assert (cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight) == weights

@@ -79,3 +79,72 @@ def test_step_sampling_is_reproducible_from_the_generator():
     a = step.plan(torch.Generator().manual_seed(7))
     b = step.plan(torch.Generator().manual_seed(7))
     assert a == b
+
+
+# ---- the sandwich's wiring on a real supernet: which target each subnet's loss uses ----------
+
+def _smoothed_ce(logits, y, smoothing):
+    """Label-smoothed cross-entropy written out: targets (1 - s) one-hot + s / K."""
+    k = logits.shape[1]
+    target = F.one_hot(y, k).float() * (1 - smoothing) + smoothing / k
+    return -(target * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def _soft_ce(logits, probs):
+    return -(probs * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def _expected_losses(teacher, model, ema, plan, x, y):
+    """Each sandwich member's loss from plain forwards: largest on smoothed labels; the random
+    subnets and the slimmest on their teacher's probabilities (or the labels)."""
+    logits = [model(x, subnet=r) for r in plan]
+    with torch.no_grad():
+        if teacher == "inplace":
+            big = F.softmax(model(x, subnet=plan[0]), 1)
+        elif teacher != "none":
+            big = F.softmax(ema(x, subnet=plan[0]), 1)
+        if teacher == "ensemble":
+            members = [big] + [F.softmax(ema(x, subnet=r), 1) for r in plan[1:-1]]
+            slim = sum(members) / len(members)
+        elif teacher != "none":
+            slim = big
+    out = [_smoothed_ce(logits[0], y, 0.1)]
+    for i, z in enumerate(logits[1:], 1):
+        if teacher == "none":
+            out.append(_smoothed_ce(z, y, 0.1))
+        else:
+            out.append(_soft_ce(z, slim if i == len(plan) - 1 else big))
+    return out
+
+
+@pytest.mark.parametrize("teacher", ["ensemble", "ema", "inplace", "none"])
+def test_each_sandwich_member_learns_from_its_own_target(teacher, randomize_bn):
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("ds_resnet20", num_classes=4, base_mults=(0.25, 0.5), width_mults=(0.125, 0.25, 0.5))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 4, (6,), generator=g)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():  # a teacher that differs from the live model, as after some training
+        for p in ema.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_bn(ema, g, x)
+    model.train()
+    step = IEBStep(model, model.routes, ema if teacher in ("ensemble", "ema") else None, teacher, 2,
+                   torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    out = step(x, y, torch.Generator().manual_seed(2), lambda loss: loss.backward())
+    plan = out["routes"]
+    assert plan[1] != plan[2] and plan[0] != plan[1]  # distinct subnets: every target differs
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    expected = _expected_losses(teacher, model, ema, plan, x, y)
+    assert_close(torch.stack(list(out["losses"].values())), torch.stack(expected).detach())
+    assert_close(out["loss"], sum(expected).detach())
+    sum(expected).backward()  # and the gradients: the teachers' probabilities are constants
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert_close(got[n], want[n], msg=n)

@@ -53,11 +53,15 @@ def test_complexity_penalty_is_squared_excess_over_target():
     assert complexity_penalty(onehot, costs, 0.7) == 0
 
 
-def _tiny(routing_space=(0, 1, 2)):
+def _tiny(routing_space=(0, 1, 2), width_mults=(0.25, 0.5, 1.0)):
     torch.manual_seed(0)
     model = timm.create_model("ds_resnet20", num_classes=4, base_mults=(0.5, 1.0),
-                              width_mults=(0.25, 0.5, 1.0), routing_space=routing_space)
+                              width_mults=width_mults, routing_space=routing_space)
     return model.eval()
+
+
+# a routing space that is not 0..R-1: entry i is static subnet space[i], not subnet i
+SPACES = {"all": ((0, 1, 2), (0.25, 0.5, 1.0)), "gapped": ((1, 3), (0.25, 0.5, 0.75, 1.0))}
 
 
 def _spread_gate(model, loader):
@@ -98,11 +102,13 @@ def _loader(n=24, batch=8):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
 
 
-def test_dynamic_evaluation_prices_each_sample_at_the_route_it_took():
-    model, loader = _tiny(), _loader()
+@pytest.mark.parametrize("space", SPACES)
+def test_dynamic_evaluation_prices_each_sample_at_the_route_it_took(space):
+    model, loader = _tiny(*SPACES[space]), _loader()
     _spread_gate(model, loader)
     size = (3, 32, 32)
-    report = evaluate_dynamic(model, loader, torch.device("cpu"), size)
+    num_routes = len(model.routing_space)
+    report = evaluate_dynamic(model, loader, torch.device("cpu"), size, targets_fn=lambda x, y: y % num_routes)
     head = model.gate.width_head.in_features * model.gate.width_head.out_features
     taken, correct = [], []
     with torch.no_grad():
@@ -116,8 +122,19 @@ def test_dynamic_evaluation_prices_each_sample_at_the_route_it_took():
     assert len(set(taken)) >= 2, "the hand-set gate should use several routes"
     expected = sum(dsnet.count_madds(model, model.routing_space[c], size) + head for c in taken) / len(taken)
     assert report["madds_mean"] == pytest.approx(expected, rel=1e-12)
-    assert report["routing"] == pytest.approx([taken.count(r) / len(taken) for r in range(3)])
+    assert report["routing"] == pytest.approx([taken.count(r) / len(taken) for r in range(num_routes)])
     assert report["top1"] == pytest.approx(100.0 * sum(correct) / len(correct))
+    labels = torch.cat([y for _, y in loader]).tolist()
+    hits = sum(c == label % num_routes for c, label in zip(taken, labels))
+    assert report["gate_accuracy"] == pytest.approx(100.0 * hits / len(taken))
+
+
+def test_dynamic_costs_price_routing_space_entries_not_static_subnets():
+    model, size = _tiny(*SPACES["gapped"]), (3, 16, 16)
+    head = model.gate.width_head.in_features * model.gate.width_head.out_features
+    subnet_cost = [dsnet.count_madds(model, i, size) for i in range(4)]
+    assert len(set(subnet_cost)) == 4
+    assert model.dynamic_costs(size) == [subnet_cost[1] + head, subnet_cost[3] + head]
 
 
 def test_sweep_at_zero_strength_equals_the_routed_evaluation_and_trades_cost_monotonically():
@@ -155,3 +172,47 @@ def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_cur
     cascade = {"threshold": 0.5, "escalated": 0.25, "top1": 64.5, "madds_mean": 25.0}
     assert format_sweep_row(report, cascade) == "cascade 25.0% escalated: 0.00 M MAdds, top-1 64.50 (static curve 65.00, -0.50)"
     assert "static curve" not in format_sweep_row(report, {**row, "madds_mean": 90.0})
+
+
+@pytest.mark.parametrize("weights, balance", [((1.0, 2.0, 4.0), False), ((1.0, 2.0, 4.0), True),
+                                             ((0.0, 0.5, 0.0), False), ((0.0, 0.0, 0.5), False)])
+def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost_penalty(
+        monkeypatch, weights, balance):
+    """A one-hot Gumbel sample picks each sample's route: the task term is the CE of that route's
+    logits, the complexity term the squared excess of the picked routes' mean cost; a term with
+    weight 0 is absent."""
+    import torch.nn.functional as F
+
+    model, (space, _) = _tiny(*SPACES["gapped"]), SPACES["gapped"]
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 4, (6,), generator=g)
+    with torch.no_grad():  # a gate whose logits differ per sample, so the SGS weights matter
+        model.gate.width_head.weight.normal_(generator=g)
+    choice = torch.tensor([0, 1, 1, 0, 1, 1])  # reversing the sample's columns changes every pick
+    calls = []
+
+    def one_hot_sample(logits, tau, hard):
+        calls.append((tau, hard))
+        return F.one_hot(choice, logits.shape[1]).float() + 0 * logits
+
+    monkeypatch.setattr("dsnet.sgs.F.gumbel_softmax", one_hot_sample)
+    costs = torch.tensor([0.25, 1.0])
+    step = SGSStep(model, "slimmest", *weights, 0.3, 0.7, costs, balance=balance)
+    out = step(x, y, torch.Generator(), lambda loss: None)
+    assert calls == ([(0.7, True)] if weights[1] or weights[2] else [])
+    with torch.no_grad():
+        logits = torch.stack([model(x, subnet=s) for s in space])  # [R, B, K], plain forwards
+        task = F.cross_entropy(logits[choice, torch.arange(6)], y)
+        targets = torch.where(logits[0].argmax(1) == y, 0, len(space) - 1)
+        nll = -F.log_softmax(model.forward_gate(x)[1], 1)[torch.arange(6), targets]
+        share = torch.tensor([1.0 / (targets == t).sum() for t in targets])  # each target's total: 1
+        sgs = (nll * share).sum() / share.sum() if balance else nll.mean()
+    if balance:
+        assert len(set(targets.tolist())) == 2 and (targets == 0).sum() != 3  # the weights matter
+    excess = (4 * 1.0 + 2 * 0.25) / 6 - 0.3
+    expected = {"sgs": sgs, "task": task, "complexity": torch.tensor(excess ** 2)}
+    expected = {k: v for k, v, w in zip(expected, expected.values(), weights) if w > 0}
+    assert out["losses"].keys() == expected.keys()
+    for k in expected:
+        assert_close(out["losses"][k], expected[k], msg=k)
+    assert_close(out["loss"], sum(w * expected[k] for k, w in zip(["sgs", "task", "complexity"], weights) if w > 0))

@@ -118,7 +118,7 @@ def test_converted_release_goes_through_stage_two_evaluate_export_and_bench(conv
     from dsnet.cli import train_gate_main
 
     config = str(ROOT / "configs" / "imagenet_ds_mobilenet_v1.yml")
-    data = ["data.name=synthetic", "data.input_size=64", "data.synthetic_train_size=8", "data.synthetic_val_size=4",
+    data = ["data.name=synthetic", "data.input_size=64", "data.synthetic_train_size=10", "data.synthetic_val_size=4",
             "data.synthetic_classes=10", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0",
             "train.batch_size=4", "train.amp=none", "train.channels_last=false", "train.progress=false",
             "gate.epochs=1", f"output.dir={tmp_path / 'gate'}"]

@@ -92,11 +92,13 @@ def parse_madds(text: str) -> float:
 
 def _target_policy(model, loader, cfg, runtime, size, autocast, target: float, kind: str, max_batches=None) -> dict:
     """The deployment record of the ``kind`` policy whose mean MAdds on ``loader`` is ``target``."""
-    from dsnet.evaluate import _batches
-    from dsnet.policy import collect_outcomes
+    from dsnet.evaluate import _batches, sharded
+    from dsnet.policy import collect_outcomes, gather_outcomes
     from dsnet.runs import select_policy
 
     outcomes = collect_outcomes(model, _batches(loader, runtime.device, max_batches), runtime.device, size, autocast)
+    if sharded(loader):
+        outcomes = gather_outcomes(outcomes)
     try:
         return select_policy(outcomes, kind, target, cfg.gate.fallback_z)
     except ValueError as err:
@@ -139,6 +141,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      args.max_batches, args.sweep or 9))
         if record:
             report["selection"] = record
+    if not runtime.is_main:  # under torchrun every rank holds the whole set's figures
+        return 0
     print(format_report(report))
     for row in report.get("sweep", []) + report.get("cascade", []):
         print(format_sweep_row(report, row))
@@ -179,6 +183,8 @@ def _evaluate_baseline(args: argparse.Namespace) -> int:
                          autocast_factory(cfg.train.amp, runtime.device)[0], args.max_batches)
     report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),
               "data": data_signature(cfg, classes)}
+    if not runtime.is_main:
+        return 0
     print(format_report(report))
     if args.json:
         write_eval(Path(args.json), report)

@@ -27,12 +27,12 @@ from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_tran
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CIFAR10_MEAN",
-           "CIFAR10_STD", "default_normalization", "build_dataset", "build_transforms", "build_loader", "build_mixup"]
+           "CIFAR10_STD", "default_normalization", "ShardSampler", "build_dataset", "build_transforms", "build_loader", "build_mixup"]
 
 _logger = logging.getLogger(__name__)
 
@@ -370,6 +370,24 @@ def _seed_worker(worker_id: int) -> None:
     torch.manual_seed(seed)
 
 
+class ShardSampler(Sampler[int]):
+    """Evaluation shard of one process: indices ``rank, rank + world, ...`` in order.
+
+    Every sample lands on exactly one rank and none is repeated (``DistributedSampler`` pads the
+    last shard with repeats to equal length), so counts summed over ranks are the counts of the
+    whole set. Shards may differ in length by one sample.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
 def build_loader(dataset: Dataset, batch_size: int, is_training: bool, num_workers: int = 0,
                  distributed: bool = False, seed: int = 0, drop_last: bool | None = None,
                  pin_memory: bool = False) -> DataLoader:
@@ -377,8 +395,9 @@ def build_loader(dataset: Dataset, batch_size: int, is_training: bool, num_worke
 
     Shuffling and worker seeds come from a ``torch.Generator`` seeded with ``seed``, so two runs
     with the same seed see the same order. With ``distributed`` a ``DistributedSampler`` (seeded
-    with ``seed``) shards the data; call ``loader.sampler.set_epoch(epoch)`` each epoch. In
-    evaluation it pads the last shard with repeated samples to equal length.
+    with ``seed``) shards the training data; call ``loader.sampler.set_epoch(epoch)`` each epoch.
+    Evaluation shards with a ``ShardSampler``: each sample exactly once, so the evaluation
+    functions' counts, summed over ranks, cover the whole set.
     """
     drop_last = is_training if drop_last is None else drop_last
     sampler = None
@@ -386,7 +405,10 @@ def build_loader(dataset: Dataset, batch_size: int, is_training: bool, num_worke
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise DataError("distributed=True needs torch.distributed initialised first "
                             "(call torch.distributed.init_process_group)")
-        sampler = DistributedSampler(dataset, shuffle=is_training, seed=seed, drop_last=drop_last)
+        if is_training:
+            sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+        else:
+            sampler = ShardSampler(len(dataset), torch.distributed.get_rank(), torch.distributed.get_world_size())
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=is_training and sampler is None,
                       sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,

@@ -192,6 +192,14 @@ class Loop:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def sync_buffers(self) -> None:
+        """Under DDP, give every rank rank 0's buffers (BN statistics drift apart: each rank's
+        last forward saw its own batch), so each rank evaluates its shard with the very model
+        rank 0 saves."""
+        if self.runtime.distributed:
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
+
     # ---- loop -------------------------------------------------------------------------------
     def backward(self, loss: Tensor) -> None:
         scaled = loss / self.cfg.train.grad_accum
@@ -281,6 +289,7 @@ class Loop:
             metrics: dict = {"stage": self.stage, "epoch": self.epoch, **train_metrics}
             metric = None
             if self.epoch % self.cfg.train.eval_interval == 0 or self.epoch == self.epochs:
+                self.sync_buffers()
                 metrics.update(self.evaluate(self.epoch))
                 metric = metrics.get("best_metric")
             self.last_metrics = metrics

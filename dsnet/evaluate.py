@@ -4,6 +4,10 @@ One pass over the data runs every route on each batch; counts stay on the device
 once at the end. The dynamic model is evaluated with the gate's argmax (deterministic): its
 accuracy, the mean per-sample MAdds (each sample priced at the route it took, gate included),
 the routing histogram, and the gate's agreement with the SGS targets.
+
+Under DDP the validation loader holds one rank's shard (``dsnet.data.ShardSampler``: every sample
+on exactly one rank); the counts are summed over the ranks before anything is divided, so every
+rank reports the whole set's figures, equal to a single-process evaluation.
 """
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import contextlib
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from dsnet.data import ShardSampler
 from dsnet.models.net import DSNet
 from dsnet.routes import Route
 
@@ -34,6 +40,18 @@ def topk_correct(logits: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> Tenso
     return torch.stack([hit.sum() for hit in topk_hits(logits, y, ks)])
 
 
+def sharded(loader: Iterable) -> bool:
+    """Whether ``loader`` serves one rank's shard of the evaluation set (DDP evaluation)."""
+    return isinstance(getattr(loader, "sampler", None), ShardSampler)
+
+
+def _all_reduce_(loader: Iterable, *counts: Tensor) -> None:
+    """Sum ``counts`` in place over the ranks when ``loader`` is one rank's shard (DDP evaluation)."""
+    if sharded(loader):
+        for t in counts:
+            dist.all_reduce(t)
+
+
 def _batches(loader: Iterable, device: torch.device, max_batches: int | None):
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -49,7 +67,7 @@ def evaluate_static(model: DSNet, loader: Iterable, device: torch.device, input_
     model.eval()
     routes: list[Route] = [model.routes.largest] + model.routes.static_routes
     correct = torch.zeros(len(routes), 2, dtype=torch.long, device=device)
-    n = 0
+    n = torch.zeros((), dtype=torch.long, device=device)
     for x, y in _batches(loader, device, max_batches):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -57,6 +75,8 @@ def evaluate_static(model: DSNet, loader: Iterable, device: torch.device, input_
             for j, route in enumerate(routes):
                 correct[j] += topk_correct(model(x, subnet=route), y)
         n += y.shape[0]
+    _all_reduce_(loader, correct, n)
+    n = int(n)
     acc = (correct.double() * 100.0 / max(n, 1)).tolist()  # the one host sync
     largest = model.route_cost(routes[0], input_size)
     static = []
@@ -76,13 +96,15 @@ def evaluate_plain(model: torch.nn.Module, loader: Iterable, device: torch.devic
     """Top-1/top-5 (percent) of a plain model (a static baseline or an extracted subnet)."""
     model.eval()
     correct = torch.zeros(2, dtype=torch.long, device=device)
-    n = 0
+    n = torch.zeros((), dtype=torch.long, device=device)
     for x, y in _batches(loader, device, max_batches):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             correct += topk_correct(model(x), y)
         n += y.shape[0]
+    _all_reduce_(loader, correct, n)
+    n = int(n)
     acc = (correct.double() * 100.0 / max(n, 1)).tolist()
     return {"top1": acc[0], "top5": acc[1], "num_samples": n}
 
@@ -105,7 +127,7 @@ def evaluate_dynamic(model: DSNet, loader: Iterable, device: torch.device, input
     hist = torch.zeros(num_routes, dtype=torch.long, device=device)
     gate_hits = torch.zeros((), dtype=torch.long, device=device)
     madds = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
+    n = torch.zeros((), dtype=torch.long, device=device)
     for x, y in _batches(loader, device, max_batches):
         with autocast():
             out = model.forward_dynamic(x, logit_bias)
@@ -115,7 +137,8 @@ def evaluate_dynamic(model: DSNet, loader: Iterable, device: torch.device, input
         hist += torch.bincount(out.choice, minlength=num_routes)
         madds += costs[out.choice].sum()
         n += y.shape[0]
-    total = max(n, 1)
+    _all_reduce_(loader, correct, hist, gate_hits, madds, n)
+    total = max(int(n), 1)
     acc = (correct.double() * 100.0 / total).tolist()
     return {"top1": acc[0], "top5": acc[1], "madds_mean": float(madds) / total,
             "routing": (hist.double() / total).tolist(),
@@ -185,10 +208,12 @@ def evaluate_gated(model: DSNet, loader: Iterable, device: torch.device, input_s
     - ``sweep``: the gate at ``sweep`` cost-bias strengths in [-3, 3];
     - ``cascade``: the confidence cascade at ``sweep`` escalation rates in [5%, 60%].
     """
-    from dsnet.policy import cascade_policy, collect_outcomes, gate_policy, score
+    from dsnet.policy import cascade_policy, collect_outcomes, gate_policy, gather_outcomes, score
     from dsnet.sgs import sgs_targets
 
     outcomes = collect_outcomes(model, _batches(loader, device, max_batches), device, input_size, autocast)
+    if sharded(loader):
+        outcomes = gather_outcomes(outcomes)
     dynamic = evaluate_dynamic(model, loader, device, input_size, autocast=autocast, max_batches=max_batches)
     space = list(outcomes.space)
     targets = sgs_targets(outcomes.hit1[:, space].T, rule)

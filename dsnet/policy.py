@@ -35,7 +35,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from dsnet.models.net import DSNet
 
-__all__ = ["KINDS", "Policy", "Outcomes", "cost_bias", "collect_outcomes", "score", "against_curve",
+__all__ = ["KINDS", "Policy", "Outcomes", "cost_bias", "collect_outcomes", "gather_outcomes", "score", "against_curve",
            "gate_policy", "static_policy", "cascade_policy", "candidates", "choose_policy", "policy_at_madds"]
 
 KINDS = ("gate", "static", "cascade")
@@ -151,6 +151,18 @@ def collect_outcomes(model: "DSNet", batches: Iterable[tuple[Tensor, Tensor]], d
     return Outcomes(torch.cat(hit1).cpu(), torch.cat(hit5).cpu(), torch.cat(gates).cpu(), torch.cat(conf).cpu(),
                     tuple(model.routing_space), [model.route_cost(r, input_size).madds for r in routes],
                     model.dynamic_costs(input_size), wide - model.shared_cost(input_size))
+
+
+def gather_outcomes(outcomes: Outcomes) -> Outcomes:
+    """Every rank's per-image rows in one table (rank order), when each rank evaluated its own
+    shard under DDP; every rank gets the whole table."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (outcomes.hit1, outcomes.hit5, outcomes.gate_logits, outcomes.confidence))
+    hit1, hit5, gates, conf = (torch.cat(column) for column in zip(*parts))
+    return Outcomes(hit1, hit5, gates, conf, outcomes.space, outcomes.static_costs, outcomes.dynamic_costs,
+                    outcomes.escalation_cost)
 
 
 def _choices(outcomes: Outcomes, policy: Policy) -> tuple[Tensor, Tensor]:

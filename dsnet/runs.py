@@ -213,6 +213,7 @@ def train_supernet(cfg: Config) -> Path:
     if cfg.train.recalibrate_bn and loop.epoch == cfg.train.epochs:
         for net in [model] + ([ema.module] if ema is not None else []):
             recalibrate_bn(net, data.calib, runtime.device, cfg.train.recalibrate_batches, autocast)
+        loop.sync_buffers()
         loop.last_metrics = {**loop.last_metrics, **evaluate(loop.epoch), "recalibrated": True}
         loop.log({"stage": "supernet", "epoch": loop.epoch, "recalibrated": True, **loop.last_metrics})
         loop.save(False)

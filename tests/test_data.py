@@ -202,3 +202,12 @@ def test_build_mixup():
     x, target = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert x.shape == (4, 3, 32, 32) and target.shape == (4, 10)
     torch.testing.assert_close(target.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("length,world", [(37, 2), (5, 3), (2, 4), (0, 2)])
+def test_evaluation_shards_hold_every_sample_exactly_once(length, world):
+    from dsnet.data import ShardSampler
+
+    shards = [list(ShardSampler(length, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(length))
+    assert [len(ShardSampler(length, rank, world)) for rank in range(world)] == [len(s) for s in shards]

@@ -1,0 +1,21 @@
+"""Run by test_ddp_eval.py under torchrun: stage one, stage two, a Scratch-E baseline and
+``dsnet evaluate --sweep`` of the gate, all in one process group; each writes its eval.json."""
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dsnet.baselines import train_static
+from dsnet.cli import main as dsnet_main
+from dsnet.config import load_config
+from dsnet.runs import train_gate, train_supernet
+
+if __name__ == "__main__":
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(None, overrides + [f"output.dir={out}"])
+    run = train_supernet(cfg)
+    gate = train_gate(cfg, run / "checkpoints" / "last.pth")
+    train_static(cfg, 0, "scratch-e")
+    dsnet_main(["evaluate", str(gate / "checkpoints" / "last.pth"), "--sweep", "3",
+                "--json", str(out / "sweep.json")])
+    dist.destroy_process_group()

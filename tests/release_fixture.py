@@ -1,5 +1,6 @@
 """The DS-Net release fixture: a seeded fill of the release's state dict and what the release's
-own model code computed from it (``tests/fixtures/ds_net_release.pt``).
+own model code computed from it (``tests/fixtures/ds_net_release.json``: plain JSON, each
+tensor as its dtype, shape and base64 bytes, so the repository holds data, not a pickle).
 
 The fixture holds the release's key names and shapes, BN statistics the release measured along
 three routes (float16; ``release_statistics`` derives every width's from them), and the release's logits on two fixed 64x64 images along the
@@ -10,12 +11,14 @@ need it.
 """
 from __future__ import annotations
 
+import base64
+import json
 import re
 from pathlib import Path
 
 import torch
 
-FIXTURE = Path(__file__).parent / "fixtures" / "ds_net_release.pt"
+FIXTURE = Path(__file__).parent / "fixtures" / "ds_net_release.json"
 _AUX = re.compile(r"^(.*)\.aux_bn\.(\d+)\.(running_mean|running_var|num_batches_tracked)$")
 
 
@@ -75,8 +78,20 @@ def release_statistics(keys: list[tuple[str, tuple[int, ...]]], measured: dict[s
     return out
 
 
+def _decode(node):
+    if isinstance(node, dict) and "tensor" in node:
+        data = bytearray(base64.b64decode(node["base64"]))
+        return torch.frombuffer(data, dtype=getattr(torch, node["tensor"])).reshape(node["shape"]).clone()
+    if isinstance(node, dict):
+        return {k: _decode(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decode(v) for v in node]
+    return node
+
+
 def load_fixture() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
+    """The fixture with its tensors decoded (``keys`` as [name, shape] pairs)."""
+    return _decode(json.loads(FIXTURE.read_text()))
 
 
 def release_state_dict(fixture: dict) -> dict[str, torch.Tensor]:

@@ -93,8 +93,7 @@ def parse_madds(text: str) -> float:
 def _target_policy(model, loader, cfg, runtime, size, autocast, target: float, kind: str, max_batches=None) -> dict:
     """The deployment record of the ``kind`` policy whose mean MAdds on ``loader`` is ``target``."""
     from dsnet.evaluate import _batches, sharded
-    from dsnet.policy import collect_outcomes, gather_outcomes
-    from dsnet.runs import select_policy
+    from dsnet.policy import collect_outcomes, gather_outcomes, select_policy
 
     outcomes = collect_outcomes(model, _batches(loader, runtime.device, max_batches), runtime.device, size, autocast)
     if sharded(loader):

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from dsnet.models.net import DSNet
 
 __all__ = ["KINDS", "Policy", "Outcomes", "cost_bias", "collect_outcomes", "gather_outcomes", "score", "against_curve",
-           "gate_policy", "static_policy", "cascade_policy", "candidates", "choose_policy", "policy_at_madds"]
+           "gate_policy", "static_policy", "cascade_policy", "candidates", "choose_policy", "policy_at_madds",
+           "select_policy"]
 
 KINDS = ("gate", "static", "cascade")
 _NEVER = -1.0e6  # a logit bias no trained gate logit overcomes: the route is never picked
@@ -284,3 +285,23 @@ def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", toler
             break
         lo, hi = (mid, hi) if cost < target else (lo, mid)
     return best[0]
+
+
+def select_policy(outcomes: Outcomes, deploy: str, target_madds: float | None, z: float) -> dict:
+    """The deployment record ``{"policy", "reason", "holdout_samples"}`` for ``gate.deploy``:
+    ``auto`` (best of gate and cascade, static fallback: ``choose_policy``), ``gate`` or ``cascade``;
+    with ``target_madds`` the gate's cost bias (or the cascade's threshold) that costs that much."""
+    n = outcomes.num_samples
+    if target_madds is not None:
+        kind = "cascade" if deploy == "cascade" else "gate"
+        policy = policy_at_madds(outcomes, target_madds, kind)
+        cost = score(outcomes, policy)["madds_mean"]
+        return {"policy": policy.to_dict(), "holdout_samples": n,
+                "reason": f"{kind} at {cost / 1e6:.3f} M MAdds on {n} held-back images (target {target_madds / 1e6:.3f} M)"}
+    if deploy == "gate":
+        return {"policy": gate_policy(outcomes, 0.0).to_dict(), "holdout_samples": n,
+                "reason": "gate.deploy=gate: the gate ships as trained"}
+    pool = [p for p in candidates(outcomes) if deploy == "auto" or p.kind == deploy]
+    chosen = choose_policy(outcomes, z, pool)
+    return {"policy": chosen["policy"].to_dict(), "holdout_samples": n, "reason": chosen["reason"],
+            "candidates": chosen["candidates"]}

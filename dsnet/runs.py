@@ -28,7 +28,7 @@ from dsnet.recalibrate import recalibrate_bn
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
            "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature", "scaled_lr", "wrap_ddp",
-           "holdout_split", "head_kwargs", "select_policy"]
+           "holdout_split", "head_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) ->
                          f"({', '.join(classes[:4])}, ...)")
 
 
-def _gate_model(cfg: Config, state: dict, supernet: Path) -> nn.Module:
+def _gate_model(cfg: Config, state: dict) -> nn.Module:
     """The frozen supernet of ``state`` with the routing space and width head stage two trains."""
     from dsnet.checkpoint import build_model as rebuild
 
@@ -261,7 +261,8 @@ def _gate_model(cfg: Config, state: dict, supernet: Path) -> nn.Module:
         raise ValueError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
     model.set_routing_space(space)
-    model.set_width_head(cfg.gate.head, cfg.gate.head_hidden, cfg.gate.head_dropout)
+    if head_kwargs(cfg):  # the published fc head is the one the supernet was built with
+        model.set_width_head(cfg.gate.head, cfg.gate.head_hidden, cfg.gate.head_dropout)
     model.model_kwargs = {**model.model_kwargs, "routing_space": tuple(space), **head_kwargs(cfg)}
     model.requires_grad_(False).eval()
     model.gate.width_head.requires_grad_(True)
@@ -286,7 +287,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     supernet = Path(supernet)
     state = read_checkpoint(supernet, "supernet")
     cfg = _gate_run_dir(cfg, supernet)
-    model = _gate_model(cfg, state, supernet)
+    model = _gate_model(cfg, state)
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime, cfg.gate.holdout)
     _check_supernet(cfg, state, supernet, data.classes)
@@ -330,7 +331,7 @@ def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runt
             evaluate) -> None:
     """Choose the deployment policy on the held-back images (or the gate as trained when
     ``gate.holdout`` is 0), apply it, evaluate it and save it in ``last.pth``."""
-    from dsnet.policy import Policy, collect_outcomes
+    from dsnet.policy import Policy, collect_outcomes, select_policy
 
     if data.holdout is None:
         record = {"policy": Policy().to_dict(), "reason": "gate.holdout is 0: the gate ships as trained"}
@@ -344,28 +345,6 @@ def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runt
     loop.last_metrics = {**loop.last_metrics, **metrics}
     loop.log({"stage": "gate", "epoch": loop.epoch, "deploy": record, **{k: v for k, v in metrics.items() if k != "eval"}})
     loop.save(False)
-
-
-def select_policy(outcomes, deploy: str, target_madds: float | None, z: float) -> dict:
-    """The deployment record ``{"policy", "reason", "holdout_samples"}`` for ``gate.deploy``:
-    ``auto`` (best of gate and cascade, static fallback: ``choose_policy``), ``gate`` or ``cascade``;
-    with ``target_madds`` the gate's cost bias (or the cascade's threshold) that costs that much."""
-    from dsnet.policy import candidates, choose_policy, gate_policy, policy_at_madds, score
-
-    n = outcomes.num_samples
-    if target_madds is not None:
-        kind = "cascade" if deploy == "cascade" else "gate"
-        policy = policy_at_madds(outcomes, target_madds, kind)
-        cost = score(outcomes, policy)["madds_mean"]
-        return {"policy": policy.to_dict(), "holdout_samples": n,
-                "reason": f"{kind} at {cost / 1e6:.3f} M MAdds on {n} held-back images (target {target_madds / 1e6:.3f} M)"}
-    if deploy == "gate":
-        return {"policy": gate_policy(outcomes, 0.0).to_dict(), "holdout_samples": n,
-                "reason": "gate.deploy=gate: the gate ships as trained"}
-    pool = [p for p in candidates(outcomes) if deploy == "auto" or p.kind == deploy]
-    chosen = choose_policy(outcomes, z, pool)
-    return {"policy": chosen["policy"].to_dict(), "holdout_samples": n, "reason": chosen["reason"],
-            "candidates": chosen["candidates"]}
 
 
 def data_signature(cfg: Config, classes: list[str]) -> dict:

@@ -96,7 +96,7 @@ class DSNet(nn.Module):
         self.set_policy(Policy())
 
     def set_width_head(self, kind: str, hidden: int = 64, dropout: float = 0.0) -> None:
-        """Replace the gate's width head by a fresh one (``dsnet.layers.width_head``): ``fc`` or
+        """Replace the gate's width head by a fresh one (``dsnet.heads.width_head``): ``fc`` or
         ``mlp`` with ``hidden`` units; it starts at zero logits."""
         old = self.gate.width_head
         self.gate.width_head = width_head(kind, old.in_features, len(self.routing_space), hidden,
@@ -112,7 +112,7 @@ class DSNet(nn.Module):
         self._bias_cache: dict[tuple, Tensor] = {}
 
     def _policy_bias(self, like: Tensor) -> Tensor | None:
-        bias = getattr(self, "policy", Policy()).bias
+        bias = self.policy.bias
         if not bias:
             return None
         key = (like.device, like.dtype)

@@ -99,7 +99,7 @@ def _target_policy(model, loader, cfg, runtime, size, autocast, target: float, k
     if sharded(loader):
         outcomes = gather_outcomes(outcomes)
     try:
-        return select_policy(outcomes, kind, target, cfg.gate.fallback_z)
+        return select_policy(outcomes, kind, target, cfg.gate.fallback_z, images="validation")
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -134,7 +134,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         record = state.get("deploy")
         if out is not None:
             record = _target_policy(model, loader, cfg, runtime, size, autocast, target, args.deploy, args.max_batches)
-            record["reason"] = record["reason"].replace("held-back", "validation")
             model.set_policy(Policy.from_dict(record["policy"]))
         report.update(evaluate_gated(model, loader, runtime.device, size, cfg.gate.rule, autocast,
                                      args.max_batches, args.sweep or 9))
@@ -234,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         record = _target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
                                 autocast_factory(cfg.train.amp, runtime.device)[0], target, args.deploy)
         policy = Policy.from_dict(record["policy"])
-        print(record["reason"].replace("held-back", "validation"))
+        print(record["reason"])
     print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, size, policy))
     return 0
 

@@ -185,7 +185,7 @@ def format_report(report: dict) -> str:
         if dyn.get("policy"):
             lines.append(f"policy: {_describe(report)}")
     if report.get("selection"):
-        lines.append(f"chosen on held-back training images: {report['selection']['reason']}")
+        lines.append(f"policy chosen: {report['selection']['reason']}")
     lines.append(f"samples: {report['num_samples']}")
     return "\n".join(lines)
 

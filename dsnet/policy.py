@@ -219,7 +219,8 @@ def candidates(outcomes: Outcomes, strengths: Sequence[float] | None = None,
             + [cascade_policy(math.nextafter(float(q), math.inf)) for q in quantiles])
 
 
-def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | None = None) -> dict:
+def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | None = None,
+                  images: str = "held-back") -> dict:
     """The policy to ship, chosen on ``outcomes`` (images the gate did not train on).
 
     Returns {"policy": Policy, "reason": str, "candidates": [{"policy", "top1", "madds_mean",
@@ -244,7 +245,7 @@ def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | N
     if best is not None:
         gain, se = best[1]
         return {"policy": best[0], "candidates": rows,
-                "reason": f"{best[0].kind} beats the static curve on {n} held-back images by {gain:+.2f} "
+                "reason": f"{best[0].kind} beats the static curve on {n} {images} images by {gain:+.2f} "
                           f"points (standard error {se:.2f}, z = {z})"}
     budget = score(outcomes, gate_policy(outcomes, 0.0))["madds_mean"]
     top1 = outcomes.static_top1()
@@ -252,7 +253,7 @@ def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | N
     route = max(affordable, key=lambda r: (top1[outcomes.space[r]], -r))
     shown = "none" if shown is None else f"{shown[0]:+.2f} points (standard error {shown[1]:.2f})"
     return {"policy": static_policy(route, len(outcomes.space)), "candidates": rows,
-            "reason": f"no dynamic policy beats the static curve on {n} held-back images (best: {shown}); "
+            "reason": f"no dynamic policy beats the static curve on {n} {images} images (best: {shown}); "
                       f"falling back to static subnet {outcomes.space[route]}, the best route at the gate's cost"}
 
 
@@ -287,7 +288,8 @@ def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", toler
     return best[0]
 
 
-def select_policy(outcomes: Outcomes, deploy: str, target_madds: float | None, z: float) -> dict:
+def select_policy(outcomes: Outcomes, deploy: str, target_madds: float | None, z: float,
+                  images: str = "held-back") -> dict:
     """The deployment record ``{"policy", "reason", "holdout_samples"}`` for ``gate.deploy``:
     ``auto`` (best of gate and cascade, static fallback: ``choose_policy``), ``gate`` or ``cascade``;
     with ``target_madds`` the gate's cost bias (or the cascade's threshold) that costs that much."""
@@ -297,11 +299,11 @@ def select_policy(outcomes: Outcomes, deploy: str, target_madds: float | None, z
         policy = policy_at_madds(outcomes, target_madds, kind)
         cost = score(outcomes, policy)["madds_mean"]
         return {"policy": policy.to_dict(), "holdout_samples": n,
-                "reason": f"{kind} at {cost / 1e6:.3f} M MAdds on {n} held-back images (target {target_madds / 1e6:.3f} M)"}
+                "reason": f"{kind} at {cost / 1e6:.3f} M MAdds on {n} {images} images (target {target_madds / 1e6:.3f} M)"}
     if deploy == "gate":
         return {"policy": gate_policy(outcomes, 0.0).to_dict(), "holdout_samples": n,
                 "reason": "gate.deploy=gate: the gate ships as trained"}
     pool = [p for p in candidates(outcomes) if deploy == "auto" or p.kind == deploy]
-    chosen = choose_policy(outcomes, z, pool)
+    chosen = choose_policy(outcomes, z, pool, images)
     return {"policy": chosen["policy"].to_dict(), "holdout_samples": n, "reason": chosen["reason"],
             "candidates": chosen["candidates"]}

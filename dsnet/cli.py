@@ -203,12 +203,13 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     data = build_data(cfg, runtime)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     batches = args.batches or cfg.train.recalibrate_batches
-    recalibrate_bn(model, data.calib, runtime.device, batches, autocast)
+    recalibrate_bn(model, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
     state["model"] = model.state_dict()
     if state.get("ema") is not None:
         ema = _load_run(args.checkpoint, args.data, use_ema=True, stages=("supernet",))[1]
-        recalibrate_bn(ema, data.calib, runtime.device, batches, autocast)
+        recalibrate_bn(ema, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
         state["ema"] = ema.state_dict()
+    state["bn_recalibrated"] = True
     save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, out)
     print(f"recalibrated {batches} batches per route -> {out}")
     return 0

@@ -104,6 +104,9 @@ class TrainConfig(_Section):
     recalibrate_batches: int = 20
     progress: bool = True
     init_from: str | None = None                # a checkpoint whose weights start a stage-one run (fresh optimizer, schedule)
+    cooldown_epochs: int = 0                    # epochs at min_lr after the schedule, both stages (release: 10)
+    eval_ema: bool = False                      # evaluate, report and pick best.pth by the EMA weights
+    recalibrate_momentum: float | None = None   # None: BN recalibration averages its batches equally
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ class GateConfig(_Section):
     deploy: str = "auto"                        # auto: best of gate / cascade, else static fallback; gate; cascade
     fallback_z: float = 1.0                     # a dynamic policy ships when gain - z x standard error > 0
     target_madds: float | None = None           # ship the gate (or cascade) at this mean MAdds instead
+    cost_unit: str = "fraction"                 # a route's cost in the complexity term: fraction, gmadds
+    label_smoothing: float = 0.0                # on the SGS and task cross-entropies (release: 0.1)
+    ema_decay: float | None = None              # an EMA of the gate (release: 0.997); None: no EMA
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "gate.head": ("fc", "mlp"),
     "gate.deploy": ("auto", "gate", "cascade"),
     "gate.opt": _OPTIMIZERS,
+    "gate.cost_unit": ("fraction", "gmadds"),
 }
 
 _Rule = tuple[Callable[[Any], bool], str]  # (value is accepted, what is accepted)
@@ -227,6 +234,8 @@ _RULES: dict[str, _Rule] = {
     "gate.head_hidden": _POS_INT, "gate.head_dropout": _UNIT, "gate.holdout": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "gate.fallback_z": _NONNEG, "gate.target_madds": _POS,
     "output.dir": _NONEMPTY, "output.checkpoint_interval": _POS_INT,
+    "train.cooldown_epochs": _NONNEG_INT, "train.recalibrate_momentum": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "gate.label_smoothing": _UNIT, "gate.ema_decay": _UNIT,
 }
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",

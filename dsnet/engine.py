@@ -193,12 +193,13 @@ class Loop:
                 f.write(json.dumps(record) + "\n")
 
     def sync_buffers(self) -> None:
-        """Under DDP, give every rank rank 0's buffers (BN statistics drift apart: each rank's
-        last forward saw its own batch), so each rank evaluates its shard with the very model
-        rank 0 saves."""
+        """Under DDP, give every rank rank 0's buffers, the EMA's too (BN statistics drift apart:
+        each rank's last forward saw its own batch), so each rank evaluates its shard with the
+        very model rank 0 saves."""
         if self.runtime.distributed:
-            for buf in self.model.buffers():
-                dist.broadcast(buf, 0)
+            for net in [self.model] + ([self.ema.module] if self.ema is not None else []):
+                for buf in net.buffers():
+                    dist.broadcast(buf, 0)
 
     # ---- loop -------------------------------------------------------------------------------
     def backward(self, loss: Tensor) -> None:

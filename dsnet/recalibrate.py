@@ -19,12 +19,14 @@ __all__ = ["recalibrate_bn"]
 
 @torch.no_grad()
 def recalibrate_bn(model: DSNet, loader: Iterable, device: torch.device, num_batches: int,
-                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
-    """Recompute the BN statistics of ``model`` in place from ``num_batches`` batches per route."""
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   momentum: float | None = None) -> None:
+    """Recompute the BN statistics of ``model`` in place from ``num_batches`` batches per route:
+    their equal-weight average, or with ``momentum`` a running average (the release's 0.1)."""
     bns = [m for m in model.modules() if isinstance(m, DSBatchNorm2d)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
-        bn.reset_running_stats(momentum=None)
+        bn.reset_running_stats(momentum=momentum)
     was_training = model.training
     model.train()
     routes = [model.routes.largest] + model.routes.static_routes

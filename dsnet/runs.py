@@ -27,8 +27,8 @@ from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
-           "BEST_METRICS", "best_metric", "train_gate", "write_eval", "data_signature", "scaled_lr", "wrap_ddp",
-           "holdout_split", "head_kwargs"]
+           "BEST_METRICS", "best_metric", "train_gate", "bn_recalibrated", "write_eval", "data_signature", "scaled_lr",
+           "wrap_ddp", "holdout_split", "head_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,9 @@ def updates_per_epoch(loader: Any, cfg: Config) -> int:
 
 def train_supernet(cfg: Config) -> Path:
     """Stage one: train the supernet with IEB; returns the run directory."""
+    if cfg.train.eval_ema and cfg.ieb.teacher not in ("ensemble", "ema"):
+        raise ValueError(f"train.eval_ema=true needs an EMA, but ieb.teacher={cfg.ieb.teacher} keeps none "
+                         "(use ensemble or ema)")
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime)
     model = build_model(cfg, len(data.classes)).to(runtime.device)
@@ -196,27 +199,31 @@ def train_supernet(cfg: Config) -> Path:
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
 
     def evaluate(epoch: int) -> dict:
-        report = evaluate_static(model, data.val, runtime.device, size, autocast,
-                                 channels_last=cfg.train.channels_last)
+        report = evaluate_static(ema.module if cfg.train.eval_ema else model, data.val, runtime.device, size,
+                                 autocast, channels_last=cfg.train.channels_last)
         return {"eval": report, "top1_largest": report["largest"]["top1"],
                 "top1_slimmest": report["static"][0]["top1"], "best_metric": best_metric(report, cfg.train.best_metric)}
 
     loop = Loop(cfg, runtime, "supernet", model, train_model, optimizer, scheduler,
-                lambda x, y, g, backward: step(x, y, g, backward), evaluate, data.train, cfg.train.epochs,
-                run_dir, ema=ema, scaler=scaler, mixup=mixup, clip_grad=cfg.train.clip_grad,
-                extra_state={"classes": data.classes})
+                lambda x, y, g, backward: step(x, y, g, backward), evaluate, data.train,
+                cfg.train.epochs + cfg.train.cooldown_epochs, run_dir, ema=ema, scaler=scaler, mixup=mixup,
+                clip_grad=cfg.train.clip_grad,
+                extra_state={"classes": data.classes, "bn_recalibrated": False})
     if cfg.train.resume:
         loop.resume(cfg.train.resume)
     if runtime.is_main:
         save_config(cfg, run_dir / "config.yaml")
     loop.run()
-    if cfg.train.recalibrate_bn and loop.epoch == cfg.train.epochs:
+    if cfg.train.recalibrate_bn and loop.epoch == loop.epochs:
+        final_is_best = loop.last_metrics.get("best_metric") == loop.best  # best.pth is this epoch
         for net in [model] + ([ema.module] if ema is not None else []):
-            recalibrate_bn(net, data.calib, runtime.device, cfg.train.recalibrate_batches, autocast)
+            recalibrate_bn(net, data.calib, runtime.device, cfg.train.recalibrate_batches, autocast,
+                           cfg.train.recalibrate_momentum)
         loop.sync_buffers()
+        loop.extra_state["bn_recalibrated"] = True
         loop.last_metrics = {**loop.last_metrics, **evaluate(loop.epoch), "recalibrated": True}
         loop.log({"stage": "supernet", "epoch": loop.epoch, "recalibrated": True, **loop.last_metrics})
-        loop.save(False)
+        loop.save(final_is_best)
     if runtime.is_main and "eval" in loop.last_metrics:
         write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "dynamic": None,
                                            "data": data_signature(cfg, data.classes)})
@@ -249,6 +256,29 @@ def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) ->
         raise ValueError(f"--supernet {path} was trained on {len(state['classes'])} classes "
                          f"({', '.join(state['classes'][:4])}, ...), the data has {len(classes)} "
                          f"({', '.join(classes[:4])}, ...)")
+
+
+def bn_recalibrated(state: dict) -> bool:
+    """Whether a stage-one checkpoint holds recalibrated BN statistics (``bn_recalibrated``; older
+    checkpoints tell it by the ``recalibrated`` mark of their last metrics)."""
+    return bool(state.get("bn_recalibrated", (state.get("metrics") or {}).get("recalibrated", False)))
+
+
+def _recalibrate_supernet(cfg: Config, loop: Loop, calib: Any, supernet: Path, autocast: Any) -> None:
+    """Recalibrate the BN statistics of a supernet saved before recalibration (a ``best.pth`` of
+    an earlier epoch, a run with ``train.recalibrate_bn=false``) before its gate trains on them;
+    with ``train.recalibrate_bn=false`` keep them and warn."""
+    if not cfg.train.recalibrate_bn:
+        logger.warning("--supernet %s holds BN statistics from before recalibration (train.recalibrate_bn=false)",
+                       supernet)
+        return
+    logger.info("--supernet %s was saved before BN recalibration: recalibrating it first", supernet)
+    recalibrate_bn(loop.model, calib, loop.runtime.device, cfg.train.recalibrate_batches, autocast,
+                   cfg.train.recalibrate_momentum)
+    loop.sync_buffers()
+    if loop.ema is not None:  # the EMA starts from the recalibrated supernet
+        loop.ema.set(loop.model)
+    loop.extra_state["bn_recalibrated"] = True
 
 
 def _gate_model(cfg: Config, state: dict) -> nn.Module:
@@ -288,6 +318,9 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     state = read_checkpoint(supernet, "supernet")
     cfg = _gate_run_dir(cfg, supernet)
     model = _gate_model(cfg, state)
+    if cfg.train.eval_ema and cfg.gate.ema_decay is None:
+        raise ValueError("train.eval_ema=true needs an EMA of the gate in stage two: "
+                         "set gate.ema_decay (release: 0.997)")
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime, cfg.gate.holdout)
     _check_supernet(cfg, state, supernet, data.classes)
@@ -301,26 +334,32 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
                                 cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)
     autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
     costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device)
+    costs = costs / (1e9 if cfg.gate.cost_unit == "gmadds" else costs[-1])
     step = SGSStep(model, cfg.gate.rule, cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight,
-                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs / costs[-1], autocast, cfg.gate.balance,
-                   cfg.gate.soft_targets)
+                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs, autocast, cfg.gate.balance,
+                   cfg.gate.soft_targets, cfg.gate.label_smoothing)
+    ema = timm.utils.ModelEmaV3(model, decay=cfg.gate.ema_decay) if cfg.gate.ema_decay is not None else None
 
     def evaluate(epoch: int) -> dict:
-        report = evaluate_static(model, data.val, runtime.device, size, autocast)
-        report.update(evaluate_gated(model, data.val, runtime.device, size, cfg.gate.rule, autocast))
+        net = ema.module if cfg.train.eval_ema else model
+        report = evaluate_static(net, data.val, runtime.device, size, autocast)
+        report.update(evaluate_gated(net, data.val, runtime.device, size, cfg.gate.rule, autocast))
         return {"eval": report, "top1_dynamic": report["dynamic"]["top1"],
                 "madds_dynamic": report["dynamic"]["madds_mean"]}
 
     loop = Loop(cfg, runtime, "gate", model, model, optimizer, scheduler, step, evaluate, data.train,
-                cfg.gate.epochs, run_dir, scaler=scaler, train_mode=False,
-                extra_state={"classes": data.classes, "supernet": str(supernet)})
+                cfg.gate.epochs + cfg.train.cooldown_epochs, run_dir, ema=ema, scaler=scaler, train_mode=False,
+                extra_state={"classes": data.classes, "supernet": str(supernet),
+                             "bn_recalibrated": bn_recalibrated(state)})
     if cfg.train.resume:
         loop.resume(cfg.train.resume)
+    elif not bn_recalibrated(state):
+        _recalibrate_supernet(cfg, loop, data.calib, supernet, autocast)
     if runtime.is_main:
         save_config(cfg, run_dir / "config.yaml")
     loop.run()
-    if loop.epoch == cfg.gate.epochs:
-        _deploy(cfg, loop, model, data, runtime, size, autocast, evaluate)
+    if loop.epoch == loop.epochs:
+        _deploy(cfg, loop, ema.module if cfg.train.eval_ema else model, data, runtime, size, autocast, evaluate)
     if runtime.is_main and "eval" in loop.last_metrics:
         write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "data": data_signature(cfg, data.classes)})
         print(format_report(loop.last_metrics["eval"]))
@@ -329,8 +368,9 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
 
 def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runtime, size: tuple, autocast,
             evaluate) -> None:
-    """Choose the deployment policy on the held-back images (or the gate as trained when
-    ``gate.holdout`` is 0), apply it, evaluate it and save it in ``last.pth``."""
+    """Choose the deployment policy for ``model`` (the live gate, or its EMA with
+    ``train.eval_ema``) on the held-back images (or the gate as trained when ``gate.holdout`` is
+    0), apply it to the live model and the EMA, evaluate it and save it in ``last.pth``."""
     from dsnet.policy import Policy, collect_outcomes, select_policy
 
     if data.holdout is None:
@@ -338,7 +378,8 @@ def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runt
     else:
         outcomes = collect_outcomes(model, data.holdout, runtime.device, size, autocast)
         record = select_policy(outcomes, cfg.gate.deploy, cfg.gate.target_madds, cfg.gate.fallback_z)
-    model.set_policy(Policy.from_dict(record["policy"]))
+    for net in [loop.model] + ([loop.ema.module] if loop.ema is not None else []):
+        net.set_policy(Policy.from_dict(record["policy"]))
     metrics = evaluate(loop.epoch)
     metrics["eval"]["selection"] = record
     loop.extra_state["deploy"] = record

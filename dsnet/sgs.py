@@ -123,9 +123,10 @@ class SGSStep:
     def __init__(self, model: DSNet, rule: str, sgs_weight: float, task_weight: float,
                  complexity_weight: float, complexity_target: float, tau: float, route_costs: Tensor,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 balance: bool = False, soft_targets: bool = False) -> None:
+                 balance: bool = False, soft_targets: bool = False, label_smoothing: float = 0.0) -> None:
         self.model, self.rule, self.tau, self.autocast, self.balance = model, rule, tau, autocast, balance
         self.soft_targets = soft_targets
+        self.label_smoothing = label_smoothing  # on both cross-entropies, as the release
         self.weights = {"sgs": sgs_weight, "task": task_weight, "complexity": complexity_weight}
         self.complexity_target, self.route_costs = complexity_target, route_costs
 
@@ -144,13 +145,13 @@ class SGSStep:
         if self.weights["sgs"] > 0:
             targets = self.targets(route_logits, y)
             weight = balanced_weights(targets, gate_logits.shape[1]) if self.balance else None
-            losses["sgs"] = F.cross_entropy(gate_logits, targets, weight=weight)
+            losses["sgs"] = F.cross_entropy(gate_logits, targets, weight=weight, label_smoothing=self.label_smoothing)
             total = total + self.weights["sgs"] * losses["sgs"]
         if self.weights["task"] > 0 or self.weights["complexity"] > 0:
             sample = F.gumbel_softmax(gate_logits, tau=self.tau, hard=True)  # [B, R], straight-through
             if self.weights["task"] > 0:
                 mixed = torch.einsum("br,rbk->bk", sample, route_logits)
-                losses["task"] = F.cross_entropy(mixed, y)
+                losses["task"] = F.cross_entropy(mixed, y, label_smoothing=self.label_smoothing)
                 total = total + self.weights["task"] * losses["task"]
             if self.weights["complexity"] > 0:
                 losses["complexity"] = complexity_penalty(sample, self.route_costs, self.complexity_target)

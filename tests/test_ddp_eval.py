@@ -11,7 +11,8 @@ import torch
 from dsnet.cli import main as dsnet_main
 from tests.test_train import ROOT, TINY
 
-VAL = ["data.synthetic_train_size=48", "data.synthetic_val_size=37", "data.val_batch_size=8", "train.batch_size=8", "train.epochs=1"]
+VAL = ["data.synthetic_train_size=48", "data.synthetic_val_size=37", "data.val_batch_size=8", "train.batch_size=8",
+       "train.epochs=1"]
 
 
 def _single_process(checkpoint, path, *extra):

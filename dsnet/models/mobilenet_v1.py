@@ -6,7 +6,7 @@ from typing import Sequence
 from torch import nn
 
 from dsnet.models.blocks import ConvBNAct, GateUnit, SEUnit, Unit
-from dsnet.models.net import DSNet
+from dsnet.models.net import DSNet, apply_init
 from dsnet.models.spec import StageSpec, group_sizes, register
 
 __all__ = ["DS_MBNET_STEM", "DS_MBNET_STAGES", "ds_mobilenet_v1"]
@@ -52,8 +52,9 @@ def build_mobilenet_v1(stem: Sequence[int], stages: Sequence[StageSpec], num_cla
 
 @register
 def ds_mobilenet_v1(num_classes: int = 1000, routing_space: Sequence[int] | None = (0, 1, 2, 3),
-                    drop_rate: float = 0.0, in_chans: int = 3) -> DSNet:
+                    drop_rate: float = 0.0, in_chans: int = 3, init: str = "dsnet") -> DSNet:
     """DS-MBNet supernet: 14 static subnets (133-565 M MAdds), largest route 820 M, 7.7 M params.
-    The gate routes among the 4 slimmest subnets by default, as the released model does."""
-    return build_mobilenet_v1(DS_MBNET_STEM, DS_MBNET_STAGES, num_classes, routing_space,
-                              drop_rate=drop_rate, in_chans=in_chans)
+    The gate routes among the 4 slimmest subnets by default, as the released model does.
+    ``init="timm"`` initialises it as the release does (``apply_init``)."""
+    return apply_init(build_mobilenet_v1(DS_MBNET_STEM, DS_MBNET_STAGES, num_classes, routing_space,
+                                         drop_rate=drop_rate, in_chans=in_chans), init)

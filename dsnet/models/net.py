@@ -28,7 +28,7 @@ from dsnet.models.blocks import GateUnit, Unit
 from dsnet.policy import Policy
 from dsnet.routes import Route, RouteTable
 
-__all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "init_weights"]
+__all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "INITS", "apply_init", "init_weights"]
 
 
 class DynamicOutput(NamedTuple):
@@ -384,6 +384,24 @@ class DSNet(nn.Module):
         """Images [B, C, H, W] -> features before pooling [B, C', H', W'] along ``subnet``
         (default: the largest route), as timm's ``forward_features``."""
         return self.forward_units(x, self.routes.resolve(subnet), 0, len(self.units))
+
+
+INITS = ("dsnet", "timm")
+
+
+def apply_init(model: nn.Module, init: str) -> nn.Module:
+    """Re-initialise ``model`` by name: ``dsnet`` (``init_weights``, as built) or ``timm`` (timm's
+    EfficientNet initialisation, the DS-Net release's: convolutions normal with std
+    sqrt(2 / fan_out), fan_out = k x k x out_channels / groups, so a depthwise filter starts about
+    sqrt(channels) times larger than under Kaiming's fan_out; linear layers, the classifier and
+    the gate's width head included, uniform in +-1/sqrt(out_features); zero biases)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "timm":
+        from timm.models._efficientnet_builder import efficientnet_init_weights
+
+        efficientnet_init_weights(model)
+    return model
 
 
 def init_weights(model: nn.Module, classifier: nn.Linear) -> None:

@@ -14,8 +14,11 @@ if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     cfg = load_config(None, overrides + [f"output.dir={out}"])
     run = train_supernet(cfg)
+    dist.barrier()  # every rank reads the checkpoint rank 0 finished writing
     gate = train_gate(cfg, run / "checkpoints" / "last.pth")
+    dist.barrier()
     train_static(cfg, 0, "scratch-e")
+    dist.barrier()
     dsnet_main(["evaluate", str(gate / "checkpoints" / "last.pth"), "--sweep", "3",
                 "--json", str(out / "sweep.json")])
     dist.destroy_process_group()

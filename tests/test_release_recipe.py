@@ -29,7 +29,7 @@ def test_timm_init_gives_depthwise_filters_the_release_spread():
             fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
             assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / fan_out), rel=0.1), name
     depthwise = [n for n, m in release.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1][-1]
-    std = {k: float(dict(net.named_modules())[depthwise].weight.std()) for k, net in (("d", ours), ("t", release))}
+    std = {k: float(dict(net.named_modules())[depthwise].weight.detach().std()) for k, net in (("d", ours), ("t", release))}
     assert std["t"] > 20 * std["d"]  # sqrt(2/9) against Kaiming's sqrt(2/(9 x 1152))
     bound = 1 / math.sqrt(10)
     assert float(release.classifier.weight.abs().max()) <= bound and not release.classifier.bias.any()

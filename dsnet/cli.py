@@ -99,7 +99,8 @@ def _target_policy(model, loader, cfg, runtime, size, autocast, target: float, k
     if sharded(loader):
         outcomes = gather_outcomes(outcomes)
     try:
-        return select_policy(outcomes, kind, target, cfg.gate.fallback_z, images="validation")
+        return select_policy(outcomes, kind, target, cfg.gate.fallback_z, images="validation",
+                             measure=cfg.gate.cascade_measure)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -136,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             record = _target_policy(model, loader, cfg, runtime, size, autocast, target, args.deploy, args.max_batches)
             model.set_policy(Policy.from_dict(record["policy"]))
         report.update(evaluate_gated(model, loader, runtime.device, size, cfg.gate.rule, autocast,
-                                     args.max_batches, args.sweep or 9))
+                                     args.max_batches, args.sweep or 9, cfg.gate.cascade_measure))
         if record:
             report["selection"] = record
     if not runtime.is_main:  # under torchrun every rank holds the whole set's figures

@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from dsnet.policy import MEASURES
+
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
            "save_config", "replace", "BEST_METRICS"]
@@ -150,6 +152,7 @@ class GateConfig(_Section):
     deploy: str = "auto"                        # auto: best of gate / cascade, else static fallback; gate; cascade
     fallback_z: float = 1.0                     # a dynamic policy ships when gain - z x standard error > 0
     target_madds: float | None = None           # ship the gate (or cascade) at this mean MAdds instead
+    cascade_measure: str = "margin"             # the cascade's confidence: top-two softmax margin, or max (top probability)
     cost_unit: str = "fraction"                 # a route's cost in the complexity term: fraction, gmadds
     label_smoothing: float = 0.0                # on the SGS and task cross-entropies (release: 0.1)
     ema_decay: float | None = None              # an EMA of the gate (release: 0.997); None: no EMA
@@ -196,6 +199,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "gate.rule": ("slimmest", "slimmest_largest", "cheapest"),
     "gate.head": ("fc", "mlp"),
     "gate.deploy": ("auto", "gate", "cascade"),
+    "gate.cascade_measure": MEASURES,
     "gate.opt": _OPTIMIZERS,
     "gate.cost_unit": ("fraction", "gmadds"),
 }

@@ -199,16 +199,17 @@ def _describe(report: dict) -> str:
 
 def evaluate_gated(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int], rule: str,
                    autocast: Autocast = contextlib.nullcontext, max_batches: int | None = None,
-                   sweep: int = 9) -> dict:
+                   sweep: int = 9, measure: str = "margin") -> dict:
     """What ``eval.json`` holds after stage two, beside the static rows:
 
     - ``dynamic``: the deployment policy run as routed inference (``evaluate_dynamic``), with its
       ``policy`` record and the trained gate's agreement with its SGS targets (rule ``rule``);
     - ``gate``: the gate as trained (no cost bias), scored from the per-image table;
     - ``sweep``: the gate at ``sweep`` cost-bias strengths in [-3, 3];
-    - ``cascade``: the confidence cascade at ``sweep`` escalation rates in [5%, 60%].
+    - ``cascade``: the confidence cascade (thresholding ``measure``) at ``sweep`` escalation rates
+      in [5%, 60%].
     """
-    from dsnet.policy import cascade_policy, collect_outcomes, gate_policy, gather_outcomes, score
+    from dsnet.policy import cascade_policy, cascade_thresholds, collect_outcomes, gate_policy, gather_outcomes, score
     from dsnet.sgs import sgs_targets
 
     outcomes = collect_outcomes(model, _batches(loader, device, max_batches), device, input_size, autocast)
@@ -221,7 +222,8 @@ def evaluate_gated(model: DSNet, loader: Iterable, device: torch.device, input_s
     dynamic.update(gate_accuracy=agreement, policy=model.policy.to_dict())
     strengths = [round(-3 + 6 * i / (sweep - 1), 3) for i in range(sweep)] if sweep > 1 else [0.0]
     rates = [round(0.05 + 0.55 * i / (sweep - 1), 3) for i in range(sweep)] if sweep > 1 else [0.2]
-    thresholds = torch.quantile(outcomes.confidence.double(), torch.tensor(rates, dtype=torch.float64)).tolist()
+    thresholds = cascade_thresholds(outcomes, rates, measure)
+    sure = outcomes.confidence[measure]
 
     def row(policy, **extra) -> dict:
         scored = score(outcomes, policy)
@@ -231,8 +233,8 @@ def evaluate_gated(model: DSNet, loader: Iterable, device: torch.device, input_s
     return {"dynamic": dynamic, "routing_space": space,
             "gate": {**row(gate_policy(outcomes, 0.0)), "gate_accuracy": agreement},
             "sweep": [row(gate_policy(outcomes, t), strength=t) for t in strengths],
-            "cascade": [row(cascade_policy(q), threshold=q, escalated=float((outcomes.confidence < q).double().mean()))
-                        for q in thresholds]}
+            "cascade": [row(cascade_policy(q, measure), threshold=q, measure=measure,
+                            escalated=float((sure < q).double().mean())) for q in thresholds]}
 
 
 def format_sweep_row(report: dict, row: dict) -> str:

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from dsnet.heads import head_output
 from dsnet.madds import _route
 from dsnet.models.net import DenseNet, DSNet
+from dsnet.policy import confidence
 
 __all__ = ["extract_subnet", "extract_dynamic", "DenseGate", "DynamicNet", "save_torchscript",
            "save_onnx", "save_dynamic_onnx", "DynamicOnnxRunner", "run_dynamic_onnx", "export_command",
@@ -103,12 +104,14 @@ class DynamicNet(nn.Module):
     """
 
     def __init__(self, pre: nn.Sequential, gate: DenseGate, posts: Sequence[DenseNet],
-                 subnets: Sequence[int], num_classes: int, cascade_threshold: float = -1.0) -> None:
+                 subnets: Sequence[int], num_classes: int, cascade_threshold: float = -1.0,
+                 cascade_margin: bool = True) -> None:
         super().__init__()
         self.pre, self.gate, self.posts = pre, gate, nn.ModuleList(posts)
         self.subnets: List[int] = [int(i) for i in subnets]
         self.num_classes = int(num_classes)
         self.cascade_threshold = float(cascade_threshold)  # >= 0: the confidence cascade, not the gate
+        self.cascade_margin = bool(cascade_margin)  # the cascade's confidence: top-two margin, else top probability
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> logits [B, num_classes], each sample along the route its gate picks."""
@@ -144,13 +147,14 @@ class DynamicNet(nn.Module):
 
     def cascade(self, h: Tensor, gate_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """The confidence cascade on gate features h: the slimmest route for every sample, the
-        widest too where the slimmest's top softmax probability is under the threshold."""
+        widest too where the slimmest's confidence (``dsnet.policy.confidence``) is under the
+        threshold."""
         last = len(self.subnets) - 1
         logits = h.new_empty((h.shape[0], self.num_classes))
         for i, slimmest in enumerate(self.posts):
             if i == 0:
                 logits = slimmest(h)
-        escalate = torch.softmax(logits, 1).amax(1) < self.cascade_threshold
+        escalate = confidence(logits, self.cascade_margin) < self.cascade_threshold
         index = escalate.nonzero().squeeze(1)
         if index.numel() > 0:
             for j, widest in enumerate(self.posts):
@@ -175,7 +179,8 @@ def extract_dynamic(model: DSNet) -> DynamicNet:
     gate = DenseGate(attention.reduce, attention.expand, head)
     posts = [DenseNet(d.features[g + 1:], d.fc, model.drop_rate) for d in dense]
     threshold = model.policy.threshold if model.policy.kind == "cascade" else -1.0
-    net = DynamicNet(dense[0].features[:g], gate, posts, model.routing_space, model.num_classes, threshold)
+    net = DynamicNet(dense[0].features[:g], gate, posts, model.routing_space, model.num_classes, threshold,
+                     model.policy.measure == "margin")
     return net.requires_grad_(False).eval()
 
 
@@ -237,7 +242,8 @@ def save_dynamic_onnx(net: DynamicNet, example: Tensor, folder: str | os.PathLik
     manifest = {"format": DYNAMIC_ONNX_FORMAT, "version": 1, "gate": "gate.onnx", "routes": names,
                 "subnets": list(net.subnets), "num_classes": net.num_classes,
                 "input_size": list(example.shape[1:]), "opset": OPSET,
-                "cascade_threshold": net.cascade_threshold if net.cascade_threshold >= 0 else None}
+                "cascade_threshold": net.cascade_threshold if net.cascade_threshold >= 0 else None,
+                "cascade_measure": "margin" if net.cascade_margin else "max"}
     (folder / "dynamic.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -261,13 +267,16 @@ class DynamicOnnxRunner:
         self.gate, self.routes = load(spec["gate"]), [load(name) for name in spec["routes"]]
         self.subnets, self.num_classes = spec["subnets"], spec["num_classes"]
         self.cascade_threshold = spec.get("cascade_threshold")
+        self.cascade_margin = spec.get("cascade_measure", "max") == "margin"
 
     def __call__(self, x):
         features, gate_logits = self.gate.run(None, {"input": np.ascontiguousarray(x, np.float32)})
         if self.cascade_threshold is not None:  # the confidence cascade: slimmest, then widest if unsure
             logits = self.routes[0].run(None, {"features": features})[0]
             z = np.exp(logits - logits.max(1, keepdims=True))
-            idx = np.flatnonzero((z / z.sum(1, keepdims=True)).max(1) < self.cascade_threshold)
+            top = np.sort(z / z.sum(1, keepdims=True), 1)[:, ::-1]  # softmax, descending
+            sure = top[:, 0] - top[:, 1] if self.cascade_margin else top[:, 0]
+            idx = np.flatnonzero(sure < self.cascade_threshold)
             if idx.size:
                 logits[idx] = self.routes[-1].run(None, {"features": features[idx]})[0]
             return logits

@@ -7,13 +7,17 @@ A policy decides per image which routes of the routing space run:
   strength t; t = 0 is the gate as trained);
 - ``static``: one routing-space route for every image, as a bias that always picks it (the
   fallback when no dynamic policy beats the static subnets);
-- ``cascade``: every image runs the slimmest route; an image whose top softmax probability is
-  under a threshold also runs the widest route, whose prediction replaces the slimmest's. The
-  units up to the gate run once, so an escalated image pays the widest route's remaining units
-  on top of the slimmest route. This is what a user would build without a gate.
+- ``cascade``: every image runs the slimmest route; an image whose confidence (``confidence``:
+  by default the margin between the slimmest route's top two softmax probabilities, or the top
+  probability alone) is under a threshold also runs the widest route, whose prediction replaces
+  the slimmest's. The units up to the gate run once, so an escalated image pays the widest
+  route's remaining units on top of the slimmest route. This is what a user would build without
+  a gate. The margin ranks images by doubt better than the top probability does: an image torn
+  between two classes has a high top probability and a small margin (docs/results.md measures
+  both).
 
 ``collect_outcomes`` runs every static subnet once per image and keeps the per-image correctness,
-the gate's logits and the slimmest route's confidence; a policy's accuracy and mean MAdds are then
+the gate's logits and the slimmest route's confidence (both measures); a policy's accuracy and mean MAdds are then
 a table lookup (``score``), equal to routed inference with that policy (tests/test_policy.py).
 
 ``choose_policy`` compares each candidate with the static subnets' accuracy-MAdds curve on the
@@ -35,30 +39,45 @@ from torch import Tensor
 if TYPE_CHECKING:
     from dsnet.models.net import DSNet
 
-__all__ = ["KINDS", "Policy", "Outcomes", "cost_bias", "collect_outcomes", "gather_outcomes", "score", "against_curve",
-           "gate_policy", "static_policy", "cascade_policy", "candidates", "choose_policy", "policy_at_madds",
+__all__ = ["KINDS", "MEASURES", "confidence", "Policy", "Outcomes", "cost_bias", "collect_outcomes", "gather_outcomes", "score", "against_curve",
+           "gate_policy", "static_policy", "cascade_policy", "cascade_thresholds", "candidates", "choose_policy", "policy_at_madds",
            "select_policy"]
 
 KINDS = ("gate", "static", "cascade")
+MEASURES = ("margin", "max")
 _NEVER = -1.0e6  # a logit bias no trained gate logit overcomes: the route is never picked
+
+
+def confidence(logits: Tensor, margin: bool = True) -> Tensor:
+    """logits [B, K] -> [B]: the cascade's confidence, the top softmax probability minus the
+    second (``margin``) or the top probability alone. TorchScript compiles it (dsnet.export)."""
+    probs = torch.softmax(logits.float(), 1)
+    if margin:
+        top = probs.topk(2, 1).values
+        return top[:, 0] - top[:, 1]
+    return probs.amax(1)
 
 
 @dataclass(frozen=True)
 class Policy:
     """A deployment policy (see the module docstring). ``bias``: per-route logit bias of ``gate``
     and ``static``; ``route``: the routing-space index of ``static``; ``threshold``: the cascade's
-    confidence threshold; ``strength``: the cost-bias strength ``bias`` came from."""
+    confidence threshold, on the scale of ``measure`` (``margin`` or ``max``, see ``confidence``);
+    ``strength``: the cost-bias strength ``bias`` came from."""
 
     kind: str = "gate"
     bias: tuple[float, ...] = ()
     strength: float = 0.0
     route: int = 0
     threshold: float = 0.0
+    measure: str = "margin"
 
     def check(self, num_routes: int) -> None:
         """Raise ValueError unless the policy fits a routing space of ``num_routes`` routes."""
         if self.kind not in KINDS:
             raise ValueError(f"policy kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.measure not in MEASURES:
+            raise ValueError(f"policy measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
         if self.bias and len(self.bias) != num_routes:
             raise ValueError(f"a policy bias needs one value per route ({num_routes}), got {len(self.bias)}")
         if not 0 <= self.route < num_routes:
@@ -69,14 +88,16 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
-        return cls(**{**d, "bias": tuple(d.get("bias", ()))})
+        """The policy of ``to_dict``; a record without ``measure`` (dsnet 0.x before the margin)
+        thresholds the top probability."""
+        return cls(**{"measure": "max", **d, "bias": tuple(d.get("bias", ()))})
 
     def describe(self, space: Sequence[int]) -> str:
         if self.kind == "static":
             return f"static subnet {space[self.route]} (fallback)"
         if self.kind == "cascade":
-            return (f"cascade: subnet {space[0]}, then subnet {space[-1]} when confidence < "
-                    f"{self.threshold:.3f}")
+            what = "top-two margin" if self.measure == "margin" else "top probability"
+            return f"cascade: subnet {space[0]}, then subnet {space[-1]} when its {what} < {self.threshold:.3f}"
         return "gate" + (f", cost bias {self.strength:+.3f}" if self.strength else "")
 
 
@@ -95,8 +116,8 @@ def static_policy(route: int, num_routes: int) -> Policy:
     return Policy("static", tuple(0.0 if r == route else _NEVER for r in range(num_routes)), route=route)
 
 
-def cascade_policy(threshold: float) -> Policy:
-    return Policy("cascade", threshold=float(threshold))
+def cascade_policy(threshold: float, measure: str = "margin") -> Policy:
+    return Policy("cascade", threshold=float(threshold), measure=measure)
 
 
 @dataclass
@@ -104,15 +125,15 @@ class Outcomes:
     """Per-image results of every static subnet on one evaluation set, enough to score any policy.
 
     hit1, hit5: [N, S] bool, static subnet s right at top-1 / top-5; gate_logits: [N, R] (as
-    trained, no policy bias); confidence: [N] top softmax probability of the routing space's
-    slimmest route; costs in MAdds: ``static_costs`` [S] per fixed route, ``dynamic_costs`` [R]
+    trained, no policy bias); confidence: {measure: [N]} the routing space's slimmest route's
+    confidence under each of ``MEASURES``; costs in MAdds: ``static_costs`` [S] per fixed route, ``dynamic_costs`` [R]
     with the gate's width head, ``escalation_cost`` what the cascade adds for an escalated image.
     """
 
     hit1: Tensor
     hit5: Tensor
     gate_logits: Tensor
-    confidence: Tensor
+    confidence: dict[str, Tensor]
     space: tuple[int, ...]
     static_costs: list[int]
     dynamic_costs: list[int]
@@ -147,9 +168,11 @@ def collect_outcomes(model: "DSNet", batches: Iterable[tuple[Tensor, Tensor]], d
         hit1.append(torch.stack([t[0] for t in hits], 1))
         hit5.append(torch.stack([t[1] for t in hits], 1))
         gates.append(gate_logits.float())
-        conf.append(torch.softmax(logits[slim], 1).amax(1))
+        conf.append(torch.stack([confidence(logits[slim], m == "margin") for m in MEASURES], 1))
     wide = model.route_cost(model.routes.dynamic_routes[-1], input_size).madds
-    return Outcomes(torch.cat(hit1).cpu(), torch.cat(hit5).cpu(), torch.cat(gates).cpu(), torch.cat(conf).cpu(),
+    conf = torch.cat(conf).cpu()
+    return Outcomes(torch.cat(hit1).cpu(), torch.cat(hit5).cpu(), torch.cat(gates).cpu(),
+                    {m: conf[:, i] for i, m in enumerate(MEASURES)},
                     tuple(model.routing_space), [model.route_cost(r, input_size).madds for r in routes],
                     model.dynamic_costs(input_size), wide - model.shared_cost(input_size))
 
@@ -161,7 +184,8 @@ def gather_outcomes(outcomes: Outcomes) -> Outcomes:
 
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (outcomes.hit1, outcomes.hit5, outcomes.gate_logits, outcomes.confidence))
-    hit1, hit5, gates, conf = (torch.cat(column) for column in zip(*parts))
+    hit1, hit5, gates = (torch.cat(column) for column in list(zip(*parts))[:3])
+    conf = {m: torch.cat([part[3][m] for part in parts]) for m in outcomes.confidence}
     return Outcomes(hit1, hit5, gates, conf, outcomes.space, outcomes.static_costs, outcomes.dynamic_costs,
                     outcomes.escalation_cost)
 
@@ -170,7 +194,7 @@ def _choices(outcomes: Outcomes, policy: Policy) -> tuple[Tensor, Tensor]:
     """(routing-space index [N] each image ends on, MAdds [N] it pays) under ``policy``."""
     costs = torch.tensor(outcomes.dynamic_costs, dtype=torch.float64)
     if policy.kind == "cascade":
-        escalate = outcomes.confidence < policy.threshold
+        escalate = outcomes.confidence[policy.measure] < policy.threshold
         return escalate.long() * (len(outcomes.space) - 1), costs[0] + escalate.double() * outcomes.escalation_cost
     scores = outcomes.gate_logits + torch.tensor(policy.bias) if policy.bias else outcomes.gate_logits
     choice = scores.argmax(1)
@@ -207,16 +231,22 @@ def against_curve(outcomes: Outcomes, scored: dict) -> tuple[float, float] | Non
     return None
 
 
+def cascade_thresholds(outcomes: Outcomes, rates: Sequence[float], measure: str = "margin") -> list[float]:
+    """The cascade thresholds (on ``measure``) that escalate each fraction ``rates`` of the images:
+    quantiles of their confidences, nudged up so the quantile image itself escalates (an image
+    escalates when its confidence is strictly under the threshold)."""
+    quantiles = torch.quantile(outcomes.confidence[measure].double(), torch.tensor(list(rates), dtype=torch.float64))
+    return [math.nextafter(float(q), math.inf) for q in quantiles]
+
+
 def candidates(outcomes: Outcomes, strengths: Sequence[float] | None = None,
-               escalations: Sequence[float] | None = None) -> list[Policy]:
+               escalations: Sequence[float] | None = None, measure: str = "margin") -> list[Policy]:
     """Gate operating points (cost-bias strengths, default 25 in [-3, 3]) and cascade thresholds
-    (the confidence quantiles that escalate 5%, 10%, ... 50% of the images)."""
+    on ``measure`` (those that escalate 5%, 10%, ... 50% of the images)."""
     strengths = [-3 + 0.25 * i for i in range(25)] if strengths is None else strengths
     escalations = [0.05 * i for i in range(1, 11)] if escalations is None else escalations
-    quantiles = torch.quantile(outcomes.confidence.double(), torch.tensor(list(escalations), dtype=torch.float64))
-    # escalate images strictly under the threshold: nudge up so the quantile image itself escalates
     return ([gate_policy(outcomes, s) for s in strengths]
-            + [cascade_policy(math.nextafter(float(q), math.inf)) for q in quantiles])
+            + [cascade_policy(t, measure) for t in cascade_thresholds(outcomes, escalations, measure)])
 
 
 def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | None = None,
@@ -257,14 +287,15 @@ def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | N
                       f"falling back to static subnet {outcomes.space[route]}, the best route at the gate's cost"}
 
 
-def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", tolerance: float = 1e-3) -> Policy:
-    """The ``kind`` policy (``gate``: a cost-bias strength; ``cascade``: a threshold) whose mean
-    MAdds on ``outcomes`` is closest to ``target``. Raises ValueError when ``target`` is outside
-    what the policy can reach."""
+def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", tolerance: float = 1e-3,
+                    measure: str = "margin") -> Policy:
+    """The ``kind`` policy (``gate``: a cost-bias strength; ``cascade``: a threshold on
+    ``measure``) whose mean MAdds on ``outcomes`` is closest to ``target``. Raises ValueError when
+    ``target`` is outside what the policy can reach."""
     if kind == "cascade":
         low = outcomes.dynamic_costs[0]
         high = low + outcomes.escalation_cost
-        make: Callable[[float], Policy] = cascade_policy
+        make: Callable[[float], Policy] = lambda t: cascade_policy(t, measure)  # noqa: E731
         lo, hi = 0.0, math.nextafter(1.0, math.inf)  # cost rises with the threshold
     elif kind == "gate":
         low, high = min(outcomes.dynamic_costs), max(outcomes.dynamic_costs)
@@ -289,21 +320,22 @@ def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", toler
 
 
 def select_policy(outcomes: Outcomes, deploy: str, target_madds: float | None, z: float,
-                  images: str = "held-back") -> dict:
+                  images: str = "held-back", measure: str = "margin") -> dict:
     """The deployment record ``{"policy", "reason", "holdout_samples"}`` for ``gate.deploy``:
     ``auto`` (best of gate and cascade, static fallback: ``choose_policy``), ``gate`` or ``cascade``;
-    with ``target_madds`` the gate's cost bias (or the cascade's threshold) that costs that much."""
+    with ``target_madds`` the gate's cost bias (or the cascade's threshold) that costs that much.
+    The cascade thresholds its ``measure`` of confidence."""
     n = outcomes.num_samples
     if target_madds is not None:
         kind = "cascade" if deploy == "cascade" else "gate"
-        policy = policy_at_madds(outcomes, target_madds, kind)
+        policy = policy_at_madds(outcomes, target_madds, kind, measure=measure)
         cost = score(outcomes, policy)["madds_mean"]
         return {"policy": policy.to_dict(), "holdout_samples": n,
                 "reason": f"{kind} at {cost / 1e6:.3f} M MAdds on {n} {images} images (target {target_madds / 1e6:.3f} M)"}
     if deploy == "gate":
         return {"policy": gate_policy(outcomes, 0.0).to_dict(), "holdout_samples": n,
                 "reason": "gate.deploy=gate: the gate ships as trained"}
-    pool = [p for p in candidates(outcomes) if deploy == "auto" or p.kind == deploy]
+    pool = [p for p in candidates(outcomes, measure=measure) if deploy == "auto" or p.kind == deploy]
     chosen = choose_policy(outcomes, z, pool, images)
     return {"policy": chosen["policy"].to_dict(), "holdout_samples": n, "reason": chosen["reason"],
             "candidates": chosen["candidates"]}

@@ -343,7 +343,8 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     def evaluate(epoch: int) -> dict:
         net = ema.module if cfg.train.eval_ema else model
         report = evaluate_static(net, data.val, runtime.device, size, autocast)
-        report.update(evaluate_gated(net, data.val, runtime.device, size, cfg.gate.rule, autocast))
+        report.update(evaluate_gated(net, data.val, runtime.device, size, cfg.gate.rule, autocast,
+                                     measure=cfg.gate.cascade_measure))
         return {"eval": report, "top1_dynamic": report["dynamic"]["top1"],
                 "madds_dynamic": report["dynamic"]["madds_mean"]}
 
@@ -377,7 +378,8 @@ def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runt
         record = {"policy": Policy().to_dict(), "reason": "gate.holdout is 0: the gate ships as trained"}
     else:
         outcomes = collect_outcomes(model, data.holdout, runtime.device, size, autocast)
-        record = select_policy(outcomes, cfg.gate.deploy, cfg.gate.target_madds, cfg.gate.fallback_z)
+        record = select_policy(outcomes, cfg.gate.deploy, cfg.gate.target_madds, cfg.gate.fallback_z,
+                               measure=cfg.gate.cascade_measure)
     for net in [loop.model] + ([loop.ema.module] if loop.ema is not None else []):
         net.set_policy(Policy.from_dict(record["policy"]))
     metrics = evaluate(loop.epoch)

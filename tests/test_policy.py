@@ -41,8 +41,9 @@ def _loader(n=48, batch=16, seed=1):
 
 
 @pytest.mark.parametrize("make", [lambda o: gate_policy(o, 0.0), lambda o: gate_policy(o, 1.5),
-                                  lambda o: static_policy(1, 2), lambda o: cascade_policy(0.4)],
-                         ids=["gate", "gate-biased", "static", "cascade"])
+                                  lambda o: static_policy(1, 2), lambda o: cascade_policy(0.4),
+                                  lambda o: cascade_policy(0.6, "max")],
+                         ids=["gate", "gate-biased", "static", "cascade", "cascade-max"])
 def test_table_score_equals_routed_inference_under_the_policy(randomize_bn, make):
     model, loader = _model(randomize_bn), _loader()
     outcomes = collect_outcomes(model, loader, torch.device("cpu"), SIZE)
@@ -67,15 +68,18 @@ def test_gate_and_cascade_route_sample_by_sample_as_their_definitions_say(random
     take_wide = (gate_logits + bias).argmax(1) == 1
     assert 0 < take_wide.sum() < 32
     assert_close(out.logits, torch.where(take_wide[:, None], wide, slim))
-    confidence = torch.softmax(slim, 1).amax(1)
-    threshold = float(confidence.median())
-    model.set_policy(cascade_policy(threshold))
-    with torch.no_grad():
-        out = model.forward_dynamic(x)
-    escalate = confidence < threshold
-    assert 0 < escalate.sum() < 32
-    assert_close(out.logits, torch.where(escalate[:, None], wide, slim))
-    assert out.choice.tolist() == (escalate.long() * 1).tolist()
+    probs = torch.softmax(slim, 1).sort(1, descending=True).values
+    for measure, sure in (("margin", probs[:, 0] - probs[:, 1]), ("max", probs[:, 0])):
+        threshold = float(sure.median())
+        model.set_policy(cascade_policy(threshold, measure))
+        with torch.no_grad():
+            out = model.forward_dynamic(x)
+        escalate = sure < threshold
+        assert 0 < escalate.sum() < 32
+        assert_close(out.logits, torch.where(escalate[:, None], wide, slim))
+        assert out.choice.tolist() == (escalate.long() * 1).tolist()
+    # the two measures disagree on which images are unsure (else the test could not tell them apart)
+    assert not torch.equal(probs[:, 0] < probs[:, 0].median(), (probs[:, 0] - probs[:, 1]) < (probs[:, 0] - probs[:, 1]).median())
 
 
 def test_an_escalated_image_pays_the_slimmest_route_and_the_widest_after_the_shared_units(randomize_bn):
@@ -93,7 +97,8 @@ def test_an_escalated_image_pays_the_slimmest_route_and_the_widest_after_the_sha
 
 def _table(hit1, gate_logits, confidence, costs=(10, 20, 30)):
     hit1 = torch.tensor(hit1, dtype=torch.bool)
-    return Outcomes(hit1, hit1, torch.tensor(gate_logits, dtype=torch.float32), torch.tensor(confidence),
+    sure = torch.tensor(confidence)
+    return Outcomes(hit1, hit1, torch.tensor(gate_logits, dtype=torch.float32), {"margin": sure, "max": sure},
                     (0, 1, 2), list(costs), [c + 1 for c in costs], costs[2] - 4)
 
 
@@ -133,7 +138,7 @@ def test_the_fallback_reads_the_routing_space_not_the_static_table_order():
     # static subnets 0, 1, 2; the gate routes among subnets 1 and 2 only, and knows nothing
     hit1 = torch.tensor([[True, False, True], [True, True, True], [True, False, False], [True, True, True]] * 25)
     gate = torch.tensor([[0.0, 1.0]]).expand(100, 2)  # the trained gate sends everything to subnet 2 (cost 31)
-    outcomes = Outcomes(hit1, hit1, gate, torch.full((100,), 0.5), (1, 2), [10, 20, 30], [21, 31], 26)
+    outcomes = Outcomes(hit1, hit1, gate, {m: torch.full((100,), 0.5) for m in ("margin", "max")}, (1, 2), [10, 20, 30], [21, 31], 26)
     chosen = choose_policy(outcomes, z=1e6)  # subnet 0 is 100% right but outside the routing space
     assert chosen["policy"] == static_policy(1, 2) and "static subnet 2" in chosen["reason"]
     scored = score(outcomes, chosen["policy"])
@@ -162,14 +167,15 @@ def test_target_madds_lands_within_two_percent(randomize_bn, kind):
         policy_at_madds(outcomes, high * 10, kind)
 
 
-@pytest.mark.parametrize("head, kind", [("fc", "gate"), ("mlp", "gate"), ("fc", "cascade")])
-def test_exported_dynamic_models_route_with_the_policy(randomize_bn, tmp_path, head, kind):
+@pytest.mark.parametrize("head, kind, measure", [("fc", "gate", "margin"), ("mlp", "gate", "margin"),
+                                                 ("fc", "cascade", "margin"), ("fc", "cascade", "max")])
+def test_exported_dynamic_models_route_with_the_policy(randomize_bn, tmp_path, head, kind, measure):
     from dsnet.export import DynamicOnnxRunner, save_dynamic_onnx, save_torchscript
 
     model, loader = _model(randomize_bn, head), _loader(n=64)
     outcomes = collect_outcomes(model, loader, torch.device("cpu"), SIZE)
     middle = (model.policy_costs(SIZE)[0] + model.dynamic_costs(SIZE)[-1]) / 2
-    model.set_policy(policy_at_madds(outcomes, middle, kind))
+    model.set_policy(policy_at_madds(outcomes, middle, kind, measure=measure))
     x = torch.cat([b[0] for b in loader])
     with torch.no_grad():
         expected = model.forward_dynamic(x)
@@ -213,6 +219,8 @@ def test_policy_survives_the_checkpoint(randomize_bn, tmp_path):
              "deploy": {"policy": policy.to_dict()}}
     rebuilt = build_model(state).eval()
     assert rebuilt.policy == policy and type(rebuilt.gate.width_head).__name__ == "MLPHead"
+    old = {k: v for k, v in policy.to_dict().items() if k != "measure"}  # a record from before the margin
+    assert build_model({**state, "deploy": {"policy": old}}).policy == cascade_policy(0.37, "max")
     x = _loader(n=8, batch=8)[0][0]
     model.set_policy(policy)
     with torch.no_grad():
@@ -291,8 +299,8 @@ def test_bench_times_and_prices_the_cascade_it_ships(randomize_bn):
     model = _model(randomize_bn)
     x = torch.cat([b[0] for b in _loader(n=32)])
     with torch.no_grad():
-        confidence = torch.softmax(model(x, subnet=0), 1).amax(1)
-        model.set_policy(cascade_policy(float(confidence.median())))
+        top = torch.softmax(model(x, subnet=0), 1).topk(2, 1).values
+        model.set_policy(cascade_policy(float((top[:, 0] - top[:, 1]).median())))
         expected = model.forward_dynamic(x).choice
         fns, choice = dense_limit_fns(model, x)
     assert choice.tolist() == expected.tolist() and set(fns) == {"gate", "route0", "route1"}

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from dsnet.heads import width_head
 from dsnet.layers import DSLinear, _is_compiling, _version
 from dsnet.models.blocks import GateUnit, Unit
-from dsnet.policy import Policy
+from dsnet.policy import Policy, confidence
 from dsnet.routes import Route, RouteTable
 
 __all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "INITS", "apply_init", "init_weights"]
@@ -244,7 +244,7 @@ class DSNet(nn.Module):
         One host sync per call (the group sizes decide which kernels run).
         """
         if self.policy.kind == "cascade":
-            return self.forward_cascade(x, self.policy.threshold)
+            return self.forward_cascade(x, self.policy.threshold, self.policy.measure)
         h, scores = self.forward_gate(x)
         for bias in (self._policy_bias(scores), logit_bias):
             if bias is not None:
@@ -262,14 +262,15 @@ class DSNet(nn.Module):
         logits = torch.empty_like(sorted_logits).index_copy_(0, order, sorted_logits)
         return DynamicOutput(logits, choice, gate_logits)
 
-    def forward_cascade(self, x: Tensor, threshold: float) -> DynamicOutput:
+    def forward_cascade(self, x: Tensor, threshold: float, measure: str = "margin") -> DynamicOutput:
         """The confidence cascade: every sample takes the slimmest route of the routing space;
-        those whose top softmax probability is under ``threshold`` also take the widest, whose
+        those whose confidence (``dsnet.policy.confidence``: the top-two softmax margin, or with
+        ``measure="max"`` the top probability) is under ``threshold`` also take the widest, whose
         logits replace the slimmest's. The units up to the gate run once. ``choice`` is 0 or R-1."""
         routes = self.routes.dynamic_routes
         h, gate_logits = self.forward_gate(x)
         logits = self.forward_from_gate(h, routes[0])
-        escalate = torch.softmax(logits.float(), 1).amax(1) < threshold
+        escalate = confidence(logits, measure == "margin") < threshold
         index = escalate.nonzero().squeeze(1)  # the host sync
         if index.numel():
             logits = logits.index_copy(0, index, self.forward_from_gate(h[index], routes[-1]).to(logits.dtype))

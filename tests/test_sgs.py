@@ -22,6 +22,9 @@ def test_published_rule_easy_to_slimmest_rest_to_widest():
 
 def test_largest_rule_sends_hopeless_samples_to_the_slimmest():
     assert sgs_targets(CORRECT, "slimmest_largest").tolist() == [0, 3, 0, 0, 3]
+    # the slimmest right where the next route is wrong: the slimmest's row decides, not the next one's
+    one = torch.tensor([[1, 0], [0, 1], [0, 0], [1, 1]], dtype=torch.bool)
+    assert sgs_targets(one, "slimmest_largest").tolist() == [0, 3]
 
 
 def test_cheapest_rule_targets_the_slimmest_correct_route():
@@ -43,6 +46,13 @@ def test_balanced_weights_give_each_present_target_equal_total_weight():
     assert_close(w[targets].sum() / 2, w[0] * 3)  # class 0's total == class 3's total
     assert_close(w[0] * 3, w[3] * 1)
     assert_close(w[targets].sum(), torch.tensor(4.0))
+
+
+def test_balanced_weights_cover_every_route_when_the_widest_is_absent():
+    from dsnet.sgs import balanced_weights
+
+    w = balanced_weights(torch.tensor([0, 0, 1]), 4)
+    assert w.tolist() == pytest.approx([0.75, 1.5, 0.0, 0.0])  # 3 samples / 2 present targets / count
 
 
 def test_complexity_penalty_is_squared_excess_over_target():
@@ -216,3 +226,26 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
     for k in expected:
         assert_close(out["losses"][k], expected[k], msg=k)
     assert_close(out["loss"], sum(w * expected[k] for k, w in zip(["sgs", "task", "complexity"], weights) if w > 0))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_stage_two_under_torchrun_averages_the_width_heads_gradients_over_ranks(tmp_path):
+    """The width head is trained outside DDP, so SGSStep all-reduces its gradients by hand: every
+    rank ends with the mean of the per-rank gradients, as one process on the global batch would."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+           str(root / "tests" / "ddp_sgs_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        a, b = got["alone"]
+        assert not torch.allclose(a["weight"], b["weight"])  # the ranks' batches disagree
+        for name, grad in got["together"].items():
+            assert_close(grad, (a[name] + b[name]) / 2)

@@ -165,11 +165,11 @@ def bench_stream(name: str, n: int, args: argparse.Namespace) -> dict:
     model, size, x, masked, narrow = _setup(name, n, args)
     xs = list(x.split(1))
     net = extract_dynamic(model)
-    choices = [int(net.gate(net.pre(x))[1].argmax(1)) for x in xs]
+    choices = [int(net.gate.forward_gate(net.pre(x))[1].argmax(1)) for x in xs]
     fns = {"dynamic": lambda: [model(x, subnet="dynamic") for x in xs],
            "masked": lambda: [masked(x) for x in xs], "masked_narrow": lambda: [narrow(x) for x in xs],
            "largest": lambda: [model(x) for x in xs],
-           "dense_limit": lambda: [net.posts[c](net.gate(net.pre(x))[0]) for x, c in zip(xs, choices)]}
+           "dense_limit": lambda: [net.posts[c](net.gate.forward_gate(net.pre(x))[0]) for x, c in zip(xs, choices)]}
     ms = time_interleaved(fns, args.repeats, args.warmup, args.min_ms,
                           clock=time.process_time if args.cpu_time else time.perf_counter)
     ms = {k: v / n for k, v in ms.items()}

@@ -84,8 +84,7 @@ def spread_gate(model: DSNet, x: Tensor, seed: int = 3) -> None:
     """Hand-set the gate's width head so its argmax varies over ``x`` [N, C, H, W] (random init):
     random directions over the gate's hidden features, centred on their mean and scaled by their
     spread (as ``tests/test_sgs.py`` does)."""
-    feats = model.forward_units(x, model.routes.dynamic_routes[0], 0, model.gate_index)
-    hidden = model.gate.squeeze(feats).flatten(1).float()
+    hidden = model.gate_features(x)[1].float()
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(model.gate.width_head.out_features, hidden.shape[1], generator=g).to(hidden)
     weight = weight / (hidden @ weight.T).std(0)[:, None].clamp_min(1e-6)
@@ -104,9 +103,9 @@ def dense_limit_fns(model: DSNet, x: Tensor) -> tuple[dict[str, Callable[[], obj
     post on the whole batch and the widest on the escalated samples), and the route index [B]
     each sample ends on."""
     net = extract_dynamic(model).to(x.device)
-    h = net.gate(net.pre(x))[0]
+    h = net.gate.forward_gate(net.pre(x))[0]
     choice = net.routed(x)[1]
-    fns: dict[str, Callable[[], object]] = {"gate": lambda: net.gate(net.pre(x))}
+    fns: dict[str, Callable[[], object]] = {"gate": lambda: net.gate.forward_gate(net.pre(x))}
     cascade = net.cascade_threshold >= 0
     for r, post in enumerate(net.posts):
         group = h if cascade and r == 0 else h[choice == r]

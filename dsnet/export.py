@@ -56,11 +56,12 @@ import torch
 from torch import Tensor, nn
 
 from dsnet.heads import head_output
+from dsnet.layers import DenseGate
 from dsnet.madds import _route
 from dsnet.models.net import DenseNet, DSNet
 from dsnet.policy import confidence
 
-__all__ = ["extract_subnet", "extract_dynamic", "DenseGate", "DynamicNet", "save_torchscript",
+__all__ = ["extract_subnet", "extract_dynamic", "DynamicNet", "save_torchscript",
            "save_onnx", "save_dynamic_onnx", "DynamicOnnxRunner", "run_dynamic_onnx", "export_command",
            "FORMATS", "OPSET"]
 
@@ -81,20 +82,6 @@ def extract_subnet(model: DSNet, subnet: int | str | Sequence[int] | None = None
 
 
 # ---- the gated model as plain torch.nn ------------------------------------------------------
-
-class DenseGate(nn.Module):
-    """The double-headed gate as plain layers: pool -> reduce -> ReLU, then channel attention
-    (expand -> sigmoid -> scale) and route logits (width head) from the same hidden features."""
-
-    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d, width_head: nn.Linear) -> None:
-        super().__init__()
-        self.reduce, self.expand, self.width_head = reduce, expand, width_head
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """x: [B, C, H, W] -> (attended x [B, C, H, W], route logits [B, R])."""
-        hidden = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
-        return x * torch.sigmoid(self.expand(hidden)), self.width_head(hidden.flatten(1))
-
 
 class DynamicNet(nn.Module):
     """The gated model as a plain, scriptable module (inference only; built by ``extract_dynamic``).
@@ -123,7 +110,7 @@ class DynamicNet(nn.Module):
 
         One host sync per call: the group sizes decide which routes run.
         """
-        h, gate_logits = self.gate(self.pre(x))
+        h, gate_logits = self.gate.forward_gate(self.pre(x))
         if self.cascade_threshold >= 0.0:
             return self.cascade(h, gate_logits)
         choice = gate_logits.argmax(1)
@@ -192,7 +179,7 @@ class _GateStage(nn.Module):
         self.pre, self.gate = net.pre, net.gate
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        return self.gate(self.pre(x))
+        return self.gate.forward_gate(self.pre(x))
 
 
 # ---- writers ---------------------------------------------------------------------------------

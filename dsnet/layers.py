@@ -12,7 +12,7 @@ slices are views cached per width (``_SliceViews``), and the forwards read their
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["clear_slice_caches", "DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "SqueezeExcite", "SqueezeExciteDense",
+__all__ = ["clear_slice_caches", "DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "DenseGate", "SqueezeExcite", "SqueezeExciteDense",
            "check_choices"]
 
 
@@ -377,10 +377,14 @@ class SqueezeExcite(nn.Module):
         """x: [B, C, H, W] -> shared hidden features [B, hidden, 1, 1] (after ReLU)."""
         return F.relu(self.reduce(x.mean((2, 3), keepdim=True)))
 
+    def attend(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [B, C, H, W] -> (x scaled per channel, same shape; hidden features [B, hidden, 1, 1])."""
+        hidden = self.squeeze(x)
+        return x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1]))), hidden
+
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> x scaled per channel, same shape."""
-        hidden = self.squeeze(x)
-        return x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1])))
+        return self.attend(x)[0]
 
     def _inference_parts(self, c: int, watch: list[Tensor] | None) -> tuple[Callable, Callable]:
         """(squeeze, expand) at width ``c`` as closures over cached slices."""
@@ -404,8 +408,28 @@ class SqueezeExciteDense(nn.Module):
         super().__init__()
         self.reduce, self.expand = reduce, expand
 
+    def attend(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: [B, C, H, W] -> (x scaled per channel, hidden features [B, hidden, 1, 1])."""
+        hidden = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        return x * torch.sigmoid(self.expand(hidden)), hidden
+
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.attend(x)[0]
+
+
+class DenseGate(SqueezeExciteDense):
+    """The double-headed gate as plain layers (the extracted form of DSGate): the channel
+    attention of SqueezeExciteDense, and route logits from the width head on the same hidden
+    features."""
+
+    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d, width_head: nn.Module) -> None:
+        super().__init__(reduce, expand)
+        self.width_head = width_head
+
+    def forward_gate(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: [B, C, H, W] -> (attended x [B, C, H, W], route logits [B, R])."""
+        attended, hidden = self.attend(x)
+        return attended, self.width_head(hidden.flatten(1))
 
 
 class DSGate(SqueezeExcite):
@@ -421,9 +445,8 @@ class DSGate(SqueezeExcite):
 
     def forward_gate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, C, H, W] -> (attended x [B, C, H, W], route logits [B, num_routes])."""
-        hidden = self.squeeze(x)
-        x = x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1])))
-        return x, self.width_head(hidden.flatten(1))
+        attended, hidden = self.attend(x)
+        return attended, self.width_head(hidden.flatten(1))
 
     def gate_fn(self, c: int, watch: list[Tensor] | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """``forward_gate`` at width ``c`` as a closure, for inference plans (see

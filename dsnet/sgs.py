@@ -101,11 +101,9 @@ def frozen_forward(model: DSNet, x: Tensor, autocast: Callable[[], contextlib.Ab
                    = contextlib.nullcontext) -> tuple[Tensor, Tensor]:
     """Gate hidden features [B, hidden] and every routing-space route's logits [R, B, K], no autograd."""
     with autocast():
-        feats = model.forward_units(x, model.routes.dynamic_routes[0], 0, model.gate_index)
-        hidden = model.gate.squeeze(feats)
-        attended = feats * torch.sigmoid(model.gate.expand(hidden, model.gate.choices.index(feats.shape[1])))
+        attended, hidden = model.gate_features(x)
         logits = torch.stack([model.forward_from_gate(attended, r).float() for r in model.routes.dynamic_routes])
-    return hidden.flatten(1).float(), logits
+    return hidden.float(), logits
 
 
 def route_targets(route_logits: Tensor, y: Tensor, rule: str, soft: bool = False) -> Tensor:

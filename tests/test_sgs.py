@@ -75,17 +75,11 @@ SPACES = {"all": ((0, 1, 2), (0.25, 0.5, 1.0)), "gapped": ((1, 3), (0.25, 0.5, 0
 
 
 def _spread_gate(model, loader):
-    """A hand-set width head whose argmax varies across the loader's inputs: random directions
-    over the gate's hidden features, centred on their mean and scaled by their spread."""
-    from dsnet.sgs import frozen_forward
+    """A hand-set width head whose argmax varies across the loader's inputs (``bench.spread_gate``)."""
+    from dsnet.bench import spread_gate
 
-    hidden = torch.cat([frozen_forward(model, x)[0] for x, _ in loader])
-    g = torch.Generator().manual_seed(3)
-    weight = torch.randn(model.gate.width_head.out_features, hidden.shape[1], generator=g)
-    weight = weight / (hidden @ weight.T).std(0)[:, None].clamp_min(1e-6)
     with torch.no_grad():
-        model.gate.width_head.weight.copy_(weight)
-        model.gate.width_head.bias.copy_(-(hidden.mean(0) @ weight.T))
+        spread_gate(model, torch.cat([x for x, _ in loader]))
 
 
 def test_sgs_step_sends_gradients_to_the_width_head_only():

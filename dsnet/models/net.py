@@ -215,6 +215,12 @@ class DSNet(nn.Module):
         x = self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index)
         return self.gate.forward_gate(x)
 
+    def gate_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B, C, H, W] -> (gate-attended features at the gate, the gate's hidden features
+        [B, hidden], which its width head reads). What stage two trains the width head on."""
+        attended, hidden = self.gate.attend(self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index))
+        return attended, hidden.flatten(1)
+
     def _gate_plan(self) -> "_Plan":
         """The units before the gate and both gate heads as one plan, keyed by the width head
         (``set_routing_space`` replaces it) and rebuilt like route plans."""

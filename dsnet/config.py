@@ -27,11 +27,10 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from dsnet.policy import MEASURES
-
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
-           "save_config", "replace", "BEST_METRICS"]
+           "save_config", "replace", "BEST_METRICS", "TEACHERS", "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS",
+           "MEASURES", "COST_UNITS"]
 
 
 class ConfigError(ValueError):
@@ -186,6 +185,14 @@ _SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
 _ACCEPTED_SECTIONS = ", ".join(sorted(_SECTIONS))
 
 BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")  # checkpoint selection (runs.best_metric)
+# the allowed values of the keys below, declared once: the modules that act on them import them
+TEACHERS = ("ensemble", "ema", "inplace", "none")  # ieb.teacher (dsnet.ieb)
+EMA_TEACHERS = ("ensemble", "ema")                # the teachers that keep an EMA of the supernet
+RULES = ("slimmest", "slimmest_largest", "cheapest")  # gate.rule (dsnet.sgs)
+HEADS = ("fc", "mlp")                              # gate.head (dsnet.heads)
+DEPLOYS = ("auto", "gate", "cascade")              # gate.deploy (dsnet.policy)
+MEASURES = ("margin", "max")                       # gate.cascade_measure (dsnet.policy)
+COST_UNITS = ("fraction", "gmadds")                # gate.cost_unit (dsnet.runs)
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
                "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -195,13 +202,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
     "train.best_metric": BEST_METRICS,
-    "ieb.teacher": ("ensemble", "ema", "inplace", "none"),
-    "gate.rule": ("slimmest", "slimmest_largest", "cheapest"),
-    "gate.head": ("fc", "mlp"),
-    "gate.deploy": ("auto", "gate", "cascade"),
+    "ieb.teacher": TEACHERS,
+    "gate.rule": RULES,
+    "gate.head": HEADS,
+    "gate.deploy": DEPLOYS,
     "gate.cascade_measure": MEASURES,
     "gate.opt": _OPTIMIZERS,
-    "gate.cost_unit": ("fraction", "gmadds"),
+    "gate.cost_unit": COST_UNITS,
 }
 
 _Rule = tuple[Callable[[Any], bool], str]  # (value is accepted, what is accepted)

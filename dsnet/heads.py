@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dsnet.config import HEADS
+
 __all__ = ["HEADS", "MLPHead", "head_output", "width_head", "head_cost"]
 
 
-HEADS = ("fc", "mlp")
 
 
 class MLPHead(nn.Module):

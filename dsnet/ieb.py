@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsnet.config import EMA_TEACHERS, TEACHERS
 from dsnet.routes import Route, RouteTable
 
 __all__ = ["TEACHERS", "soft_cross_entropy", "ensemble_probs", "sandwich_targets", "IEBStep"]
 
-TEACHERS = ("ensemble", "ema", "inplace", "none")
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ class IEBStep:
     def __init__(self, model: nn.Module, routes: RouteTable, ema: nn.Module | None, teacher: str,
                  num_random: int, criterion: Callable[[Tensor, Tensor], Tensor],
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
-        if teacher in ("ensemble", "ema") and ema is None:
+        if teacher in EMA_TEACHERS and ema is None:
             raise ValueError(f"ieb.teacher={teacher} needs an EMA model")
         self.model, self.routes, self.ema, self.teacher = model, routes, ema, teacher
         self.num_random, self.criterion, self.autocast = num_random, criterion, autocast
@@ -77,7 +77,7 @@ class IEBStep:
 
     @torch.no_grad()
     def _teacher_logits(self, x: Tensor, plan: list[Route]) -> tuple[Tensor | None, list[Tensor]]:
-        if self.teacher not in ("ensemble", "ema"):
+        if self.teacher not in EMA_TEACHERS:
             return None, []
         with self.autocast():
             largest = self.ema(x, subnet=plan[0])

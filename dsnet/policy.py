@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from dsnet.config import MEASURES
+
 if TYPE_CHECKING:
     from dsnet.models.net import DSNet
 
@@ -44,7 +46,6 @@ __all__ = ["KINDS", "MEASURES", "confidence", "Policy", "Outcomes", "cost_bias",
            "select_policy"]
 
 KINDS = ("gate", "static", "cascade")
-MEASURES = ("margin", "max")
 _NEVER = -1.0e6  # a logit bias no trained gate logit overcomes: the route is never picked
 
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 import dsnet  # noqa: F401  (registers the models)
 from dsnet import data as dsdata
 from dsnet.checkpoint import init_from_checkpoint
-from dsnet.config import BEST_METRICS, Config, save_config
+from dsnet.config import BEST_METRICS, EMA_TEACHERS, Config, save_config
 from dsnet.engine import Loop, Runtime, autocast_factory, prepare_run_dir, setup_runtime
 from dsnet.evaluate import evaluate_gated, evaluate_static, format_report
 from dsnet.ieb import IEBStep
@@ -169,7 +169,7 @@ def updates_per_epoch(loader: Any, cfg: Config) -> int:
 
 def train_supernet(cfg: Config) -> Path:
     """Stage one: train the supernet with IEB; returns the run directory."""
-    if cfg.train.eval_ema and cfg.ieb.teacher not in ("ensemble", "ema"):
+    if cfg.train.eval_ema and cfg.ieb.teacher not in EMA_TEACHERS:
         raise ValueError(f"train.eval_ema=true needs an EMA, but ieb.teacher={cfg.ieb.teacher} keeps none "
                          "(use ensemble or ema)")
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
@@ -190,7 +190,7 @@ def train_supernet(cfg: Config) -> Path:
                                 cfg.train.warmup_lr, cfg.train.min_lr)
     autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
     ema = None
-    if cfg.ieb.teacher in ("ensemble", "ema"):
+    if cfg.ieb.teacher in EMA_TEACHERS:
         ema = timm.utils.ModelEmaV3(model, decay=cfg.ieb.ema_decay, use_warmup=cfg.ieb.ema_warmup)
     train_model = wrap_ddp(model, runtime)
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))

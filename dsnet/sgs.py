@@ -37,11 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsnet.config import RULES
 from dsnet.models.net import DSNet
 
 __all__ = ["RULES", "sgs_targets", "soft_sgs_targets", "balanced_weights", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep"]
 
-RULES = ("slimmest", "slimmest_largest", "cheapest")
 
 
 def sgs_targets(correct: Tensor, rule: str) -> Tensor:

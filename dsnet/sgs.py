@@ -22,10 +22,9 @@ through the gate's logits, so nothing is back-propagated through the network.
 
 ``balance`` (dsnet's default, off in the release) weights the SGS cross-entropy by inverse target
 frequency within the batch. Easy samples usually dominate; unweighted, a gate that cannot be sure
-a sample is hard learns to send everything to the slimmest route (measured on the quick start:
-100% slimmest, although biasing the same gate's logits reached the widest subnet's accuracy at
-82% of its MAdds). Balanced, the argmax routes wide whenever a sample is more likely hard than
-the batch's base rate.
+a sample is hard learns to send everything to the slimmest route (docs/results.md shows it on the
+quick start). Balanced, the argmax routes wide whenever a sample is more likely hard than the
+batch's base rate.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ the outputs back in input order.
 Inference plans: in eval mode without autograd (``torch.no_grad`` / ``torch.inference_mode``),
 a route runs as a list of plain functions built once per route from each unit's
 ``inference_fn``: F.conv2d / F.batch_norm over cached, detached slices, activations in place, no
-module calls. At batch 1 a module call plus a Parameter argument cost 5-10 us per layer, which
-made the module path (and the extracted ``nn`` model) 10-30% slower than these functions on
-CIFAR-sized layers. Set ``model.inference_plans = False`` to always take the module path.
+module calls: at batch 1 a module call per layer costs more than the layer's arithmetic on
+CIFAR-sized layers (docs/results.md measures the difference). Set ``model.inference_plans =
+False`` to always take the module path.
 """
 from __future__ import annotations
 

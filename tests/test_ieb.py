@@ -148,3 +148,11 @@ def test_each_sandwich_member_learns_from_its_own_target(teacher, randomize_bn):
     assert got.keys() == want.keys()
     for n in want:
         assert_close(got[n], want[n], msg=n)
+
+
+@pytest.mark.parametrize("teacher", ["ensemble", "ema"])
+def test_an_ema_teacher_without_an_ema_is_refused_by_name(teacher):
+    with pytest.raises(ValueError, match=f"ieb.teacher={teacher} needs an EMA model"):
+        IEBStep(torch.nn.Linear(2, 2), None, None, teacher, 1, torch.nn.CrossEntropyLoss())
+    IEBStep(torch.nn.Linear(2, 2), None, None, "inplace", 1, torch.nn.CrossEntropyLoss())  # keeps none
+

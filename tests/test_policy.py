@@ -12,7 +12,6 @@ from dsnet.export import extract_dynamic
 from dsnet.heads import head_output
 from dsnet.policy import (Outcomes, Policy, cascade_policy, choose_policy, collect_outcomes, gate_policy,
                           policy_at_madds, score, static_policy)
-from dsnet.sgs import route_targets, sgs_targets, soft_sgs_targets
 
 SIZE = (3, 32, 32)
 
@@ -191,23 +190,6 @@ def test_exported_dynamic_models_route_with_the_policy(randomize_bn, tmp_path, h
     save_dynamic_onnx(net, x[:2], tmp_path / "onnx")
     assert_close(torch.from_numpy(DynamicOnnxRunner(tmp_path / "onnx")(x.numpy())), expected.logits,
                  rtol=1e-4, atol=1e-4)
-
-
-def test_soft_targets_are_the_rules_outcome_probabilities():
-    correct = torch.tensor([[1, 0, 1, 0, 0], [1, 0, 0, 1, 0], [0, 0, 0, 1, 1], [1, 1, 0, 0, 1]], dtype=torch.bool)
-    for rule in ("slimmest", "slimmest_largest", "cheapest"):
-        soft = soft_sgs_targets(correct.float(), rule)
-        assert soft.argmax(1).tolist() == sgs_targets(correct, rule).tolist()
-        assert_close(soft.max(1).values, torch.ones(5))
-    p = torch.tensor([[0.5], [0.5], [0.5]])
-    assert_close(soft_sgs_targets(p, "cheapest"), torch.tensor([[0.5 + 0.125, 0.25, 0.125]]))
-    assert_close(soft_sgs_targets(p, "slimmest_largest"), torch.tensor([[0.75, 0.0, 0.25]]))
-    logits = torch.randn(3, 6, 4)
-    y = torch.randint(0, 4, (6,))
-    soft = route_targets(logits, y, "cheapest", soft=True)
-    assert_close(soft.sum(1), torch.ones(6))
-    p_true = torch.softmax(logits, 2)[:, torch.arange(6), y]
-    assert_close(soft[:, 1], p_true[1] * (1 - p_true[0]))
 
 
 def test_policy_survives_the_checkpoint(randomize_bn, tmp_path):

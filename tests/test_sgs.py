@@ -48,6 +48,37 @@ def test_balanced_weights_give_each_present_target_equal_total_weight():
     assert_close(w[targets].sum(), torch.tensor(4.0))
 
 
+def test_soft_targets_are_the_rules_outcome_probabilities():
+    from dsnet.sgs import route_targets, soft_sgs_targets
+
+    for rule in ("slimmest", "slimmest_largest", "cheapest"):  # 0/1 probabilities: the one-hot rules
+        soft = soft_sgs_targets(CORRECT.float(), rule)
+        assert soft.argmax(1).tolist() == sgs_targets(CORRECT, rule).tolist()
+        assert_close(soft.max(1).values, torch.ones(5))
+    p = torch.tensor([[0.5], [0.25], [0.5]])  # three routes right with these probabilities
+    assert_close(soft_sgs_targets(p, "slimmest"), torch.tensor([[0.5, 0.0, 0.5]]))
+    # cheapest: route 0 right, or only route 1 right first, or route 2 first; nobody right -> route 0
+    assert_close(soft_sgs_targets(p, "cheapest"), torch.tensor([[0.5 + 0.5 * 0.75 * 0.5, 0.5 * 0.25, 0.5 * 0.75 * 0.5]]))
+    assert_close(soft_sgs_targets(p, "slimmest_largest"), torch.tensor([[0.75, 0.0, 0.25]]))
+    with pytest.raises(ValueError, match="gate.rule must be one of"):
+        soft_sgs_targets(p, "widest")
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
+    p_true = torch.softmax(logits, 2)[:, torch.arange(6), y]  # [R, B]
+    soft = route_targets(logits, y, "cheapest", soft=True)
+    assert_close(soft, torch.stack([p_true[0] + (1 - p_true[0]) * (1 - p_true[1]) * (1 - p_true[2]),
+                                    p_true[1] * (1 - p_true[0]), p_true[2] * (1 - p_true[0]) * (1 - p_true[1])], 1))
+    assert route_targets(logits, y, "cheapest").tolist() == sgs_targets(logits.argmax(2) == y, "cheapest").tolist()
+
+
+def test_balanced_weights_count_soft_targets_by_their_mass():
+    from dsnet.sgs import balanced_weights
+
+    soft = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])  # masses 1.5, 1.0, 0.5
+    assert balanced_weights(soft, 3).tolist() == pytest.approx([1 / 1.5, 1 / 1.0, 1 / 0.5])
+    assert balanced_weights(torch.tensor([2, 2]), 3).tolist() == pytest.approx([0.0, 0.0, 1.0])  # one target
+
+
 def test_balanced_weights_cover_every_route_when_the_widest_is_absent():
     from dsnet.sgs import balanced_weights
 
@@ -178,10 +209,11 @@ def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_cur
     assert "static curve" not in format_sweep_row(report, {**row, "madds_mean": 90.0})
 
 
-@pytest.mark.parametrize("weights, balance", [((1.0, 2.0, 4.0), False), ((1.0, 2.0, 4.0), True),
-                                             ((0.0, 0.5, 0.0), False), ((0.0, 0.0, 0.5), False)])
+@pytest.mark.parametrize("weights, balance, smoothing", [((1.0, 2.0, 4.0), False, 0.0), ((1.0, 2.0, 4.0), True, 0.0),
+                                                        ((0.0, 0.5, 0.0), False, 0.0), ((0.0, 0.0, 0.5), False, 0.0),
+                                                        ((1.0, 0.0, 0.0), False, 0.0), ((1.0, 2.0, 0.0), False, 0.1)])
 def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost_penalty(
-        monkeypatch, weights, balance):
+        monkeypatch, weights, balance, smoothing):
     """A one-hot Gumbel sample picks each sample's route: the task term is the CE of that route's
     logits, the complexity term the squared excess of the picked routes' mean cost; a term with
     weight 0 is absent."""
@@ -201,14 +233,15 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
 
     monkeypatch.setattr("dsnet.sgs.F.gumbel_softmax", one_hot_sample)
     costs = torch.tensor([0.25, 1.0])
-    step = SGSStep(model, "slimmest", *weights, 0.3, 0.7, costs, balance=balance)
+    step = SGSStep(model, "slimmest", *weights, 0.3, 0.7, costs, balance=balance, label_smoothing=smoothing)
     out = step(x, y, torch.Generator(), lambda loss: None)
     assert calls == ([(0.7, True)] if weights[1] or weights[2] else [])
     with torch.no_grad():
         logits = torch.stack([model(x, subnet=s) for s in space])  # [R, B, K], plain forwards
-        task = F.cross_entropy(logits[choice, torch.arange(6)], y)
+        task = F.cross_entropy(logits[choice, torch.arange(6)], y, label_smoothing=smoothing)
         targets = torch.where(logits[0].argmax(1) == y, 0, len(space) - 1)
-        nll = -F.log_softmax(model.forward_gate(x)[1], 1)[torch.arange(6), targets]
+        logp = F.log_softmax(model.forward_gate(x)[1], 1)
+        nll = -(1 - smoothing) * logp[torch.arange(6), targets] - smoothing * logp.mean(1)
         share = torch.tensor([1.0 / (targets == t).sum() for t in targets])  # each target's total: 1
         sgs = (nll * share).sum() / share.sum() if balance else nll.mean()
     if balance:
@@ -220,6 +253,38 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
     for k in expected:
         assert_close(out["losses"][k], expected[k], msg=k)
     assert_close(out["loss"], sum(w * expected[k] for k, w in zip(["sgs", "task", "complexity"], weights) if w > 0))
+
+
+def test_sgs_step_with_soft_targets_fits_the_gate_to_the_rules_probabilities():
+    import torch.nn.functional as F
+
+    from dsnet.sgs import soft_sgs_targets
+
+    model, g = _tiny(), torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 4, (5,), generator=g)
+    with torch.no_grad():
+        model.gate.width_head.weight.normal_(generator=g)
+        logits = torch.stack([model(x, subnet=s) for s in (0, 1, 2)])  # [R, B, K]
+        soft = soft_sgs_targets(torch.softmax(logits, 2)[:, torch.arange(5), y], "slimmest")
+        expected = -(soft * F.log_softmax(model.forward_gate(x)[1], 1)).sum(1).mean()
+    step = SGSStep(model, "slimmest", 1.0, 0.0, 0.0, 0.0, 1.0, torch.tensor([0.25, 0.5, 1.0]), soft_targets=True)
+    assert_close(step(x, y, torch.Generator(), lambda loss: None)["losses"]["sgs"], expected)
+
+
+def test_sgs_step_runs_the_frozen_routes_under_its_autocast():
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        yield
+
+    model = _tiny()
+    step = SGSStep(model, "slimmest", 1.0, 0.0, 0.0, 0.0, 1.0, torch.tensor([0.25, 0.5, 1.0]), autocast)
+    step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.Generator(), lambda loss: None)
+    assert entered == [True]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

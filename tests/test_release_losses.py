@@ -120,7 +120,9 @@ def test_stage_two_losses_equal_the_release_with_its_gumbel_sample(recorded, con
     assert all(abs(p - m) <= 2 for p, m in zip(priced, two["madds"])), (priced, two["madds"])  # float32 sums
     unpriced = [m - _release_depthwise_overcount(r, size) for m, r in zip(two["madds"], two["route"])]
     assert losses["complexity"] == pytest.approx((sum(unpriced) / len(unpriced) / 1e9) ** 2, rel=REL)
+    # the total weighs them 1, 1, 0.5 (the complexity term is ~1e-5 of it: its weight is read off the rest)
     assert float(out["loss"]) == pytest.approx(losses["sgs"] + two["task_ce"] + 0.5 * losses["complexity"], rel=REL)
+    assert float(out["loss"]) - losses["sgs"] - losses["task"] == pytest.approx(0.5 * losses["complexity"], rel=0.02)
 
 
 def test_stage_two_takes_a_converted_release_under_the_release_config(converted, cfg):

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import timm
 import torch
@@ -161,9 +161,11 @@ def build_ieb_step(cfg: Config, model: nn.Module, train_model: nn.Module, ema: n
 
 
 def build_sgs_step(cfg: Config, model: nn.Module, size: tuple[int, int, int], device: torch.device | str,
-                   autocast: Any = contextlib.nullcontext, sampler: Any = None) -> SGSStep:
+                   autocast: Any = contextlib.nullcontext,
+                   sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SGSStep:
     """Stage two's SGS step for the frozen ``model`` as ``cfg.gate`` sets it, the routes priced at
-    input ``size`` (C, H, W) in ``gate.cost_unit``: GMAdds, or a fraction of the widest route's."""
+    input ``size`` (C, H, W) in ``gate.cost_unit``: GMAdds, or a fraction of the widest route's.
+    ``sampler``: the route sample of the task and complexity terms (``SGSStep``; None: Gumbel)."""
     from dsnet.sgs import SGSStep
 
     g = cfg.gate

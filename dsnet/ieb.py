@@ -84,14 +84,16 @@ class IEBStep:
             randoms = [self.ema(x, subnet=r) for r in plan[1:-1]] if self.teacher == "ensemble" else []
         return largest, randoms
 
-    def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward: Backward) -> dict:
+    def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward: Backward,
+                 plan: list[Route] | None = None) -> dict:
         """Forward + backward every subnet of the sandwich on batch (x [B, C, H, W], y).
 
         ``y`` is [B] class indices or [B, K] soft labels (mixup). ``backward(loss)`` is the
-        loop's backward (loss scaling, accumulation). Returns per-subnet losses (tensors, no
-        host sync) and the sampled routes.
+        loop's backward (loss scaling, accumulation). ``plan`` replaces the sampled sandwich
+        (largest, random subnets, slimmest), e.g. to replay a step another trainer recorded.
+        Returns per-subnet losses (tensors, no host sync) and the routes trained.
         """
-        plan = self.plan(generator)
+        plan = self.plan(generator) if plan is None else plan
         ema_largest, ema_randoms = self._teacher_logits(x, plan)
         names = ["largest", *[f"random{j}" for j in range(len(plan) - 2)], "slimmest"]
         losses: dict[str, Tensor] = {}

@@ -4,10 +4,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import timm
 import torch
@@ -28,7 +29,10 @@ from dsnet.recalibrate import recalibrate_bn
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
            "BEST_METRICS", "best_metric", "train_gate", "bn_recalibrated", "write_eval", "data_signature", "scaled_lr",
-           "wrap_ddp", "holdout_split", "head_kwargs"]
+           "wrap_ddp", "holdout_split", "head_kwargs", "build_ieb_step", "build_sgs_step"]
+
+if TYPE_CHECKING:
+    from dsnet.sgs import SGSStep
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +151,30 @@ def _criterion(cfg: Config, mixup: Any) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
 
+def build_ieb_step(cfg: Config, model: nn.Module, train_model: nn.Module, ema: nn.Module | None, mixup: Any = None,
+                   autocast: Any = contextlib.nullcontext) -> IEBStep:
+    """Stage one's sandwich step as ``cfg`` sets it: ``train_model`` (``model``, DDP-wrapped or
+    not) learns, ``ema`` (the EMA module, or None) teaches; the largest route's loss takes
+    ``train.label_smoothing`` (soft-target CE under ``mixup``)."""
+    return IEBStep(train_model, model.routes, ema, cfg.ieb.teacher, cfg.ieb.num_random, _criterion(cfg, mixup),
+                   autocast)
+
+
+def build_sgs_step(cfg: Config, model: nn.Module, size: tuple[int, int, int], device: torch.device | str,
+                   autocast: Any = contextlib.nullcontext,
+                   sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SGSStep:
+    """Stage two's SGS step for the frozen ``model`` as ``cfg.gate`` sets it, the routes priced at
+    input ``size`` (C, H, W) in ``gate.cost_unit``: GMAdds, or a fraction of the widest route's.
+    ``sampler``: the route sample of the task and complexity terms (``SGSStep``; None: Gumbel)."""
+    from dsnet.sgs import SGSStep
+
+    g = cfg.gate
+    costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=device)
+    costs = costs / (1e9 if g.cost_unit == "gmadds" else costs[-1])
+    return SGSStep(model, g.rule, g.sgs_weight, g.task_weight, g.complexity_weight, g.complexity_target,
+                   g.gumbel_tau, costs, autocast, g.balance, g.soft_targets, g.label_smoothing, sampler)
+
+
 def scaled_lr(cfg: Config, runtime: Runtime, lr: float, base_batch: int) -> float:
     """``lr`` scaled linearly from ``base_batch`` to the global batch (per-process batch x
     processes x gradient accumulation)."""
@@ -194,8 +222,7 @@ def train_supernet(cfg: Config) -> Path:
         ema = timm.utils.ModelEmaV3(model, decay=cfg.ieb.ema_decay, use_warmup=cfg.ieb.ema_warmup)
     train_model = wrap_ddp(model, runtime)
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
-    step = IEBStep(train_model, model.routes, ema.module if ema is not None else None, cfg.ieb.teacher,
-                   cfg.ieb.num_random, _criterion(cfg, mixup), autocast)
+    step = build_ieb_step(cfg, model, train_model, ema.module if ema is not None else None, mixup, autocast)
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
 
     def evaluate(epoch: int) -> dict:
@@ -245,8 +272,9 @@ def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) ->
     """Refuse a supernet checkpoint that does not match the config or the data."""
     if state["model_name"] != cfg.model.name:
         raise ValueError(f"--supernet {path} holds {state['model_name']}, but model.name is {cfg.model.name}")
-    def plain(kwargs: dict) -> dict:  # tuples and lists compare equal; the gate's routing space may change
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != "routing_space"}
+    def plain(kwargs: dict) -> dict:  # tuples and lists compare equal; the gate's routing space may change,
+        # and how the weights were initialised is no property of trained (or converted) weights
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k not in ("routing_space", "init")}
 
     built = plain(dict(state["model_kwargs"]))
     if any(built.get(k) != v for k, v in plain(cfg.model.kwargs).items()):
@@ -312,7 +340,6 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     """Stage two: train the gate's width head with SGS on a frozen supernet, then choose the
     deployment policy on the held-back training images (``dsnet.policy``); returns the run dir."""
     from dsnet.checkpoint import read_checkpoint
-    from dsnet.sgs import SGSStep
 
     supernet = Path(supernet)
     state = read_checkpoint(supernet, "supernet")
@@ -333,11 +360,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.gate.epochs, updates_per_epoch(data.train, cfg),
                                 cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)
     autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
-    costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=runtime.device)
-    costs = costs / (1e9 if cfg.gate.cost_unit == "gmadds" else costs[-1])
-    step = SGSStep(model, cfg.gate.rule, cfg.gate.sgs_weight, cfg.gate.task_weight, cfg.gate.complexity_weight,
-                   cfg.gate.complexity_target, cfg.gate.gumbel_tau, costs, autocast, cfg.gate.balance,
-                   cfg.gate.soft_targets, cfg.gate.label_smoothing)
+    step = build_sgs_step(cfg, model, size, runtime.device, autocast)
     ema = timm.utils.ModelEmaV3(model, decay=cfg.gate.ema_decay) if cfg.gate.ema_decay is not None else None
 
     def evaluate(epoch: int) -> dict:

@@ -120,8 +120,13 @@ class SGSStep:
     def __init__(self, model: DSNet, rule: str, sgs_weight: float, task_weight: float,
                  complexity_weight: float, complexity_target: float, tau: float, route_costs: Tensor,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 balance: bool = False, soft_targets: bool = False, label_smoothing: float = 0.0) -> None:
+                 balance: bool = False, soft_targets: bool = False, label_smoothing: float = 0.0,
+                 sampler: Callable[[Tensor], Tensor] | None = None) -> None:
+        """``sampler`` maps the gate's logits [B, R] to the straight-through one-hot route sample
+        [B, R] of the task and complexity terms; None is ``F.gumbel_softmax(hard=True)`` at ``tau``
+        (a fixed sampler replays a recorded step)."""
         self.model, self.rule, self.tau, self.autocast, self.balance = model, rule, tau, autocast, balance
+        self.sampler = sampler
         self.soft_targets = soft_targets
         self.label_smoothing = label_smoothing  # on both cross-entropies, as the release
         self.weights = {"sgs": sgs_weight, "task": task_weight, "complexity": complexity_weight}
@@ -145,7 +150,8 @@ class SGSStep:
             losses["sgs"] = F.cross_entropy(gate_logits, targets, weight=weight, label_smoothing=self.label_smoothing)
             total = total + self.weights["sgs"] * losses["sgs"]
         if self.weights["task"] > 0 or self.weights["complexity"] > 0:
-            sample = F.gumbel_softmax(gate_logits, tau=self.tau, hard=True)  # [B, R], straight-through
+            sample = (F.gumbel_softmax(gate_logits, tau=self.tau, hard=True) if self.sampler is None
+                      else self.sampler(gate_logits))  # [B, R], straight-through
             if self.weights["task"] > 0:
                 mixed = torch.einsum("br,rbk->bk", sample, route_logits)
                 losses["task"] = F.cross_entropy(mixed, y, label_smoothing=self.label_smoothing)

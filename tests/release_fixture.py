@@ -19,6 +19,12 @@ from pathlib import Path
 import torch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ds_net_release.json"
+LOSSES = Path(__file__).parent / "fixtures" / "ds_net_release_losses.json"
+# The loss fixture scales these tensors of the seeded state dict: logits about 10x the seeded
+# rule's (std ~3 instead of ~0.3, so the losses are far from log(num_classes) and a dropped
+# smoothing or a wrong target shows) and gate logits 4x (the Gumbel sample depends on them, not
+# only on the noise).
+LOSS_SCALES = {"classifier.weight": 10.0, "classifier.bias": 10.0, "blocks.3.first_block.gate.gate.0.weight": 4.0}
 _AUX = re.compile(r"^(.*)\.aux_bn\.(\d+)\.(running_mean|running_var|num_batches_tracked)$")
 
 
@@ -104,3 +110,23 @@ def release_state_dict(fixture: dict) -> dict[str, torch.Tensor]:
 def fixture_input(size: int = 64) -> torch.Tensor:
     """The two images [2, 3, size, size] the fixture's logits were computed on."""
     return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+def loss_state_dict(fixture: dict) -> dict[str, torch.Tensor]:
+    """``release_state_dict`` with ``LOSS_SCALES`` applied: the weights the loss fixture was recorded with."""
+    sd = release_state_dict(fixture)
+    return {k: v * LOSS_SCALES[k] if k in LOSS_SCALES else v for k, v in sd.items()}
+
+
+def load_losses() -> dict:
+    """What the release's own training steps computed on one fixed batch
+    (``tests/fixtures/ds_net_release_losses.json``: plain numbers, no tensors)."""
+    return json.loads(LOSSES.read_text())
+
+
+def loss_batch(losses: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch the losses were recorded on: images [B, 3, S, S] in [-1, 1] and labels [B]."""
+    b = losses["batch"]
+    g = torch.Generator().manual_seed(b["image_seed"])
+    x = torch.rand(b["size"], 3, b["input_size"], b["input_size"], generator=g) * 2 - 1
+    return x, torch.tensor(b["labels"])

@@ -26,6 +26,10 @@ def test_summary_csv_writes_its_header_once_and_widens_it_for_a_new_column(tmp_p
     append_summary(path, {"epoch": 3, "train_loss_largest": 1.5, "top1": 40.0, "lr": 0.01})  # first evaluation
     assert read_csv(path) == [["epoch", "train_loss_largest", "top1", "lr"], ["1", "2.5", "", "0.1"],
                               ["2", "2.0", "", "0.05"], ["3", "1.5", "40.0", "0.01"]]
+    append_summary(path, {"epoch": 4, "train_loss_largest": 1.0, "lr": 0.001})  # not evaluated: appended, blank
+    assert read_csv(path)[0] == ["epoch", "train_loss_largest", "top1", "lr"]
+    assert read_csv(path)[1:] == [["1", "2.5", "", "0.1"], ["2", "2.0", "", "0.05"], ["3", "1.5", "40.0", "0.01"],
+                                  ["4", "1.0", "", "0.001"]]
 
 
 def test_summary_csv_has_one_row_per_epoch_equal_to_metrics_jsonl_across_a_resume(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 """Stage one: train a slice-able supernet with In-place Ensemble Bootstrapping.
 
     python train_supernet.py -c configs/quickstart.yml [section.key=value ...]
+
+The same as the installed command ``dsnet train-supernet``.
 """
 import sys
 

@@ -14,7 +14,7 @@ augmentation, optimizer, schedule and evaluation of stage one:
   the epochs scaled by that MAdds ratio as Liu et al. define it; the cosine schedule spans them all.
 
 ``--prune l1 --static-subnet I --finetune-epochs N`` is the classic pipeline: the largest route
-trained normally (the Scratch-E run of ``largest``, trained first if ``--pretrained`` is not
+trained normally (the Scratch-E run of ``largest``, trained first if ``--prune-from`` is not
 given and ``<output.dir>/scratch-e-largest`` holds no finished run), pruned by L1 norm to subnet
 I's shape (``dsnet.prune``), then fine-tuned for N epochs at a constant learning rate
 (``--finetune-lr``, default ``train.lr / 100``, the last rate of the step schedule Liu et al.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import timm
 import torch
@@ -39,14 +39,15 @@ from dsnet import data as dsdata
 from dsnet.checkpoint import CheckpointError, read_checkpoint
 from dsnet.config import Config, replace, save_config
 from dsnet.engine import Loop, autocast_factory, prepare_run_dir, setup_runtime
+from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_plain, format_report
 from dsnet.models.net import DenseNet, DSNet, init_weights
 from dsnet.prune import implant, l1_prune
-from dsnet.runs import (_criterion, build_data, build_model, build_optimizer, build_scheduler, data_signature,
-                        scaled_lr, updates_per_epoch, wrap_ddp, write_eval)
+from dsnet.runs import (_criterion, build_data, build_model, build_optimizer, build_scheduler, build_val_loader,
+                        data_signature, scaled_lr, updates_per_epoch, wrap_ddp, write_eval)
 
 __all__ = ["BUDGETS", "METHODS", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
-           "plain_subnet", "load_static", "baseline_report", "StaticStep", "train_static"]
+           "plain_subnet", "load_static", "baseline_report", "StaticStep", "train_static", "evaluate_baseline"]
 
 logger = logging.getLogger(__name__)
 BUDGETS = ("scratch-e", "scratch-b")
@@ -68,7 +69,7 @@ def budget_steps(model: DSNet, cfg: Config, subnet: Subnet, budget: str, steps_p
                  input_size) -> tuple[int, float]:
     """(optimizer steps, MAdds ratio C_super / C_I) of a Scratch-E or Scratch-B run."""
     if budget not in BUDGETS:
-        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     steps_e = cfg.train.epochs * steps_per_epoch
     if budget == "scratch-e":
         return steps_e, 1.0
@@ -86,14 +87,14 @@ def parse_subnet(text: str | int) -> Subnet:
     if text == "largest" or isinstance(text, int):
         return text
     if not str(text).isdigit():
-        raise ValueError(f"--static-subnet must be a subnet index (0 = slimmest) or 'largest', got '{text}'")
+        raise UserError(f"--static-subnet must be a subnet index (0 = slimmest) or 'largest', got '{text}'")
     return int(text)
 
 
 def check_subnet(supernet: DSNet, subnet: Subnet) -> None:
     """Refuse a ``--static-subnet`` that ``supernet`` does not have."""
     if subnet != "largest" and not 0 <= subnet < supernet.num_subnets:
-        raise ValueError(f"--static-subnet {subnet} is out of range: {supernet.model_name} has "
+        raise UserError(f"--static-subnet {subnet} is out of range: {supernet.model_name} has "
                          f"{supernet.num_subnets} static subnets (0..{supernet.num_subnets - 1}) and 'largest'")
 
 
@@ -149,7 +150,7 @@ class StaticStep:
         return {"loss": loss.detach(), "losses": {"ce": loss.detach()}}
 
 
-def _pretrained(cfg: Config, base: Path, path: str | None, model_name: str) -> tuple[dict, Path]:
+def _prune_source(cfg: Config, base: Path, path: str | None, model_name: str) -> tuple[dict, Path]:
     """(state, path) of the finished Scratch-E run of the largest route that L1 pruning starts from."""
     default = base / run_name("scratch-e", "largest") / "checkpoints" / "last.pth"
     if path is None and not default.exists():
@@ -158,30 +159,30 @@ def _pretrained(cfg: Config, base: Path, path: str | None, model_name: str) -> t
     path = Path(path or default)
     state = read_checkpoint(path, "static")
     if state.get("subnet") != "largest" or state["model_name"] != model_name:
-        raise ValueError(f"--pretrained {path} holds subnet {state.get('subnet')} of {state['model_name']}; "
+        raise UserError(f"--prune-from {path} holds subnet {state.get('subnet')} of {state['model_name']}; "
                          f"L1 pruning starts from the largest route of {model_name}")
     if state["step"] < state.get("total_steps", 0):
-        raise ValueError(f"--pretrained {path} stopped at step {state['step']} of {state['total_steps']}; "
+        raise UserError(f"--prune-from {path} stopped at step {state['step']} of {state['total_steps']}; "
                          f"finish it first with train.resume={path}")
     return state, path
 
 
 def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
                  finetune_epochs: int = 1, finetune_lr: float | None = None,
-                 pretrained: str | None = None) -> Path:
+                 prune_from: str | None = None) -> Path:
     """Train one baseline (module docs); returns its run directory."""
     if prune is not None and prune != "l1":
-        raise ValueError(f"--prune must be 'l1', got '{prune}'")
+        raise UserError(f"--prune must be 'l1', got '{prune}'")
     if prune and subnet == "largest":
-        raise ValueError("--prune l1 needs --static-subnet I, the subnet whose width to prune to")
+        raise UserError("--prune l1 needs --static-subnet I, the subnet whose width to prune to")
     if finetune_epochs < 1:
-        raise ValueError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
+        raise UserError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
     method = "l1" if prune else budget
     if method not in METHODS:
-        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     base = Path(cfg.output.dir)
     check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
-    start, start_path = _pretrained(cfg, base, pretrained, cfg.model.name) if prune else (None, None)
+    start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if prune else (None, None)
     cfg = replace(cfg, **{"output.dir": str(base / run_name(method, subnet))})
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime)
@@ -192,11 +193,11 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     info: dict[str, Any] = {"method": method, "subnet": subnet}
     if start is not None:
         if list(start.get("classes") or data.classes) != data.classes:
-            raise ValueError(f"the pretrained largest route was trained on other classes than {cfg.data.root}")
+            raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
         model = _tag(l1_prune(implant(supernet, load_static(start)[0]), subnet), supernet)
         steps, ratio, sched = finetune_epochs * per_epoch, 1.0, "none"
         lr = finetune_lr if finetune_lr is not None else lr / 100
-        info["pretrained"] = str(start_path)
+        info["prune_from"] = str(start_path)
     else:
         model = plain_subnet(supernet, subnet)
         steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size)
@@ -241,3 +242,28 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         write_eval(run_dir / "eval.json", report)
         print(format_report(report))
     return run_dir
+
+
+def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root: str | None = None,
+                      json_path: str | None = None, max_batches: int | None = None) -> None:
+    """``dsnet evaluate`` of a static baseline checkpoint: its one row on the run's validation
+    data (``data_root`` and ``overrides`` applied to its config); writes ``json_path`` if given."""
+    from dsnet.engine import checkpoint_run
+    from dsnet.evaluate import check_classes
+
+    state = read_checkpoint(checkpoint, "static")
+    cfg, runtime = checkpoint_run(state, overrides, data_root)
+    loader, classes = build_val_loader(cfg, runtime)
+    check_classes(state, classes)
+    model, supernet = load_static(state)
+    cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]),
+                               (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
+    acc = evaluate_plain(model.to(runtime.device), loader, runtime.device,
+                         autocast_factory(cfg.train.amp, runtime.device)[0], max_batches)
+    report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),
+              "data": data_signature(cfg, classes)}
+    if not runtime.is_main:
+        return
+    print(format_report(report))
+    if json_path:
+        write_eval(Path(json_path), report)

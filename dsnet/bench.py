@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from dsnet.errors import UserError
 from dsnet.export import extract_dynamic, extract_subnet
 from dsnet.models.net import DSNet
 
@@ -171,7 +172,7 @@ def _val_images(cfg, runtime, n: int) -> Tensor:
         if have >= n:
             break
     if not have:
-        raise ValueError("the validation split is empty")
+        raise UserError("the validation split is empty")
     x = torch.cat(images)
     if have < n:
         logger.warning("the validation split has %d images; cycling them to fill a batch of %d", have, n)
@@ -179,21 +180,17 @@ def _val_images(cfg, runtime, n: int) -> Tensor:
     return x[:n].to(runtime.device)
 
 
-def _load_target(target: str, n: int) -> tuple[DSNet, Tensor, tuple[int, int, int], str]:
-    """(model in eval mode, n inputs, input size, what the inputs are) for a checkpoint or model name."""
+def _load_target(target: str, n: int, overrides: Sequence[str] = ()) -> tuple[DSNet, Tensor, tuple[int, int, int], str]:
+    """(model in eval mode, n inputs, input size, what the inputs are) for a checkpoint (its
+    config with ``section.key=value`` ``overrides`` applied) or a model name."""
     import timm
 
     import dsnet
 
     if Path(target).exists():
-        from dsnet.checkpoint import build_model, read_checkpoint
-        from dsnet.config import config_from_dict
-        from dsnet.engine import setup_runtime
+        from dsnet.engine import load_run
 
-        state = read_checkpoint(target, ("supernet", "gate"))
-        cfg = config_from_dict(state["config"])
-        runtime = setup_runtime(cfg.train.device, cfg.train.seed, False)
-        model = build_model(state).to(runtime.device).eval()
+        state, model, cfg, runtime = load_run(target, overrides)
         size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
         if state.get("stage") != "gate":
             logger.warning("%s is a stage-one checkpoint: its gate is untrained and may send every "
@@ -204,8 +201,11 @@ def _load_target(target: str, n: int) -> tuple[DSNet, Tensor, tuple[int, int, in
             logger.warning("validation data unavailable (%s); timing on random inputs instead", err)
             return model, _random_inputs(n, size, runtime.device), size, "random inputs (data unavailable)"
     if target not in dsnet.MODELS:
-        raise ValueError(f"{target!r} is neither an existing checkpoint file nor a dsnet model name "
+        raise UserError(f"{target!r} is neither an existing checkpoint file nor a dsnet model name "
                          f"({', '.join(sorted(dsnet.MODELS))})")
+    if overrides:
+        raise UserError(f"config overrides ({overrides[0]}, ...) apply to a checkpoint's config; {target} is a "
+                        "model name, benched on random inputs on CPU")
     model = timm.create_model(target).eval()
     size = tuple(model.default_input_size)
     spread_gate(model, _random_inputs(max(n, 64), size, torch.device("cpu"))[-64:])
@@ -219,7 +219,7 @@ def bench_threads(threads: int | None) -> Iterator[int]:
     before = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+            raise UserError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     try:
@@ -248,20 +248,21 @@ def format_table(report: dict) -> str:
 
 
 def bench_command(target: str, batch_sizes: list[int], json_path: str | None, repeats: int,
-                  threads: int | None, warmup: int = 2, min_ms: float = 20.0) -> dict:
+                  threads: int | None, warmup: int = 2, min_ms: float = 20.0, overrides: Sequence[str] = ()) -> dict:
     """``dsnet bench``: latency of the largest route, the dynamic model, every static subnet
     (supernet and dense) and the dense limit, per batch size; prints a table, writes
     ``json_path`` if given, returns the ``dsnet bench --json`` dict.
 
-    ``target`` is a checkpoint path or a dsnet model name. Raises ValueError naming a bad target,
+    ``target`` is a checkpoint path (``overrides`` apply to its config: ``train.device``,
+    ``data.root``, ...) or a dsnet model name. Raises UserError naming a bad target, override,
     batch size, repeat or thread count.
     """
     if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
+        raise UserError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
     if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
     with bench_threads(threads) as n_threads:
-        model, images, size, source = _load_target(target, max(batch_sizes))
+        model, images, size, source = _load_target(target, max(batch_sizes), overrides)
         print(f"dsnet bench {target}: {source}, input {'x'.join(map(str, size))}", flush=True)
         results = []
         for b in batch_sizes:

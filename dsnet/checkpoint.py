@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsnet.errors import UserError
+
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "read_checkpoint",
            "load_checkpoint", "build_model", "init_from_checkpoint", "rng_state", "set_rng_state"]
 
@@ -24,7 +26,7 @@ FORMAT, VERSION = "dsnet-checkpoint", 1
 STAGES = ("supernet", "gate", "static")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, unsafe, or not what the caller needs."""
 
 

@@ -1,255 +1,117 @@
-"""The ``dsnet`` command: profile, evaluate, recalibrate, export, bench, compare, convert.
+"""The ``dsnet`` command: train-supernet, train-gate, train-baseline, evaluate, recalibrate,
+profile, export, bench, compare, convert.
 
-Every subcommand turns a user error (bad path, model name, value, checkpoint) into one line on
-stderr and exit status 2; a traceback means a bug in dsnet.
+Each subcommand parses its arguments and calls one function of the module that owns the work.
+A user error (``dsnet.errors.UserError``: a bad path, model name, key, value, checkpoint) and an
+OS error (a full disk, a folder it may not write) become one line on stderr and exit status 2; a
+training failure (``TrainingError``) exit status 1; any other exception is a bug in dsnet and
+keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["main", "UserError"]
+import dsnet
+from dsnet.errors import UserError
+
+__all__ = ["main", "build_parser", "parse_args", "train_supernet_main", "train_gate_main", "UserError"]
+
+TRAINERS = {"train-supernet": "supernet", "train-gate": "gate", "train-baseline": "baseline"}
+OVERRIDES_HELP = ("config overrides applied to the checkpoint's stored config, e.g. train.batch_size=256 "
+                  "data.num_workers=8 train.device=cpu train.amp=bf16 data.root=/data/imagenet")
 
 
-class UserError(Exception):
-    """An error caused by the user's input; the CLI prints its message and exits with 2."""
+# ---- commands: each calls the module that owns the work ----------------------------------------
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Stage one, stage two or a static baseline from ``-c CONFIG`` plus overrides."""
+    from dsnet.config import config_yaml, load_config
+    from dsnet.evaluate import parse_madds
 
-def _positive_size(values: Sequence[int]) -> list[int]:
-    if len(values) != 3 or min(values) < 1:
-        raise UserError(f"--input-size takes three positive integers C H W, got {list(values)}")
-    return list(values)
+    overrides = list(args.overrides)
+    if getattr(args, "target_madds", None) is not None:
+        overrides.append(f"gate.target_madds={parse_madds(args.target_madds)}")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    if args.stage == "gate":
+        from dsnet.runs import train_gate
 
+        run_dir = train_gate(cfg, args.supernet)
+    elif args.static_subnet is not None:
+        from dsnet.baselines import parse_subnet, train_static
 
-def _create(name: str, **kwargs):
-    import timm
+        run_dir = train_static(cfg, parse_subnet(args.static_subnet), args.budget, args.prune,
+                               args.finetune_epochs, args.finetune_lr, args.prune_from)
+    else:
+        from dsnet.runs import train_supernet
 
-    import dsnet
-
-    if name not in dsnet.MODELS:
-        raise UserError(f"unknown model '{name}' (dsnet models: {', '.join(sorted(dsnet.MODELS))})")
-    return timm.create_model(name, **kwargs)
+        run_dir = train_supernet(cfg)
+    print(f"run directory: {run_dir}")
+    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Print (or write as JSON) every static subnet's MAdds and parameters."""
-    from dsnet.madds import profile
+    from dsnet.madds import profile_command
 
-    model = _create(args.model)
-    size = _positive_size(args.input_size) if args.input_size else None
-    if size is not None and size[0] != model.in_chans:
-        raise UserError(f"--input-size channels must be {model.in_chans} for {args.model}, got {size[0]}")
-    report = profile(model, size)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{report['model']}  input {'x'.join(map(str, report['input_size']))}")
-    print(f"{'subnet':>8} {'MAdds (M)':>12} {'params (M)':>12}")
-    for row in report["subnets"]:
-        print(f"{row['subnet']:>8} {row['madds'] / 1e6:>12.1f} {row['params'] / 1e6:>12.3f}")
-    big = report["largest"]
-    print(f"{'largest':>8} {big['madds'] / 1e6:>12.1f} {big['params'] / 1e6:>12.3f}")
+    print(profile_command(args.model, args.input_size, args.json))
     return 0
-
-
-def _run_context(state: dict, data_root: str | None):
-    """(the checkpoint's config with ``--data`` applied, a runtime for it)."""
-    from dsnet.config import config_from_dict, replace
-    from dsnet.engine import setup_runtime
-
-    cfg = config_from_dict(state["config"])
-    if data_root is not None:
-        cfg = replace(cfg, **{"data.root": data_root})
-    return cfg, setup_runtime(cfg.train.device, cfg.train.seed, False)
-
-
-def _load_run(path: str, data_root: str | None, use_ema: bool = False, stages=("supernet", "gate")):
-    """(checkpoint state, model in eval mode, config with ``--data`` applied, runtime)."""
-    from dsnet.checkpoint import build_model, read_checkpoint
-
-    state = read_checkpoint(path, stages)
-    cfg, runtime = _run_context(state, data_root)
-    return state, build_model(state, use_ema).to(runtime.device).eval(), cfg, runtime
-
-
-def parse_madds(text: str) -> float:
-    """``12M``, ``1.5G``, ``800k`` or a plain number -> MAdds; UserError naming the value otherwise."""
-    units = {"k": 1e3, "m": 1e6, "g": 1e9}
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) * units[raw[-1].lower()] if raw and raw[-1].lower() in units else float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise UserError(f"--target-madds takes a positive number of MAdds such as 12M, 1.5G or 800k, got {text!r}")
-    return value
-
-
-def _target_policy(model, loader, cfg, runtime, size, autocast, target: float, kind: str, max_batches=None) -> dict:
-    """The deployment record of the ``kind`` policy whose mean MAdds on ``loader`` is ``target``."""
-    from dsnet.evaluate import _batches, sharded
-    from dsnet.policy import collect_outcomes, gather_outcomes, select_policy
-
-    outcomes = collect_outcomes(model, _batches(loader, runtime.device, max_batches), runtime.device, size, autocast)
-    if sharded(loader):
-        outcomes = gather_outcomes(outcomes)
-    try:
-        return select_policy(outcomes, kind, target, cfg.gate.fallback_z, images="validation",
-                             measure=cfg.gate.cascade_measure)
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Static subnets, largest route and (after stage two) the dynamic model on validation data."""
-    from dsnet.checkpoint import read_checkpoint, save_checkpoint
-    from dsnet.engine import autocast_factory
-    from dsnet.evaluate import evaluate_gated, evaluate_static, format_report, format_sweep_row, plot_report
-    from dsnet.policy import Policy
-    from dsnet.runs import build_val_loader, data_signature, write_eval
+    from dsnet.evaluate import evaluate_command
 
-    if read_checkpoint(args.checkpoint).get("stage") == "static":
-        return _evaluate_baseline(args)
-    state, model, cfg, runtime = _load_run(args.checkpoint, args.data, args.ema)
-    if state["stage"] != "gate" and (args.sweep or args.target_madds):
-        raise UserError(f"--sweep and --target-madds need a gate: {args.checkpoint} is a stage-one checkpoint "
-                        "(run train_gate.py first)")
-    out = None
-    if args.target_madds is not None:
-        target = parse_madds(args.target_madds)
-        out = Path(args.output or Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{args.target_madds}.pth"))
-        if out.exists():
-            raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
-    loader, classes = build_val_loader(cfg, runtime)
-    _check_classes(state, classes)
-    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
-    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
-    report = evaluate_static(model, loader, runtime.device, size, autocast, args.max_batches)
-    report["data"], report["dynamic"] = data_signature(cfg, classes), None
-    if state["stage"] == "gate":
-        record = state.get("deploy")
-        if out is not None:
-            record = _target_policy(model, loader, cfg, runtime, size, autocast, target, args.deploy, args.max_batches)
-            model.set_policy(Policy.from_dict(record["policy"]))
-        report.update(evaluate_gated(model, loader, runtime.device, size, cfg.gate.rule, autocast,
-                                     args.max_batches, args.sweep or 9, cfg.gate.cascade_measure))
-        if record:
-            report["selection"] = record
-    if not runtime.is_main:  # under torchrun every rank holds the whole set's figures
-        return 0
-    print(format_report(report))
-    for row in report.get("sweep", []) + report.get("cascade", []):
-        print(format_sweep_row(report, row))
-    if out is not None:
-        save_checkpoint({**{k: v for k, v in state.items() if k not in ("format", "version")}, "deploy": record}, out)
-        print(f"checkpoint with this operating point -> {out}")
-    if args.json:
-        write_eval(Path(args.json), report)
-    if args.plot:
-        plot_report(report, args.plot, title=f"{state['model_name']} ({Path(args.checkpoint).name})")
-    return 0
-
-
-def _check_classes(state: dict, classes: list[str]) -> None:
-    if state.get("classes") is not None and list(state["classes"]) != classes:
-        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
-                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
-
-
-def _evaluate_baseline(args: argparse.Namespace) -> int:
-    """``dsnet evaluate`` of a static baseline (``train_supernet.py --static-subnet``) checkpoint."""
-    from dsnet.baselines import baseline_report, load_static
-    from dsnet.checkpoint import read_checkpoint
-    from dsnet.engine import autocast_factory
-    from dsnet.evaluate import evaluate_plain, format_report
-    from dsnet.runs import build_val_loader, data_signature, write_eval
-
-    if args.sweep or args.plot or args.ema:
-        raise UserError(f"{args.checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
-    state = read_checkpoint(args.checkpoint, "static")
-    cfg, runtime = _run_context(state, args.data)
-    loader, classes = build_val_loader(cfg, runtime)
-    _check_classes(state, classes)
-    model, supernet = load_static(state)
-    cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]),
-                               (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
-    acc = evaluate_plain(model.to(runtime.device), loader, runtime.device,
-                         autocast_factory(cfg.train.amp, runtime.device)[0], args.max_batches)
-    report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),
-              "data": data_signature(cfg, classes)}
-    if not runtime.is_main:
-        return 0
-    print(format_report(report))
-    if args.json:
-        write_eval(Path(args.json), report)
+    evaluate_command(args.checkpoint, overrides=args.overrides, data_root=args.data, json_path=args.json,
+                     plot=args.plot, sweep=args.sweep, max_batches=args.max_batches, ema=args.ema,
+                     target_madds=args.target_madds, deploy=args.deploy, output=args.output)
     return 0
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    """Re-estimate every width's BN statistics (model and EMA) and write a new checkpoint."""
-    from dsnet.checkpoint import save_checkpoint
-    from dsnet.engine import autocast_factory
-    from dsnet.recalibrate import recalibrate_bn
-    from dsnet.runs import build_data
+    from dsnet.recalibrate import recalibrate_command
 
-    out = Path(args.output or Path(args.checkpoint).with_name("recalibrated.pth"))
-    if out.exists():
-        raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
-    state, model, cfg, runtime = _load_run(args.checkpoint, args.data, stages=("supernet",))
-    data = build_data(cfg, runtime)
-    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
-    batches = args.batches or cfg.train.recalibrate_batches
-    recalibrate_bn(model, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
-    state["model"] = model.state_dict()
-    if state.get("ema") is not None:
-        ema = _load_run(args.checkpoint, args.data, use_ema=True, stages=("supernet",))[1]
-        recalibrate_bn(ema, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
-        state["ema"] = ema.state_dict()
-    state["bn_recalibrated"] = True
-    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, out)
-    print(f"recalibrated {batches} batches per route -> {out}")
+    print(recalibrate_command(args.checkpoint, args.output, args.batches, args.data, args.overrides))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a static subnet or the gated model of a checkpoint as TorchScript or ONNX."""
+    """Write a static subnet or the gated model of a checkpoint as TorchScript, ONNX or safetensors."""
     from dsnet.export import export_command
 
-    size = tuple(_positive_size(args.input_size)) if args.input_size else None
     policy = None
     if args.target_madds is not None:
-        from dsnet.engine import autocast_factory
+        from dsnet.engine import autocast_factory, load_run
+        from dsnet.evaluate import parse_madds, target_policy
         from dsnet.policy import Policy
         from dsnet.runs import build_val_loader
 
         if not args.dynamic:
             raise UserError("--target-madds sets the dynamic model's operating point: use it with --dynamic")
         target = parse_madds(args.target_madds)
-        state, model, cfg, runtime = _load_run(args.checkpoint, args.data, stages=("gate",))
+        state, model, cfg, runtime = load_run(args.checkpoint, data_root=args.data, stages=("gate",))
         loader, _ = build_val_loader(cfg, runtime)
-        record = _target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
-                                autocast_factory(cfg.train.amp, runtime.device)[0], target, args.deploy)
+        record = target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
+                               autocast_factory(cfg.train.amp, runtime.device)[0], target, args.deploy)
         policy = Policy.from_dict(record["policy"])
         print(record["reason"])
-    print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, size, policy))
+    print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, args.input_size,
+                         policy))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Latency of the dynamic model against the largest route, the static subnets and the dense limit."""
     from dsnet.bench import bench_command
 
-    bench_command(args.target, args.batch_sizes, args.json, args.repeats, args.threads)
+    bench_command(args.target, args.batch_sizes, args.json, args.repeats, args.threads, overrides=args.overrides)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Published weights (torchvision ResNet-50, the DS-Net release) -> a dsnet stage-one checkpoint."""
     from dsnet.convert import convert
 
     print(convert(args.source, args.output, args.source_format, args.ema, args.data))
@@ -257,16 +119,64 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Static subnets, dynamic model and static baselines of several runs in one table and plot."""
     from dsnet.compare import compare_command
 
     print(compare_command(args.runs, args.json, args.plot))
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "profile": cmd_profile, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "export": cmd_export,
-    "bench": cmd_bench, "compare": cmd_compare, "convert": cmd_convert}
+# ---- parsers ------------------------------------------------------------------------------------
+
+def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
+    """The options of a trainer (``stage``: supernet, gate or baseline)."""
+    p.add_argument("-c", "--config", required=True, metavar="CONFIG", help="YAML config (see configs/)")
+    if stage == "gate":
+        p.add_argument("--supernet", required=True, metavar="CHECKPOINT",
+                       help="stage-one checkpoint, RUN_DIR/checkpoints/last.pth")
+        p.add_argument("--target-madds", metavar="MADDS", help="ship the dynamic model at this mean MAdds "
+                       "on the held-back training images (e.g. 12M; sets gate.target_madds)")
+    else:
+        _baseline_arguments(p, required=stage == "baseline")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (the file with the overrides applied, every key) as YAML "
+                        "and exit without training; it can be fed back with -c")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. train.epochs=3 output.dir=runs/x")
+    p.set_defaults(handler=cmd_train, stage=stage)
+
+
+class _DeprecatedPretrained(argparse.Action):
+    """``--pretrained CKPT``: the old name of ``--prune-from``; a one-line notice, then the same."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: --pretrained is deprecated and will be removed in the next release; "
+              "use --prune-from", file=sys.stderr)
+        namespace.prune_from = values
+
+
+def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    base = p.add_argument_group("static baselines (Liu et al. 2019; written to <output.dir>/<method>-<subnet>)")
+    base.add_argument("--static-subnet", metavar="I", required=required,
+                      help="train static subnet I (or 'largest') as a plain model" +
+                           ("" if required else " instead of the supernet (as dsnet train-baseline does)"))
+    base.add_argument("--budget", choices=("scratch-e", "scratch-b"), default="scratch-e",
+                      help="scratch-e: the supernet's epochs; scratch-b: its training MAdds (default scratch-e)")
+    base.add_argument("--prune", choices=("l1",), help="L1-prune the trained largest route to subnet I, then fine-tune")
+    base.add_argument("--finetune-epochs", type=int, default=1, metavar="N",
+                      help="epochs of fine-tuning after pruning (default 1)")
+    base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr (default train.lr / 100)")
+    base.add_argument("--prune-from", metavar="CHECKPOINT", help="the largest route's Scratch-E checkpoint "
+                      "to prune (default <output.dir>/scratch-e-largest, trained first if missing)")
+    base.add_argument("--pretrained", metavar="CHECKPOINT", dest="prune_from", action=_DeprecatedPretrained,
+                      help="deprecated name of --prune-from, removed in the next release")
+
+
+def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Baseline options without ``--static-subnet`` are a usage error."""
+    if args.stage != "gate" and args.static_subnet is None:
+        given = [f for f in ("prune", "prune_from", "finetune_lr") if getattr(args, f) is not None]
+        if given or args.budget != "scratch-e":
+            parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
 
 
 def _target_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -276,34 +186,60 @@ def _target_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
                         "confidence cascade's threshold")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsnet", description="Dynamic Slimmable Networks toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("profile", help="MAdds and parameters of every static subnet")
-    p.add_argument("model", help="a dsnet model name, e.g. ds_mobilenet_v1")
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="C H W (default: the model's)")
+def _data_argument(p: argparse.ArgumentParser, help_text: str = "dataset root (default: the one the run used)") -> None:
+    p.add_argument("--data", metavar="ROOT", help=help_text)
+
+
+def _checkpoint_arguments(p: argparse.ArgumentParser, dest: str, help_text: str) -> None:
+    """A checkpoint and the overrides of the config stored in it."""
+    p.add_argument(dest, metavar="CHECKPOINT", help=help_text)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+
+
+def _add_profile(sub) -> None:
+    p = _command(sub, "profile", cmd_profile, "MAdds and parameters of every static subnet",
+                 "Print every static subnet's and the largest route's MAdds and parameters (no weights needed).")
+    p.add_argument("model", metavar="MODEL", help="a dsnet model name, e.g. ds_mobilenet_v1")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: the model's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p = sub.add_parser("evaluate", help="accuracy vs MAdds of every static subnet and the dynamic model")
-    p.add_argument("checkpoint", help="a stage-one or stage-two checkpoint")
-    p.add_argument("--data", metavar="ROOT", help="dataset root (default: the one the run used)")
+
+
+def _add_evaluate(sub) -> None:
+    p = _command(sub, "evaluate", cmd_evaluate, "accuracy vs MAdds of every static subnet and the dynamic model",
+                 "Evaluate a checkpoint on its run's validation data: every static subnet, the largest route "
+                 "and, after stage two, the dynamic model and its operating-point sweeps.")
+    _checkpoint_arguments(p, "checkpoint", "a stage-one, stage-two or baseline checkpoint")
+    _data_argument(p)
     p.add_argument("--json", metavar="FILE", help="write eval.json-format results")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
     p.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="trace N operating points of the gate (cost bias from -3 to +3) and of the confidence "
                         "cascade (5%% to 60%% escalated); default 9")
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N batches only")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="evaluate on the first N batches only")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     _target_arguments(p, "write a checkpoint whose dynamic model runs at this mean MAdds on the validation "
                          "set (e.g. 12M)")
     p.add_argument("-o", "--output", metavar="FILE", help="with --target-madds: the new checkpoint "
                    "(default: CHECKPOINT-<target>.pth beside it); never overwritten")
-    p = sub.add_parser("recalibrate", help="re-estimate BN statistics per width of a stage-one checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", help="output checkpoint (default: recalibrated.pth beside the input)")
-    p.add_argument("--batches", type=int, default=None, help="batches per route (default: the config's)")
-    p.add_argument("--data", metavar="ROOT", help="dataset root (default: the one the run used)")
-    p = sub.add_parser("export", help="a static subnet or the gated model as TorchScript or ONNX")
-    p.add_argument("checkpoint", help="a stage-one or stage-two checkpoint (--dynamic wants stage two's)")
+
+
+def _add_recalibrate(sub) -> None:
+    p = _command(sub, "recalibrate", cmd_recalibrate, "re-estimate BN statistics per width of a stage-one checkpoint",
+                 "Re-estimate every width's batch-norm statistics (model and EMA) of a stage-one checkpoint on "
+                 "its training data and write them as a new checkpoint.")
+    _checkpoint_arguments(p, "checkpoint", "a stage-one checkpoint")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="output checkpoint (default: recalibrated.pth beside the input); never overwritten")
+    p.add_argument("--batches", type=int, default=None, metavar="N", help="batches per route (default: the config's)")
+    _data_argument(p)
+
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", cmd_export, "a static subnet or the gated model as TorchScript, ONNX or safetensors",
+                 "Export a static subnet or the gated model of a checkpoint as a file that runs without dsnet; "
+                 "the written file is run once and checked against dsnet's outputs.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a stage-one or stage-two checkpoint (--dynamic wants stage two's)")
     route = p.add_mutually_exclusive_group(required=True)
     route.add_argument("--subnet", type=int, metavar="I", help="static subnet I (0 = slimmest)")
     route.add_argument("--dynamic", action="store_true",
@@ -312,40 +248,110 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors: weights only (--dynamic: the whole supernet's)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="output file (a folder for --dynamic --format onnx); never overwritten")
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N",
-                   help="C H W of the example input (default: the run's data.input_size); ONNX keeps H and W")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="the example input (default: the run's data.input_size); ONNX keeps H and W")
     _target_arguments(p, "export the dynamic model at this mean MAdds on the validation set (e.g. 12M)")
-    p.add_argument("--data", metavar="ROOT", help="with --target-madds: dataset root (default: the run's)")
-    p = sub.add_parser("bench", help="latency: dynamic model vs largest route, static subnets and the dense limit")
-    p.add_argument("target", metavar="CHECKPOINT",
-                   help="a checkpoint (its gate, validation images) or a dsnet model name (random init, hand-set gate)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="B")
+    _data_argument(p, "with --target-madds: dataset root (default: the run's)")
+
+
+def _add_bench(sub) -> None:
+    p = _command(sub, "bench", cmd_bench, "latency: dynamic model vs largest route, static subnets and the dense limit",
+                 "Time the dynamic model against the largest route, every static subnet (on the supernet and "
+                 "extracted dense) and the dense limit, per batch size.")
+    _checkpoint_arguments(p, "target", "a checkpoint (its gate, validation images) or a dsnet model name "
+                          "(random init, hand-set gate)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="B", help="batch sizes (default 1 32)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--repeats", type=int, default=10, help="interleaved timed rounds per path (medians)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p = sub.add_parser("compare", help="supernet, dynamic model and static baselines in one accuracy-vs-MAdds table")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories (searched for eval.json) or eval.json files")
+    p.add_argument("--repeats", type=int, default=10, metavar="N", help="interleaved timed rounds per path (medians)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads (default: torch's)")
+
+
+def _add_compare(sub) -> None:
+    p = _command(sub, "compare", cmd_compare, "supernet, dynamic model and static baselines in one accuracy-vs-MAdds table",
+                 "Gather the eval.json of several runs (supernet, gate, baselines) into one table and plot; "
+                 "runs evaluated on other data are refused.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (searched for eval.json) or eval.json files")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
-    p = sub.add_parser("convert", help="published weights (torchvision ResNet-50, the DS-Net release) -> a dsnet checkpoint")
+
+
+def _add_convert(sub) -> None:
+    p = _command(sub, "convert", cmd_convert, "published weights (torchvision ResNet-50, the DS-Net release) -> a dsnet checkpoint",
+                 "Convert published weights into a dsnet stage-one checkpoint; every tensor is mapped or "
+                 "nothing is written.")
     p.add_argument("source", metavar="SRC", help="the checkpoint file to convert")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output checkpoint; never overwritten")
     p.add_argument("--from", dest="source_format", required=True, choices=("torchvision-resnet50", "ds-net-release"),
                    help="torchvision-resnet50 -> ds_resnet50, ds-net-release -> ds_mobilenet_v1")
     p.add_argument("--ema", action="store_true", help="convert the source's EMA weights (state_dict_ema)")
-    p.add_argument("--data", metavar="ROOT", help="ImageNet folder recorded in the checkpoint's config "
-                   "(default /data/imagenet; evaluate/recalibrate --data override it)")
+    _data_argument(p, "ImageNet folder recorded in the checkpoint's config (default /data/imagenet; evaluate and "
+                      "recalibrate --data override it)")
+
+
+TRAIN_SUMMARIES = {"supernet": "stage one: train a supernet (IEB)", "gate": "stage two: train the gate (SGS)",
+                   "baseline": "train a static subnet baseline (Scratch-E, Scratch-B, L1 pruning)"}
+TRAIN_DESCRIPTIONS = {
+    "supernet": "Stage one: train a DS-Net supernet with In-place Ensemble Bootstrapping (IEB).",
+    "gate": "Stage two: freeze a stage-one supernet and train its gate with Sandwich Gate Sparsification (SGS).",
+    "baseline": "Train a static subnet from scratch (Scratch-E, Scratch-B) or L1-pruned from the largest route "
+                "and fine-tuned, with the supernet config's data, optimizer and evaluation.",
+}
+
+
+def _command(sub, name: str, handler: Callable[[argparse.Namespace], int], summary: str,
+             description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=description)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dsnet`` parser: one subparser per command."""
+    parser = argparse.ArgumentParser(prog="dsnet", description="Dynamic Slimmable Networks: train, evaluate, "
+                                     "measure and export DS-Net supernets and their gates.")
+    parser.add_argument("--version", action="version", version=f"dsnet {dsnet.__version__}",
+                        help="print dsnet's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, stage in TRAINERS.items():
+        add_train_arguments(sub.add_parser(name, help=TRAIN_SUMMARIES[stage], description=TRAIN_DESCRIPTIONS[stage]),
+                            stage)
+    for add in (_add_evaluate, _add_recalibrate, _add_profile, _add_export, _add_bench, _add_compare, _add_convert):
+        add(sub)
     return parser
 
 
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Command name -> its subparser."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``dsnet COMMAND ...``; options and ``section.key=value`` overrides may be interleaved."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = subparsers(parser)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if at == len(argv) or argv[at] not in commands or at > 0:
+        parser.parse_args(argv[:at + 1])  # --version, --help, a missing or unknown command: argparse exits
+    command = argv[at]
+    sub = commands[command]
+    args = sub.parse_intermixed_args(argv[at + 1:], argparse.Namespace(command=command))
+    if command in TRAINERS:
+        _check_train_args(sub, args)
+    return args
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
 def guarded(prog: str, fn: Callable[[], int]) -> int:
-    """Run ``fn``; a user error becomes one line on stderr and exit 2 (DSNET_DEBUG=1 re-raises)."""
+    """Run ``fn``; a user or OS error becomes one line on stderr and exit 2 (DSNET_DEBUG=1
+    re-raises), a training failure exit 1; other exceptions propagate with their traceback."""
     from dsnet.engine import TrainingError
 
     try:
         return fn()
-    except (UserError, ValueError, OSError) as err:
+    except (UserError, OSError) as err:
         if os.environ.get("DSNET_DEBUG"):
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -361,72 +367,33 @@ def guarded(prog: str, fn: Callable[[], int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dsnet`` command; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    return guarded(f"dsnet {args.command}", lambda: COMMANDS[args.command](args))
+    args = parse_args(argv)
+    return guarded(f"dsnet {args.command}", lambda: args.handler(args))
 
 
-def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str] | None) -> int:
-    """Parse ``-c CONFIG [--supernet CKPT | baseline flags] [section.key=value ...]`` and run."""
+def train_parser(prog: str, stage: str) -> argparse.ArgumentParser:
+    """The parser of a root training script (``train_supernet.py``, ``train_gate.py``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTIONS[stage])
+    add_train_arguments(parser, stage)
+    return parser
+
+
+def _train_script(prog: str, stage: str, argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
-    if stage_two:
-        parser.add_argument("--supernet", required=True, help="stage-one checkpoint, RUN_DIR/checkpoints/last.pth")
-        parser.add_argument("--target-madds", metavar="MADDS", help="ship the dynamic model at this mean MAdds "
-                            "on the held-back training images (e.g. 12M; sets gate.target_madds)")
-    else:
-        base = parser.add_argument_group(
-            "static baselines (Liu et al. 2019; written to <output.dir>/<method>-<subnet>)")
-        base.add_argument("--static-subnet", metavar="I", help="train static subnet I (or 'largest') as a "
-                          "plain model instead of the supernet")
-        base.add_argument("--budget", choices=("scratch-e", "scratch-b"), default="scratch-e",
-                          help="scratch-e: the supernet's epochs; scratch-b: its training MAdds (default scratch-e)")
-        base.add_argument("--prune", choices=("l1",), help="L1-prune the trained largest route to subnet I, "
-                          "then fine-tune")
-        base.add_argument("--finetune-epochs", type=int, default=1, metavar="N", help="epochs of fine-tuning "
-                          "after pruning (default 1)")
-        base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr "
-                          "(default train.lr / 100)")
-        base.add_argument("--pretrained", metavar="CKPT", help="the largest route's Scratch-E checkpoint to "
-                          "prune (default <output.dir>/scratch-e-largest, trained first if missing)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser = train_parser(prog, stage)
     args = parser.parse_intermixed_args(argv)  # overrides may sit before and after the options
-    if not stage_two and args.static_subnet is None:
-        given = [f for f in ("prune", "pretrained", "finetune_lr") if getattr(args, f) is not None]
-        if given or args.budget != "scratch-e":
-            parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
-
-    def run() -> int:
-        from dsnet.config import load_config
-        from dsnet.runs import train_gate, train_supernet
-
-        overrides = list(args.overrides)
-        if stage_two and args.target_madds is not None:
-            overrides.append(f"gate.target_madds={parse_madds(args.target_madds)}")
-        cfg = load_config(args.config, overrides)
-        if stage_two:
-            run_dir = train_gate(cfg, args.supernet)
-        elif args.static_subnet is not None:
-            from dsnet.baselines import parse_subnet, train_static
-
-            run_dir = train_static(cfg, parse_subnet(args.static_subnet), args.budget, args.prune,
-                                   args.finetune_epochs, args.finetune_lr, args.pretrained)
-        else:
-            run_dir = train_supernet(cfg)
-        print(f"run directory: {run_dir}")
-        return 0
-
-    return guarded(prog, run)
+    _check_train_args(parser, args)
+    return guarded(prog, lambda: cmd_train(args))
 
 
 def train_supernet_main(argv: Sequence[str] | None = None) -> int:
-    """``train_supernet.py -c CONFIG [section.key=value ...]``: stage one."""
-    return _train_main("train_supernet.py", "Stage one: train a DS-Net supernet with IEB", False, argv)
+    """``train_supernet.py -c CONFIG [section.key=value ...]``: ``dsnet train-supernet``."""
+    return _train_script("train_supernet.py", "supernet", argv)
 
 
 def train_gate_main(argv: Sequence[str] | None = None) -> int:
-    """``train_gate.py -c CONFIG --supernet CKPT [section.key=value ...]``: stage two."""
-    return _train_main("train_gate.py", "Stage two: train DS-Net gates with SGS", True, argv)
+    """``train_gate.py -c CONFIG --supernet CKPT [section.key=value ...]``: ``dsnet train-gate``."""
+    return _train_script("train_gate.py", "gate", argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from dsnet.errors import UserError
+
 __all__ = ["SERIES", "collect", "compare_rows", "format_compare", "plot_compare", "compare_command"]
 
 # plot and table order; labels as the table prints them
@@ -29,18 +31,18 @@ def collect(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
         elif p.is_dir():
             hits = sorted(p.rglob("eval.json"))
             if not hits:
-                raise ValueError(f"{p} holds no eval.json (a finished run writes one)")
+                raise UserError(f"{p} holds no eval.json (a finished run writes one)")
             found += hits
         else:
-            raise ValueError(f"{p} does not exist (give run directories or eval.json files)")
+            raise UserError(f"{p} does not exist (give run directories or eval.json files)")
     reports = []
     for f in dict.fromkeys(q.resolve() for q in found):
         try:
             report = json.loads(f.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{f} is not a readable eval.json ({type(err).__name__})") from None
+            raise UserError(f"{f} is not a readable eval.json ({type(err).__name__})") from None
         if not isinstance(report, dict) or not isinstance(report.get("static"), list) or "num_samples" not in report:
-            raise ValueError(f"{f} is not a dsnet eval.json (no 'static' list and 'num_samples')")
+            raise UserError(f"{f} is not a dsnet eval.json (no 'static' list and 'num_samples')")
         reports.append((f, report))
     return reports
 
@@ -51,7 +53,7 @@ def _check_same_data(reports: list[tuple[Path, dict]]) -> None:
         same = r["num_samples"] == ref["num_samples"] and (
             r.get("data") is None or ref.get("data") is None or r["data"] == ref["data"])
         if not same:
-            raise ValueError(f"{path} and {first} were evaluated on different data "
+            raise UserError(f"{path} and {first} were evaluated on different data "
                              f"({r.get('data') or r['num_samples']} vs {ref.get('data') or ref['num_samples']} "
                              f"samples); compare runs that share a dataset")
 
@@ -59,7 +61,7 @@ def _check_same_data(reports: list[tuple[Path, dict]]) -> None:
 def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
     """One row per model: method, run, subnet, MAdds, params, top-1, top-5 (and routing)."""
     if not reports:
-        raise ValueError("no eval.json to compare")
+        raise UserError("no eval.json to compare")
     _check_same_data(reports)
     rows: list[dict] = []
     has_supernet = any("baseline" not in r and r.get("dynamic") is None for _, r in reports)
@@ -110,7 +112,7 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
+        raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
     styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
               "scratch-b": "^--", "l1": "D:"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

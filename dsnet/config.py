@@ -27,13 +27,15 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from dsnet.errors import UserError
+
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
-           "save_config", "replace", "BEST_METRICS", "TEACHERS", "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS",
-           "MEASURES", "COST_UNITS"]
+           "save_config", "config_yaml", "apply_overrides", "replace", "BEST_METRICS", "TEACHERS",
+           "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config file, override, key or value; the message is one sentence naming it."""
 
 
@@ -162,6 +164,7 @@ class OutputConfig(_Section):
     dir: str = "runs/default"
     checkpoint_interval: int = 1                # epochs
     overwrite: bool = False
+    tensorboard: bool = False                   # also log to TensorBoard in <dir>/tensorboard (pip install 'dsnet[tensorboard]')
 
 
 @dataclass(frozen=True)
@@ -430,11 +433,25 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         if not isinstance(d, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections "
                               f"({_ACCEPTED_SECTIONS}), got {type(d).__name__}")
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    for override in overrides:
+    return config_from_dict(_overridden(d, overrides))
+
+
+def _overridden(d: dict, overrides: Sequence[str]) -> dict:
+    """The raw mapping ``d`` with ``section.key=value`` overrides applied in order."""
+    for override in [overrides] if isinstance(overrides, str) else overrides:
         _apply_override(d, override)
-    return config_from_dict(d)
+    return d
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A validated copy of ``cfg`` with ``section.key=value`` overrides applied, as ``load_config``
+    applies them to a file (``dsnet evaluate CKPT train.batch_size=256`` on a checkpoint's config)."""
+    return config_from_dict(_overridden(config_to_dict(cfg), overrides))
+
+
+def config_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML, every key of every section; ``load_config`` of this text gives ``cfg`` back."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
@@ -442,7 +459,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        f.write(config_yaml(cfg))
     os.replace(f"{path}.tmp", path)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from dsnet.config import Config, DataConfig, ModelConfig, config_to_dict
+from dsnet.errors import UserError
 from dsnet.layers import DSBatchNorm2d
 from dsnet.models.blocks import Bottleneck, ConvBNAct, GateUnit, MaxPoolUnit, SEUnit
 from dsnet.models.net import DSNet
@@ -44,7 +45,7 @@ __all__ = ["SOURCES", "ConvertError", "convert", "read_state_dict", "torchvision
            "release_to_dsnet", "file_sha256"]
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """The source file is not what ``--from`` says, or cannot be read; nothing was written."""
 
 

@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from dsnet.errors import UserError
+
 __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CIFAR10_MEAN",
            "CIFAR10_STD", "default_normalization", "ShardSampler", "build_dataset", "build_transforms", "build_loader", "build_mixup"]
 
@@ -46,7 +48,7 @@ _SMALL_INPUT = 64
 _MASK64 = (1 << 64) - 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset, split, image or data option that dsnet cannot use; the message names it."""
 
 

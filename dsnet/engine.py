@@ -4,30 +4,32 @@ validation, checkpoints and exact resume.
 A stage supplies a *step* (``step(x, y, generator, backward) -> {"loss", "losses", ...}``) that
 runs its forwards and calls ``backward`` per loss, and an *evaluate* function. The loop owns
 everything else: gradient accumulation, clipping, the optimizer/scheduler/EMA updates, the
-progress bar, ``metrics.jsonl`` and atomic checkpoints.
+progress bar, the logs (``dsnet.logs``: ``metrics.jsonl``, ``summary.csv``, TensorBoard) and
+atomic checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dsnet.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dsnet.config import Config, config_to_dict
+from dsnet.checkpoint import build_model, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dsnet.config import Config, apply_overrides, config_from_dict, config_to_dict, replace
+from dsnet.errors import UserError
+from dsnet.logs import RunLog, check_tensorboard
 
 __all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "TrainingError",
-           "route_generator"]
+           "route_generator", "checkpoint_run", "load_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def setup_runtime(device: str, seed: int, deterministic: bool, timeout_s: float 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={device} but no CUDA device is available (use cpu or auto)")
+        raise UserError(f"train.device={device} but no CUDA device is available (use cpu or auto)")
     dev = torch.device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -86,7 +88,7 @@ def autocast_factory(amp: str, device: torch.device) -> tuple[Callable[[], Any],
     if amp == "none":
         return contextlib.nullcontext, None
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+        raise UserError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
@@ -100,18 +102,38 @@ def route_generator(seed: int, step: int) -> torch.Generator:
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
     """Create ``output.dir``; refuse to write over an existing run unless resuming or told to."""
+    check_tensorboard(cfg.output.tensorboard)
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output.dir {out} exists and is not a folder")
+        raise UserError(f"output.dir {out} exists and is not a folder")
     last = out / "checkpoints" / "last.pth"
     if last.exists() and not resuming and not cfg.output.overwrite:
-        raise ValueError(f"output.dir {out} already holds a run; continue it with train.resume={last}, "
+        raise UserError(f"output.dir {out} already holds a run; continue it with train.resume={last}, "
                          "or choose another output.dir (output.overwrite=true replaces it)")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resuming:  # a run killed while saving leaves its half-written temporary file behind
         for stale in (out / "checkpoints").glob(".*.tmp"):
             stale.unlink(missing_ok=True)
     return out
+
+
+def checkpoint_run(state: dict, overrides: Sequence[str] = (), data_root: str | None = None) -> tuple[Config, Runtime]:
+    """(the config a checkpoint was trained with, ``data_root`` and then ``section.key=value``
+    ``overrides`` applied; a runtime on its ``train.device``) for a command that reads the checkpoint."""
+    cfg = config_from_dict(state["config"])
+    if data_root is not None:
+        cfg = replace(cfg, **{"data.root": data_root})
+    cfg = apply_overrides(cfg, overrides)
+    return cfg, setup_runtime(cfg.train.device, cfg.train.seed, False)
+
+
+def load_run(path: str, overrides: Sequence[str] = (), data_root: str | None = None, use_ema: bool = False,
+             stages: tuple[str, ...] = ("supernet", "gate")) -> tuple[dict, nn.Module, Config, Runtime]:
+    """(checkpoint state, its model (or EMA) in eval mode on the run's device, config and runtime
+    as ``checkpoint_run`` gives them)."""
+    state = read_checkpoint(path, stages)
+    cfg, runtime = checkpoint_run(state, overrides, data_root)
+    return state, build_model(state, use_ema).to(runtime.device).eval(), cfg, runtime
 
 
 @dataclass
@@ -142,6 +164,9 @@ class Loop:
     best: float = -math.inf
     last_metrics: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.logs = RunLog(self.run_dir, self.runtime.is_main, self.cfg.output.tensorboard)
+
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"stage": self.stage, "model_name": self.model.model_name,
@@ -158,10 +183,10 @@ class Loop:
         Returns the checkpoint's state."""
         state = read_checkpoint(path, self.stage)
         if state["model_name"] != self.model.model_name or dict(state["model_kwargs"]) != dict(self.model.model_kwargs):
-            raise ValueError(f"train.resume={path} holds {state['model_name']}({state['model_kwargs']}), "
+            raise UserError(f"train.resume={path} holds {state['model_name']}({state['model_kwargs']}), "
                              f"but the config builds {self.model.model_name}({self.model.model_kwargs})")
         if state.get("optimizer") is None:
-            raise ValueError(f"train.resume={path} holds weights but no training state (a converted "
+            raise UserError(f"train.resume={path} holds weights but no training state (a converted "
                              f"checkpoint?); start a new run from it with train.init_from={path}")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
@@ -188,9 +213,8 @@ class Loop:
             save_checkpoint(state, ckpt / "best.pth")
 
     def log(self, record: dict) -> None:
-        if self.runtime.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """One ``metrics.jsonl`` record (and TensorBoard scalars) from the main process."""
+        self.logs.record(record)
 
     def sync_buffers(self) -> None:
         """Under DDP, give every rank rank 0's buffers, the EMA's too (BN statistics drift apart:
@@ -276,7 +300,8 @@ class Loop:
         bar.close()
         elapsed = time.perf_counter() - start
         return {f"train_loss_{k}": float(v) / max(count, 1) for k, v in sums.items()} | {
-            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.cfg.train.batch_size / max(elapsed, 1e-9), 1)}
+            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.cfg.train.batch_size / max(elapsed, 1e-9), 1),
+            "lr": self.optimizer.param_groups[0]["lr"]}
 
     def run(self) -> dict:
         """Train from ``self.epoch`` to ``self.epochs`` (or ``total_steps``); returns the last
@@ -299,7 +324,7 @@ class Loop:
                 self.best = metric
             if improved or self.epoch % self.cfg.output.checkpoint_interval == 0 or self.epoch == self.epochs:
                 self.save(improved)
-            self.log(metrics)
+            self.logs.epoch(metrics)
             if self.runtime.is_main:
                 logger.info("%s epoch %d/%d: %s", self.stage, self.epoch, self.epochs,
                             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -12,6 +12,7 @@ rank reports the whole set's figures, equal to a single-process evaluation.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -19,11 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dsnet.data import ShardSampler
+from dsnet.errors import UserError
 from dsnet.models.net import DSNet
 from dsnet.routes import Route
 
 __all__ = ["topk_hits", "topk_correct", "evaluate_static", "evaluate_plain", "evaluate_dynamic", "evaluate_gated",
-           "static_curve", "format_report", "format_sweep_row", "plot_report"]
+           "static_curve", "format_report", "format_sweep_row", "plot_report", "parse_madds", "target_policy",
+           "check_classes", "evaluate_command"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -254,7 +257,7 @@ def plot_report(report: dict, path: str, title: str = "") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
+        raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
     fig, ax = plt.subplots(figsize=(6, 4.5))
     static = report["static"]
     ax.plot([r["madds"] / 1e6 for r in static], [r["top1"] for r in static], "o-", label="static subnets")
@@ -274,3 +277,106 @@ def plot_report(report: dict, path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- dsnet evaluate --------------------------------------------------------------------------
+
+def parse_madds(text: str) -> float:
+    """``12M``, ``1.5G``, ``800k`` or a plain number -> MAdds; UserError naming the value otherwise."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9}
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) * units[raw[-1].lower()] if raw and raw[-1].lower() in units else float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UserError(f"--target-madds takes a positive number of MAdds such as 12M, 1.5G or 800k, got {text!r}")
+    return value
+
+
+def target_policy(model: DSNet, loader: Iterable, cfg, runtime, input_size: Sequence[int], autocast: Autocast,
+                  target: float, kind: str, max_batches: int | None = None) -> dict:
+    """The deployment record (``dsnet.policy.select_policy``) of the ``kind`` policy whose mean
+    MAdds on ``loader`` is ``target``; UserError when no policy of that kind reaches it."""
+    from dsnet.policy import collect_outcomes, gather_outcomes, select_policy
+
+    outcomes = collect_outcomes(model, _batches(loader, runtime.device, max_batches), runtime.device, input_size,
+                                autocast)
+    if sharded(loader):
+        outcomes = gather_outcomes(outcomes)
+    try:
+        return select_policy(outcomes, kind, target, cfg.gate.fallback_z, images="validation",
+                             measure=cfg.gate.cascade_measure)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def check_classes(state: dict, classes: list[str]) -> None:
+    """Refuse evaluation data whose classes are not those the checkpoint was trained on."""
+    if state.get("classes") is not None and list(state["classes"]) != classes:
+        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
+                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
+
+
+def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_root: str | None = None,
+                     json_path: str | None = None, plot: str | None = None, sweep: int = 0,
+                     max_batches: int | None = None, ema: bool = False, target_madds: str | None = None,
+                     deploy: str = "gate", output: str | None = None) -> None:
+    """``dsnet evaluate``: every static subnet, the largest route and (stage two) the dynamic
+    model of ``checkpoint`` on its run's validation data (``data_root`` and ``overrides`` applied
+    to its config). Prints the report; writes ``json_path`` (eval.json format) and ``plot``; with
+    ``target_madds`` writes a checkpoint shipping that operating point to ``output``."""
+    from dsnet.checkpoint import read_checkpoint, save_checkpoint
+    from dsnet.engine import autocast_factory, load_run
+    from dsnet.policy import Policy
+    from dsnet.runs import build_val_loader, data_signature
+
+    if read_checkpoint(checkpoint).get("stage") == "static":
+        from dsnet.baselines import evaluate_baseline
+
+        if sweep or plot or ema:
+            raise UserError(f"{checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
+        return evaluate_baseline(checkpoint, overrides, data_root, json_path, max_batches)
+    state, model, cfg, runtime = load_run(checkpoint, overrides, data_root, ema)
+    if state["stage"] != "gate" and (sweep or target_madds):
+        raise UserError(f"--sweep and --target-madds need a gate: {checkpoint} is a stage-one checkpoint "
+                        "(run train_gate.py first)")
+    out = None
+    if target_madds is not None:
+        target = parse_madds(target_madds)
+        out = Path(output or Path(checkpoint).with_name(f"{Path(checkpoint).stem}-{target_madds}.pth"))
+        if out.exists():
+            raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
+    loader, classes = build_val_loader(cfg, runtime)
+    check_classes(state, classes)
+    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
+    report = evaluate_static(model, loader, runtime.device, size, autocast, max_batches)
+    report["data"], report["dynamic"] = data_signature(cfg, classes), None
+    if state["stage"] == "gate":
+        record = state.get("deploy")
+        if out is not None:
+            record = target_policy(model, loader, cfg, runtime, size, autocast, target, deploy, max_batches)
+            model.set_policy(Policy.from_dict(record["policy"]))
+        report.update(evaluate_gated(model, loader, runtime.device, size, cfg.gate.rule, autocast,
+                                     max_batches, sweep or 9, cfg.gate.cascade_measure))
+        if record:
+            report["selection"] = record
+    if not runtime.is_main:  # under torchrun every rank holds the whole set's figures
+        return
+    print(format_report(report))
+    for row in report.get("sweep", []) + report.get("cascade", []):
+        print(format_sweep_row(report, row))
+    if out is not None:
+        save_checkpoint({**{k: v for k, v in state.items() if k not in ("format", "version")}, "deploy": record}, out)
+        print(f"checkpoint with this operating point -> {out}")
+    _write_outputs(report, json_path, plot, f"{state['model_name']} ({Path(checkpoint).name})")
+
+
+def _write_outputs(report: dict, json_path: str | None, plot: str | None, title: str) -> None:
+    from dsnet.runs import write_eval
+
+    if json_path:
+        write_eval(Path(json_path), report)
+    if plot:
+        plot_report(report, plot, title=title)

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dsnet.errors import UserError
 from dsnet.heads import head_output
 from dsnet.layers import DenseGate
 from dsnet.madds import _route
@@ -297,18 +298,18 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     from dsnet.checkpoint import build_model, read_checkpoint
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dynamic == (subnet is not None):
-        raise ValueError("give exactly one of --subnet I (a static subnet) or --dynamic (the gated model)")
+        raise UserError("give exactly one of --subnet I (a static subnet) or --dynamic (the gated model)")
     out = Path(output)
     if out.exists() or out.is_symlink():
-        raise ValueError(f"{out} exists; dsnet export never overwrites, choose another -o")
+        raise UserError(f"{out} exists; dsnet export never overwrites, choose another -o")
     if fmt == "safetensors":  # weights only: --dynamic means the whole supernet
         from dsnet.safetensors_export import export_safetensors
 
         return export_safetensors(checkpoint, subnet, out)
     if fmt == "onnx" and dynamic and out.suffix == ".onnx":
-        raise ValueError(f"--dynamic --format onnx writes a folder (gate.onnx, route_R.onnx, dynamic.json); "
+        raise UserError(f"--dynamic --format onnx writes a folder (gate.onnx, route_R.onnx, dynamic.json); "
                          f"give -o a folder name such as {out.with_suffix('')}, not {out}")
     if fmt == "onnx":
         _require_onnx()
@@ -317,7 +318,7 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     if policy is not None:
         model.set_policy(policy)
     if subnet is not None and not 0 <= subnet < model.num_subnets:
-        raise ValueError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
+        raise UserError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
     if dynamic and state.get("stage") != "gate":
         logger.warning("%s is a stage-one checkpoint: its gate's width head is untrained (stage two trains "
@@ -344,7 +345,7 @@ def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise ValueError("--format onnx needs the onnx package: pip install 'dsnet[onnx]'") from None
+        raise UserError("--format onnx needs the onnx package: pip install 'dsnet[onnx]'") from None
 
 
 def _input_size(model: DSNet, state: dict, input_size: Sequence[int] | None) -> tuple[int, int, int]:
@@ -353,7 +354,7 @@ def _input_size(model: DSNet, state: dict, input_size: Sequence[int] | None) -> 
         return (model.in_chans, side, side) if isinstance(side, int) else tuple(model.default_input_size)
     size = tuple(int(s) for s in input_size)
     if len(size) != 3 or size[0] != model.in_chans or min(size) < 1:
-        raise ValueError(f"--input-size must be C H W with C = {model.in_chans} and H, W >= 1, got {list(size)}")
+        raise UserError(f"--input-size must be C H W with C = {model.in_chans} and H, W >= 1, got {list(size)}")
     return size
 
 

@@ -7,14 +7,16 @@ last. Recalibration zeroes them and takes a cumulative (equal-weight) average ov
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 
+from dsnet.errors import UserError
 from dsnet.layers import DSBatchNorm2d
 from dsnet.models.net import DSNet
 
-__all__ = ["recalibrate_bn"]
+__all__ = ["recalibrate_bn", "recalibrate_command"]
 
 
 @torch.no_grad()
@@ -41,3 +43,31 @@ def recalibrate_bn(model: DSNet, loader: Iterable, device: torch.device, num_bat
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
         model.train(was_training)
+
+
+def recalibrate_command(checkpoint: str, output: str | None = None, batches: int | None = None,
+                        data_root: str | None = None, overrides: Sequence[str] = ()) -> str:
+    """``dsnet recalibrate``: re-estimate every width's BN statistics of a stage-one checkpoint
+    (model and EMA) on the run's training data (``data_root`` and ``overrides`` applied to its
+    config) and write them as a new checkpoint (default ``recalibrated.pth`` beside it, never
+    overwritten); returns a summary line."""
+    from dsnet.checkpoint import save_checkpoint
+    from dsnet.engine import autocast_factory, load_run
+    from dsnet.runs import build_data
+
+    out = Path(output or Path(checkpoint).with_name("recalibrated.pth"))
+    if out.exists():
+        raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
+    state, model, cfg, runtime = load_run(checkpoint, overrides, data_root, stages=("supernet",))
+    data = build_data(cfg, runtime)
+    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
+    batches = batches or cfg.train.recalibrate_batches
+    recalibrate_bn(model, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
+    state["model"] = model.state_dict()
+    if state.get("ema") is not None:
+        ema = load_run(checkpoint, overrides, data_root, use_ema=True, stages=("supernet",))[1]
+        recalibrate_bn(ema, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
+        state["ema"] = ema.state_dict()
+    state["bn_recalibrated"] = True
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, out)
+    return f"recalibrated {batches} batches per route -> {out}"

@@ -23,6 +23,7 @@ from dsnet import data as dsdata
 from dsnet.checkpoint import init_from_checkpoint
 from dsnet.config import BEST_METRICS, EMA_TEACHERS, Config, save_config
 from dsnet.engine import Loop, Runtime, autocast_factory, prepare_run_dir, setup_runtime
+from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_gated, evaluate_static, format_report
 from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
@@ -106,14 +107,14 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """The supernet named by ``cfg.model`` with the dataset's number of classes."""
     m = cfg.model
     if m.name not in dsnet.MODELS:
-        raise ValueError(f"model.name '{m.name}' is not a dsnet model (accepted: {', '.join(sorted(dsnet.MODELS))})")
+        raise UserError(f"model.name '{m.name}' is not a dsnet model (accepted: {', '.join(sorted(dsnet.MODELS))})")
     if m.num_classes is not None and m.num_classes != num_classes:
-        raise ValueError(f"model.num_classes={m.num_classes} but the dataset has {num_classes} classes")
+        raise UserError(f"model.num_classes={m.num_classes} but the dataset has {num_classes} classes")
     kwargs = {"num_classes": num_classes, "drop_rate": m.drop_rate, **m.kwargs}
     try:
         return timm.create_model(m.name, **kwargs)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"model.kwargs {m.kwargs} do not fit {m.name}: {err}") from None
+        raise UserError(f"model.kwargs {m.kwargs} do not fit {m.name}: {err}") from None
 
 
 def build_optimizer(model_or_params: Any, opt: str, lr: float, weight_decay: float, momentum: float,
@@ -198,7 +199,7 @@ def updates_per_epoch(loader: Any, cfg: Config) -> int:
 def train_supernet(cfg: Config) -> Path:
     """Stage one: train the supernet with IEB; returns the run directory."""
     if cfg.train.eval_ema and cfg.ieb.teacher not in EMA_TEACHERS:
-        raise ValueError(f"train.eval_ema=true needs an EMA, but ieb.teacher={cfg.ieb.teacher} keeps none "
+        raise UserError(f"train.eval_ema=true needs an EMA, but ieb.teacher={cfg.ieb.teacher} keeps none "
                          "(use ensemble or ema)")
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime)
@@ -271,17 +272,17 @@ def _gate_run_dir(cfg: Config, supernet_path: Path) -> Config:
 def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) -> None:
     """Refuse a supernet checkpoint that does not match the config or the data."""
     if state["model_name"] != cfg.model.name:
-        raise ValueError(f"--supernet {path} holds {state['model_name']}, but model.name is {cfg.model.name}")
+        raise UserError(f"--supernet {path} holds {state['model_name']}, but model.name is {cfg.model.name}")
     def plain(kwargs: dict) -> dict:  # tuples and lists compare equal; the gate's routing space may change,
         # and how the weights were initialised is no property of trained (or converted) weights
         return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k not in ("routing_space", "init")}
 
     built = plain(dict(state["model_kwargs"]))
     if any(built.get(k) != v for k, v in plain(cfg.model.kwargs).items()):
-        raise ValueError(f"--supernet {path} was built with {built}, but model.kwargs asks for "
+        raise UserError(f"--supernet {path} was built with {built}, but model.kwargs asks for "
                          f"{dict(cfg.model.kwargs)}")
     if state.get("classes") is not None and list(state["classes"]) != classes:
-        raise ValueError(f"--supernet {path} was trained on {len(state['classes'])} classes "
+        raise UserError(f"--supernet {path} was trained on {len(state['classes'])} classes "
                          f"({', '.join(state['classes'][:4])}, ...), the data has {len(classes)} "
                          f"({', '.join(classes[:4])}, ...)")
 
@@ -316,7 +317,7 @@ def _gate_model(cfg: Config, state: dict) -> nn.Module:
     model = rebuild(state)
     space = cfg.gate.routing_space or model.routing_space
     if max(space) >= model.num_subnets:
-        raise ValueError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
+        raise UserError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
     model.set_routing_space(space)
     if head_kwargs(cfg):  # the published fc head is the one the supernet was built with
@@ -346,7 +347,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     cfg = _gate_run_dir(cfg, supernet)
     model = _gate_model(cfg, state)
     if cfg.train.eval_ema and cfg.gate.ema_decay is None:
-        raise ValueError("train.eval_ema=true needs an EMA of the gate in stage two: "
+        raise UserError("train.eval_ema=true needs an EMA of the gate in stage two: "
                          "set gate.ema_decay (release: 0.997)")
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime, cfg.gate.holdout)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dsnet.errors import UserError
+
 __all__ = ["export_safetensors"]
 
 
@@ -23,14 +25,14 @@ def export_safetensors(checkpoint: str, subnet: int | None, out: Path) -> str:
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ValueError("--format safetensors needs the safetensors package: pip install safetensors") from None
+        raise UserError("--format safetensors needs the safetensors package: pip install safetensors") from None
     from dsnet.checkpoint import build_model, read_checkpoint
     from dsnet.export import extract_subnet
 
     state = read_checkpoint(checkpoint, ("supernet", "gate"))
     model = build_model(state).eval()
     if subnet is not None and not 0 <= subnet < model.num_subnets:
-        raise ValueError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
+        raise UserError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
     module = extract_subnet(model, subnet) if subnet is not None else model
     tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}

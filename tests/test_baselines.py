@@ -175,11 +175,11 @@ def test_baseline_command_errors_are_one_line_and_create_nothing(tmp_path, capsy
     assert not (tmp_path / "x").exists()
 
 
-def test_l1_refuses_a_pretrained_checkpoint_that_is_not_the_largest_route(tmp_path):
+def test_l1_refuses_a_prune_from_checkpoint_that_is_not_the_largest_route(tmp_path):
     cfg = tiny(tmp_path)
     run = train_static(cfg, 0, "scratch-e")
-    with pytest.raises(ValueError, match="holds subnet 0 of ds_resnet20; L1 pruning starts from the largest"):
-        train_static(cfg, 0, prune="l1", pretrained=str(run / "checkpoints" / "last.pth"))
+    with pytest.raises(ValueError, match="--prune-from .* holds subnet 0 of ds_resnet20; L1 pruning starts from the largest"):
+        train_static(cfg, 0, prune="l1", prune_from=str(run / "checkpoints" / "last.pth"))
 
 
 def test_compare_gathers_supernet_dynamic_and_baselines_and_refuses_other_data(tmp_path, capsys):

@@ -44,7 +44,6 @@ def test_profile_table(capsys):
 
 @pytest.mark.parametrize("argv,names", [
     (["profile", "ds_nonet"], ["'ds_nonet'", "ds_mobilenet_v1", "ds_resnet20"]),
-    (["profile", "ds_resnet20", "--input-size", "3", "32"], ["--input-size", "C H W", "[3, 32]"]),
     (["profile", "ds_resnet20", "--input-size", "3", "0", "32"], ["--input-size", "[3, 0, 32]"]),
     (["profile", "ds_resnet20", "--input-size", "1", "32", "32", "--json"], ["channels must be 3"]),
 ])
@@ -57,3 +56,16 @@ def test_profile_bad_input_is_one_line_and_exit_2(capsys, argv, names):
     assert lines[0].startswith("dsnet profile: error: ")
     for name in names:
         assert name in lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["profile", "ds_resnet20", "--input-size", "3", "32"], "argument --input-size: expected 3 arguments"),
+    (["profile", "ds_resnet20", "--input-size", "3", "32", "32", "32"], "unrecognized arguments: 32"),
+    (["export", "x.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx", "--input-size", "3", "32"],
+     "argument --input-size: expected 3 arguments"),
+])
+def test_input_size_takes_exactly_three_numbers(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

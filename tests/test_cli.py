@@ -1,0 +1,205 @@
+"""The ``dsnet`` command as a whole: trainers as subcommands, --print-config, --version, help
+texts, config overrides on the commands that read a checkpoint, and the one user-error class."""
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dsnet
+from dsnet import cli
+from dsnet.checkpoint import CheckpointError
+from dsnet.cli import main, train_gate_main, train_supernet_main
+from dsnet.config import ConfigError, config_to_dict, load_config
+from dsnet.convert import ConvertError
+from dsnet.data import DataError
+from dsnet.errors import UserError
+from tests.test_train import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yml")
+
+
+def one_error_line(capsys, prog: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"{prog}: error: ")
+    return lines[0]
+
+
+# ---- parser shape -------------------------------------------------------------------------------
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    return {"dsnet": parser, **{f"dsnet {k}": v for k, v in cli.subparsers(parser).items()},
+            "train_supernet.py": cli.train_parser("train_supernet.py", "supernet"),
+            "train_gate.py": cli.train_parser("train_gate.py", "gate")}
+
+
+def test_every_command_has_a_description_and_every_argument_help():
+    parsers = all_parsers()
+    assert {"dsnet train-supernet", "dsnet train-gate", "dsnet train-baseline", "dsnet evaluate",
+            "dsnet recalibrate", "dsnet profile", "dsnet export", "dsnet bench"} <= set(parsers)
+    for name, parser in parsers.items():
+        assert parser.description, f"{name} has no description"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, f"{name} {choice.dest} has no summary"
+            else:
+                assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
+
+
+def test_input_size_is_three_numbers_wherever_it_appears():
+    found = 0
+    for name, parser in all_parsers().items():
+        for action in parser._actions:
+            if "--input-size" in action.option_strings:
+                found += 1
+                assert action.nargs == 3 and action.metavar == ("C", "H", "W"), name
+    assert found == 2  # profile, export
+
+
+def test_version_is_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dsnet {dsnet.__version__}"
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["metadata"]["version"] == "attr: dsnet.__version__"  # one place for the version
+    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet.cli:main"
+
+
+# ---- trainers -----------------------------------------------------------------------------------
+
+TRAIN_CALLS = {
+    "dsnet train-supernet": lambda args: main(["train-supernet", *args]),
+    "dsnet train-gate": lambda args: main(["train-gate", "--supernet", "nowhere.pth", *args]),
+    "dsnet train-baseline": lambda args: main(["train-baseline", "--static-subnet", "0", *args]),
+    "train_supernet.py": train_supernet_main,
+    "train_gate.py": lambda args: train_gate_main(["--supernet", "nowhere.pth", *args]),
+}
+
+
+@pytest.mark.parametrize("trainer", list(TRAIN_CALLS))
+def test_print_config_prints_every_key_after_overrides_and_feeds_back(tmp_path, capsys, monkeypatch, trainer):
+    monkeypatch.chdir(tmp_path)
+    overrides = ["train.epochs=3", "gate.routing_space=[0, 2]", f"output.dir={tmp_path / 'run'}"]
+    assert TRAIN_CALLS[trainer](["-c", QUICKSTART, overrides[0], "--print-config", *overrides[1:]]) == 0
+    text = capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # nothing written: no run directory, no config file
+    expected = load_config(QUICKSTART, overrides)
+    assert yaml.safe_load(text) == config_to_dict(expected)  # every section and key, with its value
+    (tmp_path / "printed.yml").write_text(text)
+    assert load_config(tmp_path / "printed.yml") == expected
+    assert expected.train.epochs == 3 and expected.gate.routing_space == (0, 2)
+
+
+def test_print_config_of_train_gate_holds_the_target_madds(capsys):
+    assert main(["train-gate", "-c", QUICKSTART, "--supernet", "x.pth", "--target-madds", "12M", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["gate"]["target_madds"] == 12e6
+
+
+def test_print_config_refuses_a_bad_key_in_one_line(capsys):
+    assert main(["train-supernet", "-c", QUICKSTART, "train.epoch=3", "--print-config"]) == 2
+    line = one_error_line(capsys, "dsnet train-supernet")
+    assert "unknown key 'train.epoch' (did you mean 'train.epochs'?" in line
+
+
+def test_the_trainers_run_as_a_module_entry_point(tmp_path):
+    """``python -m dsnet.cli`` (and so ``torchrun -m dsnet.cli``) reaches the subcommands."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "dsnet.cli", "train-supernet", "-c", QUICKSTART, "--print-config",
+                           "train.epochs=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["train"]["epochs"] == 2 and os.listdir(tmp_path) == []
+
+
+def test_train_baseline_needs_a_subnet_and_baseline_flags_need_one_on_train_supernet(capsys):
+    with pytest.raises(SystemExit):
+        main(["train-baseline", "-c", QUICKSTART])
+    assert "--static-subnet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-supernet", "-c", QUICKSTART, "--prune-from", "x.pth"])
+    assert "--prune-from needs --static-subnet I" in capsys.readouterr().err
+
+
+def test_pretrained_is_a_deprecated_alias_of_prune_from(capsys):
+    args = cli.parse_args(["train-baseline", "-c", "c.yml", "--static-subnet", "0", "--prune", "l1",
+                           "--pretrained", "big.pth"])
+    assert args.prune_from == "big.pth"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dsnet train-baseline: --pretrained is deprecated and will be removed in the next release; "
+                   "use --prune-from"]
+    args = cli.parse_args(["train-baseline", "-c", "c.yml", "--static-subnet", "0", "--prune", "l1",
+                           "--prune-from", "big.pth"])
+    assert args.prune_from == "big.pth" and capsys.readouterr().err == ""
+
+
+# ---- commands that read a checkpoint take config overrides --------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train-supernet", "-c", QUICKSTART, *TINY, "train.epochs=1", "train.recalibrate_bn=false",
+                 f"output.dir={run}"]) == 0
+    return run / "checkpoints" / "last.pth"
+
+
+def test_evaluate_applies_overrides_to_the_checkpoints_config(checkpoint, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(checkpoint), "--max-batches", "1", "data.val_batch_size=5", "--json", str(out),
+                 "train.device=cpu", "train.amp=none"]) == 0
+    assert json.loads(out.read_text())["num_samples"] == 5  # one batch of the overridden size
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["recalibrate", "-o", "RECAL"], ["bench", "--repeats", "1"]])
+def test_a_bad_override_is_the_configs_one_line_refusal(checkpoint, tmp_path, capsys, command):
+    argv = [command[0], str(checkpoint), *[str(tmp_path / "r.pth") if a == "RECAL" else a for a in command[1:]]]
+    assert main([*argv, "train.batch_sizes=8"]) == 2
+    line = one_error_line(capsys, f"dsnet {command[0]}")
+    assert "unknown key 'train.batch_sizes' (did you mean 'train.batch_size'?" in line
+    assert not (tmp_path / "r.pth").exists()
+
+
+def test_recalibrate_reads_the_overridden_data(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.pth"
+    assert main(["recalibrate", str(checkpoint), "-o", str(out), "data.name=folder",
+                 f"data.root={tmp_path / 'nodata'}"]) == 2
+    assert str(tmp_path / "nodata") in one_error_line(capsys, "dsnet recalibrate")
+    assert not out.exists()
+    assert main(["recalibrate", str(checkpoint), "-o", str(out), "--batches", "1", "train.batch_size=8"]) == 0
+    assert out.is_file()
+
+
+def test_bench_of_a_model_name_refuses_overrides(capsys):
+    assert main(["bench", "ds_resnet20", "train.device=cpu"]) == 2
+    assert "apply to a checkpoint's config; ds_resnet20 is a model name" in one_error_line(capsys, "dsnet bench")
+
+
+# ---- one user-error class -------------------------------------------------------------------------
+
+def test_user_errors_share_one_base_class():
+    for cls in (ConfigError, DataError, CheckpointError, ConvertError):
+        assert issubclass(cls, UserError)
+    assert cli.UserError is UserError
+
+
+def test_a_user_error_is_one_line_and_any_other_exception_keeps_its_traceback(monkeypatch, capsys):
+    import dsnet.madds
+
+    monkeypatch.setattr(dsnet.madds, "profile_command", lambda *a: (_ for _ in ()).throw(DataError("no images")))
+    assert main(["profile", "ds_resnet20"]) == 2
+    assert one_error_line(capsys, "dsnet profile") == "dsnet profile: error: no images"
+    monkeypatch.setattr(dsnet.madds, "profile_command", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(["profile", "ds_resnet20"])

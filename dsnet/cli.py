@@ -375,24 +375,32 @@ def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str
         parser.add_argument("--target-madds", metavar="MADDS", help="ship the dynamic model at this mean MAdds "
                             "on the held-back training images (e.g. 12M; sets gate.target_madds)")
     else:
+        from dsnet.baselines import BUDGETS, PRUNERS
+
         base = parser.add_argument_group(
             "static baselines (Liu et al. 2019; written to <output.dir>/<method>-<subnet>)")
         base.add_argument("--static-subnet", metavar="I", help="train static subnet I (or 'largest') as a "
                           "plain model instead of the supernet")
-        base.add_argument("--budget", choices=("scratch-e", "scratch-b"), default="scratch-e",
-                          help="scratch-e: the supernet's epochs; scratch-b: its training MAdds (default scratch-e)")
-        base.add_argument("--prune", choices=("l1",), help="L1-prune the trained largest route to subnet I, "
-                          "then fine-tune")
-        base.add_argument("--finetune-epochs", type=int, default=1, metavar="N", help="epochs of fine-tuning "
-                          "after pruning (default 1)")
+        base.add_argument("--budget", choices=BUDGETS, default="scratch-e",
+                          help="scratch-e: train.epochs; scratch-b: epochs x MAdds(largest) / MAdds(I) (Liu et al.); "
+                          "scratch-b-supernet: the supernet run's training MAdds (default scratch-e)")
+        base.add_argument("--budget-cap-epochs", type=int, metavar="N", help="stop a scratch-b budget at N epochs "
+                          "(Liu et al.'s ImageNet scripts: twice the epochs)")
+        base.add_argument("--prune", choices=PRUNERS, help="prune the trained largest route to subnet I (l1, thinet, "
+                          "regression) or zero its smallest weights (weight, with --static-subnet largest), then fine-tune")
+        base.add_argument("--sparsity", type=float, metavar="S", help="--prune weight: the fraction of conv and linear "
+                          "weights to zero (e.g. 0.5)")
+        base.add_argument("--finetune-epochs", type=int, metavar="N", help="epochs of fine-tuning after pruning "
+                          "(default train.epochs / 4: Liu et al. fine-tune 40 epochs after 160)")
         base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr "
-                          "(default train.lr / 100)")
+                          "(default train.lr / 100: Liu et al. fine-tune at 0.001 after training at 0.1)")
         base.add_argument("--pretrained", metavar="CKPT", help="the largest route's Scratch-E checkpoint to "
                           "prune (default <output.dir>/scratch-e-largest, trained first if missing)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may sit before and after the options
     if not stage_two and args.static_subnet is None:
-        given = [f for f in ("prune", "pretrained", "finetune_lr") if getattr(args, f) is not None]
+        given = [f for f in ("prune", "pretrained", "finetune_lr", "sparsity", "budget_cap_epochs")
+                 if getattr(args, f) is not None]
         if given or args.budget != "scratch-e":
             parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
 
@@ -410,7 +418,8 @@ def _train_main(prog: str, description: str, stage_two: bool, argv: Sequence[str
             from dsnet.baselines import parse_subnet, train_static
 
             run_dir = train_static(cfg, parse_subnet(args.static_subnet), args.budget, args.prune,
-                                   args.finetune_epochs, args.finetune_lr, args.pretrained)
+                                   args.finetune_epochs, args.finetune_lr, args.pretrained,
+                                   sparsity=args.sparsity, cap_epochs=args.budget_cap_epochs)
         else:
             run_dir = train_supernet(cfg)
         print(f"run directory: {run_dir}")

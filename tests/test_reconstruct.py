@@ -92,3 +92,30 @@ def test_regression_refits_a_reader_when_a_dropped_channel_copies_a_kept_one(gen
     new = reconstruct.least_squares_weights(w, moments, keep)
     folded = torch.stack([w[:, 0, 0] + w[:, 1, 0], w[:, 2, 0]], 1)
     torch.testing.assert_close(new[:, :, 0], folded)
+
+
+def test_thinet_rescales_a_kept_channel_to_carry_a_dropped_copy_of_it(gen):
+    """Channel 1 contributes exactly twice what channel 0 does: with 1 dropped, channel 0's
+    least-squares scale is 3 and channel 2's stays 1."""
+    z0, z2 = torch.randn(40, generator=gen, dtype=torch.float64), torch.randn(40, generator=gen, dtype=torch.float64)
+    z = torch.stack([z0, 2 * z0, z2], 1)  # [samples, channels]
+    torch.testing.assert_close(reconstruct.thinet_rescale(z.T @ z, torch.tensor([0, 2])),
+                               torch.tensor([3.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["thinet", "regression"])
+def test_after_pruning_the_full_width_network_computes_the_pruned_one(gen, method):
+    """Every dropped channel's reading weights are zeroed as its space is done, so each later
+    space is calibrated on the pruned network: the full-width model then equals the pruned one."""
+    model = small_mobilenet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    batches = [torch.randn(8, *SIZE, generator=gen) for _ in range(2)]
+    randomize_bn_(model, gen, torch.cat(batches))
+    x = torch.randn(4, *SIZE, generator=gen)
+    with torch.no_grad():
+        before = model(x)
+        pruned = reconstruct_prune(model, 0, method, batches).eval()
+        torch.testing.assert_close(model(x), pruned(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(pruned(x), before, atol=1e-3)  # pruning did change the function

@@ -9,7 +9,7 @@ pruning is how a space's channels are chosen and that the layers reading the spa
 Spaces are taken one after another (``channel_spaces`` order), each on the network pruned so far:
 
 1. **Calibration.** The inputs of the space's *readers* (the convs with one group that read it, and
-   the classifier for the last stream) are sampled at ``POSITIONS`` random output positions per
+   the classifier for the last stream; squeeze-excite, a side branch, is not refitted) are sampled at ``POSITIONS`` random output positions per
    calibration image; each reader accumulates the second moments ``A = sum_s p_s p_s^T`` of its
    input patches ``p_s`` ([C * kh * kw], float64).
 2. **Channel contributions.** Output ``o`` of a reader at sample ``s`` is ``y = sum_c z[s, o, c]``

@@ -5,20 +5,28 @@ subnet ``I`` of the config's supernet (or ``largest``) as a plain model from scr
 augmentation, optimizer, schedule and evaluation of stage one:
 
 - **Scratch-E**: as many optimizer steps as the supernet run (``train.epochs`` epochs).
-- **Scratch-B**: the supernet run's training MAdds spent on the small model. Per image, one
+- **Scratch-B** (Liu et al.'s rule, their ``main_B.py``): the large model's training MAdds spent
+  on the small one, ``round(steps_E x M_largest / M_I)`` steps; ``--budget-cap-epochs N`` caps
+  them at ``N`` epochs, as Liu et al.'s ImageNet scripts cap theirs (at twice the epochs).
+- **Scratch-B-supernet**: the supernet run's training MAdds spent on the small model. Per image, one
   stage-one step costs ``C_super = 3 (M_largest + n M_random + M_slimmest) + M_teacher`` and one
   plain step of subnet I costs ``C_I = 3 M_I`` (a backward pass ~ two forwards; ``n`` =
   ``ieb.num_random``, ``M_random`` = mean MAdds of the subnets random routes are drawn from,
   ``M_teacher`` = the EMA forwards: ``M_largest + n M_random`` for the ensemble teacher,
   ``M_largest`` for ``ema``, 0 otherwise). Scratch-B runs ``round(steps_E x C_super / C_I)`` steps,
-  the epochs scaled by that MAdds ratio as Liu et al. define it; the cosine schedule spans them all.
+  the epochs scaled by that MAdds ratio; the cosine schedule spans them all. It answers another
+  question than Scratch-B: is one supernet cheaper to train than the subnet alone?
 
-``--prune l1 --static-subnet I --finetune-epochs N`` is the classic pipeline: the largest route
+``--prune l1|thinet|regression --static-subnet I`` is the classic pipeline: the largest route
 trained normally (the Scratch-E run of ``largest``, trained first if ``--prune-from`` is not
-given and ``<output.dir>/scratch-e-largest`` holds no finished run), pruned by L1 norm to subnet
-I's shape (``dsnet.prune``), then fine-tuned for N epochs at a constant learning rate
-(``--finetune-lr``, default ``train.lr / 100``, the last rate of the step schedule Liu et al.
-fine-tune at).
+given and ``<output.dir>/scratch-e-largest`` holds no finished run), pruned to subnet I's shape
+(L1 norm: ``dsnet.prune``; ThiNet or regression-based reconstruction on ``train.recalibrate_batches``
+calibration batches: ``dsnet.reconstruct``), then fine-tuned at a constant learning rate.
+``--prune weight --sparsity S --static-subnet largest`` zeroes the fraction S of the largest
+route's conv and linear weights of smallest magnitude and fine-tunes with the zeros held
+(``dsnet.sparse``); it writes ``weight<S>-largest``. Fine-tuning lasts ``--finetune-epochs``
+(default ``train.epochs / 4``) at ``--finetune-lr`` (default ``train.lr / 100``): Liu et al.
+fine-tune 40 epochs at 0.001 after 160 at 0.1.
 
 Each run lives in ``<output.dir>/<method>-<subnet>`` (``scratch-b-subnet0``, ``l1-subnet2``,
 ``scratch-e-largest``), so baselines sit beside the supernet run that shares their config; its
@@ -26,6 +34,7 @@ checkpoints are stage ``static`` and its ``eval.json`` has one row plus a ``base
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -43,15 +52,19 @@ from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_plain, format_report
 from dsnet.models.net import DenseNet, DSNet, init_weights
 from dsnet.prune import implant, l1_prune
+from dsnet.reconstruct import METHODS as RECONSTRUCTIONS, reconstruct_prune
+from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
 from dsnet.runs import (_criterion, build_data, build_model, build_optimizer, build_scheduler, build_val_loader,
                         data_signature, scaled_lr, updates_per_epoch, wrap_ddp, write_eval)
 
-__all__ = ["BUDGETS", "METHODS", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
+__all__ = ["BUDGETS", "PRUNERS", "METHODS", "FINETUNE_FRACTION", "finetune_epochs_default", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
            "plain_subnet", "load_static", "baseline_report", "StaticStep", "train_static", "evaluate_baseline"]
 
 logger = logging.getLogger(__name__)
-BUDGETS = ("scratch-e", "scratch-b")
-METHODS = (*BUDGETS, "l1")
+BUDGETS = ("scratch-e", "scratch-b", "scratch-b-supernet")
+PRUNERS = ("l1", *RECONSTRUCTIONS, "weight")
+METHODS = (*BUDGETS, *PRUNERS)
+FINETUNE_FRACTION = 0.25  # fine-tuning epochs per training epoch by default: Liu et al.'s 40 after 160
 Subnet = int | str  # a static subnet index or "largest"
 
 
@@ -66,16 +79,30 @@ def sandwich_madds(model: DSNet, num_random: int, teacher: str, input_size) -> f
 
 
 def budget_steps(model: DSNet, cfg: Config, subnet: Subnet, budget: str, steps_per_epoch: int,
-                 input_size) -> tuple[int, float]:
-    """(optimizer steps, MAdds ratio C_super / C_I) of a Scratch-E or Scratch-B run."""
+                 input_size, cap_epochs: int | None = None) -> tuple[int, float]:
+    """(optimizer steps, MAdds ratio) of a Scratch-E run (ratio 1), a Scratch-B run (ratio
+    M_largest / M_I) or a Scratch-B-supernet run (ratio C_super / C_I); a Scratch-B run of either
+    kind stops at ``cap_epochs`` epochs when that is given."""
     if budget not in BUDGETS:
         raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    if cap_epochs is not None and (budget == "scratch-e" or cap_epochs < 1):
+        raise UserError(f"--budget-cap-epochs takes a positive number of epochs and caps a scratch-b or "
+                         f"scratch-b-supernet budget, got {cap_epochs} with --budget {budget}")
     steps_e = cfg.train.epochs * steps_per_epoch
     if budget == "scratch-e":
         return steps_e, 1.0
-    ratio = sandwich_madds(model, cfg.ieb.num_random, cfg.ieb.teacher, input_size) / (
-        3 * model.route_cost(model.routes.resolve(subnet), input_size).madds)
-    return max(1, round(steps_e * ratio)), ratio
+    small = model.route_cost(model.routes.resolve(subnet), input_size).madds
+    if budget == "scratch-b":
+        ratio = model.route_cost(model.routes.largest, input_size).madds / small
+    else:
+        ratio = sandwich_madds(model, cfg.ieb.num_random, cfg.ieb.teacher, input_size) / (3 * small)
+    steps = max(1, round(steps_e * ratio))
+    return (steps if cap_epochs is None else min(steps, cap_epochs * steps_per_epoch)), ratio
+
+
+def finetune_epochs_default(cfg: Config) -> int:
+    """Fine-tuning epochs when ``--finetune-epochs`` is not given: ``train.epochs / 4``, at least 1."""
+    return max(1, round(cfg.train.epochs * FINETUNE_FRACTION))
 
 
 def run_name(method: str, subnet: Subnet) -> str:
@@ -160,30 +187,65 @@ def _prune_source(cfg: Config, base: Path, path: str | None, model_name: str) ->
     state = read_checkpoint(path, "static")
     if state.get("subnet") != "largest" or state["model_name"] != model_name:
         raise UserError(f"--prune-from {path} holds subnet {state.get('subnet')} of {state['model_name']}; "
-                         f"L1 pruning starts from the largest route of {model_name}")
+                         f"pruning starts from the largest route of {model_name}")
     if state["step"] < state.get("total_steps", 0):
         raise UserError(f"--prune-from {path} stopped at step {state['step']} of {state['total_steps']}; "
                          f"finish it first with train.resume={path}")
     return state, path
 
 
-def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
-                 finetune_epochs: int = 1, finetune_lr: float | None = None,
-                 prune_from: str | None = None) -> Path:
-    """Train one baseline (module docs); returns its run directory."""
-    if prune is not None and prune != "l1":
-        raise UserError(f"--prune must be 'l1', got '{prune}'")
-    if prune and subnet == "largest":
-        raise UserError("--prune l1 needs --static-subnet I, the subnet whose width to prune to")
+def _method_dir(subnet: Subnet, budget: str, prune: str | None, sparsity: float | None,
+                finetune_epochs: int) -> tuple[str, str]:
+    """(method, run directory name) of a baseline; UserError naming a bad combination."""
+    if prune is not None and prune not in PRUNERS:
+        raise UserError(f"--prune must be one of {', '.join(PRUNERS)}, got '{prune}'")
+    if prune == "weight" and (subnet != "largest" or sparsity is None):
+        raise UserError("--prune weight keeps the largest route's shape and zeroes a fraction of its weights: "
+                         "give --static-subnet largest and --sparsity S (e.g. 0.5)")
+    if prune not in (None, "weight") and subnet == "largest":
+        raise UserError(f"--prune {prune} needs --static-subnet I, the subnet whose width to prune to")
+    if sparsity is not None and prune != "weight":
+        raise UserError("--sparsity sets the fraction of weights --prune weight zeroes; it goes with --prune weight")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity must be a fraction in [0, 1) of the weights to prune, got {sparsity}")
     if finetune_epochs < 1:
         raise UserError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
-    method = "l1" if prune else budget
+    method = prune or budget
     if method not in METHODS:
         raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    return method, run_name(f"weight{sparsity:g}" if prune == "weight" else method, subnet)
+
+
+def _pruned(method: str, supernet: DSNet, large: DenseNet, subnet: Subnet, calib, cfg: Config, sparsity,
+            device: torch.device, size) -> tuple[nn.Module, dict, dict | None]:
+    """(the pruned plain model, what its baseline record adds, the weight masks fine-tuning keeps
+    or None) of ``large``, the trained largest route."""
+    if method == "weight":
+        masks = magnitude_masks(large, sparsity)
+        dense = supernet.route_cost(supernet.routes.largest, size).madds
+        record = {"sparsity": sparsity, "madds_sparse": sparse_madds(apply_masks(large, masks), dense, size)}
+        return large, record, masks
+    net = implant(supernet, large)
+    if method == "l1":
+        return _tag(l1_prune(net, subnet), supernet), {}, None
+    batches = [x for x, _ in itertools.islice(calib, cfg.train.recalibrate_batches)]
+    pruned = reconstruct_prune(net.to(device), subnet, method, batches, cfg.train.seed)
+    return _tag(pruned, supernet), {"calib_images": sum(len(x) for x in batches)}, None
+
+
+def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
+                 finetune_epochs: int | None = None, finetune_lr: float | None = None,
+                 prune_from: str | None = None, sparsity: float | None = None,
+                 cap_epochs: int | None = None) -> Path:
+    """Train one baseline (module docs); returns its run directory."""
+    finetune_epochs = finetune_epochs_default(cfg) if finetune_epochs is None else finetune_epochs
+    method, name = _method_dir(subnet, budget, prune, sparsity, finetune_epochs)
+    if prune and cap_epochs is not None:
+        raise UserError("--budget-cap-epochs caps a scratch-b budget; a pruned model fine-tunes for --finetune-epochs")
     base = Path(cfg.output.dir)
     check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
     start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if prune else (None, None)
-    cfg = replace(cfg, **{"output.dir": str(base / run_name(method, subnet))})
+    cfg = replace(cfg, **{"output.dir": str(base / name)})
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime)
     supernet = build_model(cfg, len(data.classes))
@@ -194,14 +256,18 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     if start is not None:
         if list(start.get("classes") or data.classes) != data.classes:
             raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
-        model = _tag(l1_prune(implant(supernet, load_static(start)[0]), subnet), supernet)
+        model, record, masks = _pruned(method, supernet, load_static(start)[0], subnet, data.calib, cfg,
+                                       sparsity, runtime.device, size)
+        info.update(record)
         steps, ratio, sched = finetune_epochs * per_epoch, 1.0, "none"
         lr = finetune_lr if finetune_lr is not None else lr / 100
         info["prune_from"] = str(start_path)
     else:
-        model = plain_subnet(supernet, subnet)
-        steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size)
+        model, masks = plain_subnet(supernet, subnet), None
+        steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size, cap_epochs)
         sched = cfg.train.sched
+        if cap_epochs is not None:
+            info["budget_cap_epochs"] = cap_epochs
     run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
     cost = supernet.route_cost(supernet.routes.resolve(subnet), size)
     info.update(steps=steps, epochs=round(steps / per_epoch, 3), budget_ratio=round(ratio, 4), lr=lr)
@@ -212,6 +278,8 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     train_model = wrap_ddp(model, runtime)
     optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
                                 cfg.train.nesterov)
+    if masks is not None:
+        keep_masks(model, masks, optimizer)
     warmup = 0 if start is not None else round(cfg.train.warmup_epochs * per_epoch)
     scheduler = build_scheduler(optimizer, sched, steps, 1, warmup, cfg.train.warmup_lr, cfg.train.min_lr)
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))

@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dsnet.baselines import parse_subnet, train_static
 
         run_dir = train_static(cfg, parse_subnet(args.static_subnet), args.budget, args.prune,
-                               args.finetune_epochs, args.finetune_lr, args.prune_from)
+                               args.finetune_epochs, args.finetune_lr, args.prune_from,
+                               sparsity=args.sparsity, cap_epochs=args.budget_cap_epochs)
     else:
         from dsnet.runs import train_supernet
 
@@ -159,12 +160,21 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     base.add_argument("--static-subnet", metavar="I", required=required,
                       help="train static subnet I (or 'largest') as a plain model" +
                            ("" if required else " instead of the supernet (as dsnet train-baseline does)"))
-    base.add_argument("--budget", choices=("scratch-e", "scratch-b"), default="scratch-e",
-                      help="scratch-e: the supernet's epochs; scratch-b: its training MAdds (default scratch-e)")
-    base.add_argument("--prune", choices=("l1",), help="L1-prune the trained largest route to subnet I, then fine-tune")
-    base.add_argument("--finetune-epochs", type=int, default=1, metavar="N",
-                      help="epochs of fine-tuning after pruning (default 1)")
-    base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr (default train.lr / 100)")
+    from dsnet.baselines import BUDGETS, PRUNERS
+
+    base.add_argument("--budget", choices=BUDGETS, default="scratch-e",
+                      help="scratch-e: train.epochs; scratch-b: epochs x MAdds(largest) / MAdds(I) (Liu et al.); "
+                           "scratch-b-supernet: the supernet run's training MAdds (default scratch-e)")
+    base.add_argument("--budget-cap-epochs", type=int, metavar="N", help="stop a scratch-b budget at N epochs "
+                      "(Liu et al.'s ImageNet scripts: twice the epochs)")
+    base.add_argument("--prune", choices=PRUNERS, help="prune the trained largest route to subnet I (l1, thinet, "
+                      "regression) or zero its smallest weights (weight, with --static-subnet largest), then fine-tune")
+    base.add_argument("--sparsity", type=float, metavar="S", help="--prune weight: the fraction of conv and linear "
+                      "weights to zero (e.g. 0.5)")
+    base.add_argument("--finetune-epochs", type=int, metavar="N", help="epochs of fine-tuning after pruning "
+                      "(default train.epochs / 4: Liu et al. fine-tune 40 epochs after 160)")
+    base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr "
+                      "(default train.lr / 100: Liu et al. fine-tune at 0.001 after training at 0.1)")
     base.add_argument("--prune-from", metavar="CHECKPOINT", help="the largest route's Scratch-E checkpoint "
                       "to prune (default <output.dir>/scratch-e-largest, trained first if missing)")
     base.add_argument("--pretrained", metavar="CHECKPOINT", dest="prune_from", action=_DeprecatedPretrained,
@@ -174,7 +184,8 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Baseline options without ``--static-subnet`` are a usage error."""
     if args.stage != "gate" and args.static_subnet is None:
-        given = [f for f in ("prune", "prune_from", "finetune_lr") if getattr(args, f) is not None]
+        given = [f for f in ("prune", "prune_from", "finetune_epochs", "finetune_lr", "sparsity", "budget_cap_epochs")
+                 if getattr(args, f) is not None]
         if given or args.budget != "scratch-e":
             parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
 

@@ -19,7 +19,9 @@ __all__ = ["SERIES", "collect", "compare_rows", "format_compare", "plot_compare"
 # plot and table order; labels as the table prints them
 SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (shipped policy)",
           "gate": "DS-Net gate (cost-bias sweep)", "cascade": "confidence cascade (threshold sweep)",
-          "scratch-e": "Scratch-E", "scratch-b": "Scratch-B", "l1": "L1-pruned + fine-tuned"}
+          "scratch-e": "Scratch-E", "scratch-b": "Scratch-B", "scratch-b-supernet": "Scratch-B (supernet's MAdds)",
+          "l1": "L1-pruned + fine-tuned", "thinet": "ThiNet + fine-tuned",
+          "regression": "regression-pruned + fine-tuned", "weight": "weight-pruned + fine-tuned"}
 
 
 def collect(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
@@ -70,7 +72,7 @@ def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
         if "baseline" in r:
             for row in r["static"]:
                 rows.append({"method": r["baseline"]["method"], "run": run, **_row(row),
-                             "epochs": r["baseline"].get("epochs")})
+                             "epochs": r["baseline"].get("epochs"), "madds_sparse": r["baseline"].get("madds_sparse")})
             continue
         if r.get("dynamic") is None or not has_supernet:  # a gate run repeats its supernet's table
             rows += [{"method": "supernet", "run": run, **_row(row)} for row in r["static"]]
@@ -96,17 +98,27 @@ def _row(row: dict) -> dict:
     return {k: row.get(k) for k in ("subnet", "madds", "params", "top1", "top5")}
 
 
+def _cost(r: dict) -> float:
+    """What a row's model costs per image: its sparse MAdds when weight-pruned, else its MAdds."""
+    return r["madds_sparse"] if r.get("madds_sparse") is not None else r["madds"]
+
+
 def format_compare(rows: list[dict]) -> str:
-    lines = [f"{'method':<38} {'subnet':>8} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
+    """The table: a weight-pruned model's sparse MAdds (non-zero weights) sit beside its dense ones."""
+    sparse = any(r.get("madds_sparse") is not None for r in rows)
+    lines = [f"{'method':<38} {'subnet':>8} {'MAdds (M)':>10}" + (f" {'sparse (M)':>10}" if sparse else "")
+             + f" {'top-1':>7} {'top-5':>7}"]
     for r in rows:
         top5 = f"{r['top5']:>7.2f}" if r.get("top5") is not None else f"{'-':>7}"
+        cell = (f" {r['madds_sparse'] / 1e6:>10.2f}" if r.get("madds_sparse") is not None else f" {'-':>10}") \
+            if sparse else ""
         lines.append(f"{SERIES.get(r['method'], r['method']):<38} {str(r['subnet']):>8} "
-                     f"{r['madds'] / 1e6:>10.2f} {r['top1']:>7.2f} {top5}")
+                     f"{r['madds'] / 1e6:>10.2f}{cell} {r['top1']:>7.2f} {top5}")
     return "\n".join(lines)
 
 
 def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
-    """Accuracy vs MAdds, one series per method."""
+    """Accuracy vs MAdds (sparse MAdds for weight-pruned models), one series per method."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -114,7 +126,8 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     except ImportError as err:
         raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
     styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
-              "scratch-b": "^--", "l1": "D:"}
+              "scratch-b": "^--", "scratch-b-supernet": "v--", "l1": "D:", "thinet": "P:", "regression": "X:",
+              "weight": "h:"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     supernets = {r["run"] for r in rows if r["method"] == "supernet"}
     # a baseline series gathers its runs; each supernet (and its gate) is a series of its own
@@ -123,7 +136,7 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     for method, run in keys:
         pts = [r for r in rows if r["method"] == method and (not run or r["run"] == run)]
         label = SERIES.get(method, method) + (f" ({Path(run).name})" if run and len(supernets) > 1 else "")
-        ax.plot([r["madds"] / 1e6 for r in pts], [r["top1"] for r in pts], styles.get(method, "x-"),
+        ax.plot([_cost(r) / 1e6 for r in pts], [r["top1"] for r in pts], styles.get(method, "x-"),
                 markersize=14 if method == "dynamic" else 6, label=label)
     ax.set_xlabel("MAdds per image (M)")
     ax.set_ylabel("top-1 accuracy (%)")

@@ -20,6 +20,7 @@ A *channel space* is a set of channels that must be kept or dropped together:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from dsnet.layers import DSBatchNorm2d, SqueezeExcite
 from dsnet.models.blocks import ConvBNAct, GateUnit, MaxPoolUnit, SEUnit, _Residual
 from dsnet.models.net import DenseNet, DSNet
 
-__all__ = ["ChannelSpace", "channel_spaces", "l1_scores", "l1_keep", "implant", "l1_prune"]
+__all__ = ["ChannelSpace", "channel_spaces", "l1_scores", "l1_keep", "implant", "prune_to", "l1_prune"]
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ChannelSpace:
     width: int                                                   # channels kept at the target route
     members: list[tuple[Tensor, int]] = field(default_factory=list)  # (tensor, dim) indexing the space
     writers: list[Tensor] = field(default_factory=list)          # conv weights [C, ...] writing it
+    readers: list[nn.Module] = field(default_factory=list)       # convs (groups 1) and the classifier reading it
 
 
 def channel_spaces(model: DSNet, subnet: int) -> list[ChannelSpace]:
@@ -56,6 +58,7 @@ def channel_spaces(model: DSNet, subnet: int) -> list[ChannelSpace]:
         else:
             if src is not None:
                 src.members.append((conv.weight, 1))
+                src.readers.append(conv)
             dst = dst or new(width)
             dst.writers.append(conv.weight)
         dst.members += [(conv.weight, 0), *_bn_members(bn)]
@@ -82,6 +85,7 @@ def channel_spaces(model: DSNet, subnet: int) -> list[ChannelSpace]:
             raise TypeError(f"L1 pruning does not know the unit {type(unit).__name__}")
         c = unit.out_width(c, k)
     cur.members.append((model.classifier.weight, 1))
+    cur.readers.append(model.classifier)
     return spaces
 
 
@@ -125,15 +129,23 @@ def implant(model: DSNet, dense: DenseNet) -> DSNet:
 
 
 @torch.no_grad()
-def l1_prune(model: DSNet, subnet: int) -> DenseNet:
-    """Prune ``model``'s largest route (trained weights, largest-route BN statistics) to the
-    shape of static subnet ``subnet`` by L1 norm; returns a plain model. ``model`` is permuted
-    in place (its largest route computes the same function afterwards)."""
+def prune_to(model: DSNet, subnet: int, choose: Callable[[ChannelSpace], Tensor]) -> DenseNet:
+    """Prune ``model``'s largest route to the shape of static subnet ``subnet``, keeping in every
+    channel space the channels ``choose(space)`` returns (``space.width`` indices); returns a plain
+    model. ``model`` is permuted in place (its largest route computes the same function afterwards,
+    up to what ``choose`` itself rewrites)."""
     for space in channel_spaces(model, subnet):
-        keep = l1_keep(space)
+        keep = choose(space)
         rest = torch.ones(space.writers[0].shape[0], dtype=torch.bool, device=keep.device)
         rest[keep] = False
         order = torch.cat([keep, rest.nonzero().flatten()])
         for tensor, dim in space.members:
             tensor.copy_(tensor.index_select(dim, order))
     return model.extract(model.routes.static(subnet), largest_stats=True)
+
+
+def l1_prune(model: DSNet, subnet: int) -> DenseNet:
+    """Prune ``model``'s largest route (trained weights, largest-route BN statistics) to the
+    shape of static subnet ``subnet`` by L1 norm; returns a plain model. ``model`` is permuted
+    in place (its largest route computes the same function afterwards)."""
+    return prune_to(model, subnet, l1_keep)

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import dsnet
-from dsnet.baselines import budget_steps, sandwich_madds, train_static
+from dsnet.baselines import budget_steps, finetune_epochs_default, sandwich_madds, train_static
 from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main, train_supernet_main
 from dsnet.compare import collect, compare_rows
@@ -37,18 +37,51 @@ def test_sandwich_madds_counts_three_passes_per_trained_route_and_one_per_teache
     assert sandwich_madds(m, num_random, teacher, SIZE) == pytest.approx(expected, rel=1e-12)
 
 
-def test_scratch_e_keeps_the_steps_and_scratch_b_scales_them_by_the_madds_ratio(tmp_path):
+def test_scratch_e_keeps_the_steps_and_scratch_b_supernet_scales_them_by_the_supernets_madds(tmp_path):
     m = small_resnet()
     cfg = load_config(None, ["train.epochs=3", "ieb.num_random=1", "ieb.teacher=ensemble"])
     assert budget_steps(m, cfg, 1, "scratch-e", 7, SIZE) == (21, 1.0)
-    steps, ratio = budget_steps(m, cfg, 0, "scratch-b", 7, SIZE)
+    steps, ratio = budget_steps(m, cfg, 0, "scratch-b-supernet", 7, SIZE)
     s0 = dsnet.count_madds(m, 0, SIZE)
     assert ratio == pytest.approx(sandwich_madds(m, 1, "ensemble", SIZE) / (3 * s0))
     assert steps == round(21 * ratio) and ratio > 4  # the slimmest gets many more steps
-    steps_big, ratio_big = budget_steps(m, cfg, "largest", "scratch-b", 7, SIZE)
+    steps_big, ratio_big = budget_steps(m, cfg, "largest", "scratch-b-supernet", 7, SIZE)
     assert 1 < ratio_big < ratio and steps_big == round(21 * ratio_big)
-    with pytest.raises(ValueError, match="--budget must be one of scratch-e, scratch-b"):
+    with pytest.raises(ValueError, match="--budget must be one of scratch-e, scratch-b, scratch-b-supernet"):
         budget_steps(m, cfg, 0, "scratch-c", 7, SIZE)
+
+
+@pytest.mark.parametrize("subnet", [0, 2, "largest"])
+def test_scratch_b_is_liu_et_als_rule_epochs_times_the_madds_of_the_largest_over_the_subnets(subnet):
+    m = small_resnet()
+    cfg = load_config(None, ["train.epochs=3"])
+    ratio = dsnet.count_madds(m, "largest", SIZE) / dsnet.count_madds(m, subnet, SIZE)
+    assert budget_steps(m, cfg, subnet, "scratch-b", 7, SIZE) == (round(3 * 7 * ratio), pytest.approx(ratio))
+    # the cap, as Liu et al.'s ImageNet scripts set it (there: twice the epochs)
+    capped = budget_steps(m, cfg, subnet, "scratch-b", 7, SIZE, cap_epochs=6)[0]
+    assert capped == min(round(3 * 7 * ratio), 6 * 7)
+    if subnet == 0:
+        assert ratio > 2 and capped == 42  # the slimmest is cut at six epochs
+
+
+def test_budget_cap_is_refused_for_scratch_e_and_for_non_positive_epochs():
+    m = small_resnet()
+    cfg = load_config(None, ["train.epochs=3"])
+    with pytest.raises(ValueError, match="--budget-cap-epochs takes a positive number of epochs and caps a "
+                                         "scratch-b or scratch-b-supernet budget, got 4 with --budget scratch-e"):
+        budget_steps(m, cfg, 0, "scratch-e", 7, SIZE, cap_epochs=4)
+    with pytest.raises(ValueError, match="got 0 with --budget scratch-b"):
+        budget_steps(m, cfg, 0, "scratch-b", 7, SIZE, cap_epochs=0)
+
+
+@pytest.mark.parametrize("epochs,expected", [(160, 40), (6, 2), (1, 1), (300, 75)])
+def test_finetuning_lasts_a_quarter_of_the_training_epochs_by_default(epochs, expected, capsys):
+    assert finetune_epochs_default(load_config(None, [f"train.epochs={epochs}"])) == expected
+    with pytest.raises(SystemExit):
+        train_supernet_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default train.epochs / 4: Liu et al. fine-tune 40 epochs after 160)" in help_text
+    assert "(default train.lr / 100: Liu et al. fine-tune at 0.001 after training at 0.1)" in help_text
 
 
 # ---- L1 pruning -----------------------------------------------------------------------------
@@ -178,7 +211,7 @@ def test_baseline_command_errors_are_one_line_and_create_nothing(tmp_path, capsy
 def test_l1_refuses_a_prune_from_checkpoint_that_is_not_the_largest_route(tmp_path):
     cfg = tiny(tmp_path)
     run = train_static(cfg, 0, "scratch-e")
-    with pytest.raises(ValueError, match="--prune-from .* holds subnet 0 of ds_resnet20; L1 pruning starts from the largest"):
+    with pytest.raises(ValueError, match="--prune-from .* holds subnet 0 of ds_resnet20; pruning starts from the largest"):
         train_static(cfg, 0, prune="l1", prune_from=str(run / "checkpoints" / "last.pth"))
 
 
@@ -199,3 +232,47 @@ def test_compare_gathers_supernet_dynamic_and_baselines_and_refuses_other_data(t
     other.write_text(json.dumps({**report, "data": {**report["data"], "seed": 5}}))
     assert dsnet_main(["compare", str(tmp_path)]) == 2
     assert "were evaluated on different data" in capsys.readouterr().err
+
+
+def test_thinet_and_weight_pruning_finetune_from_one_largest_route_and_compare_shows_sparse_madds(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    thinet = train_static(cfg, 0, prune="thinet")  # fine-tunes max(1, round(1 / 4)) = 1 epoch
+    weight = train_static(cfg, "largest", prune="weight", sparsity=0.5)
+    assert thinet.name == "thinet-subnet0" and weight.name == "weight0.5-largest"
+    t = json.loads((thinet / "eval.json").read_text())["baseline"]
+    assert t["method"] == "thinet" and t["steps"] == 96 // 16 and t["calib_images"] == 2 * 16
+    state = read_checkpoint(weight / "checkpoints" / "last.pth", "static")
+    large = read_checkpoint(tmp_path / "scratch-e-largest" / "checkpoints" / "last.pth", "static")
+    conv_linear = [k for k, v in state["model"].items() if k.endswith("weight") and v.dim() in (2, 4)]
+    pruned = sum(int((state["model"][k] == 0).sum()) for k in conv_linear)
+    total = sum(state["model"][k].numel() for k in conv_linear)
+    assert pruned == round(0.5 * total)  # fine-tuning brought none back
+    moved = [k for k in conv_linear if not torch.equal(state["model"][k], large["model"][k])]
+    assert moved  # and it did train the kept ones
+    report = json.loads((weight / "eval.json").read_text())
+    dense = dsnet.count_madds(small_resnet(), "largest", SIZE)
+    assert report["static"][0]["madds"] == dense and report["baseline"]["sparsity"] == 0.5
+    assert 0.4 * dense < report["baseline"]["madds_sparse"] < 0.65 * dense
+    assert dsnet_main(["compare", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sparse (M)" in out and "weight-pruned + fine-tuned" in out and "ThiNet + fine-tuned" in out
+    row = next(line for line in out.splitlines() if line.startswith("weight-pruned"))
+    assert f"{report['baseline']['madds_sparse'] / 1e6:.2f}" in row
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--static-subnet", "0", "--prune", "weight", "--sparsity", "0.5"],
+     "--prune weight keeps the largest route's shape and zeroes a fraction of its weights: give "
+     "--static-subnet largest and --sparsity S"),
+    (["--static-subnet", "largest", "--prune", "regression"], "--prune regression needs --static-subnet I"),
+    (["--static-subnet", "0", "--prune", "thinet", "--sparsity", "0.5"], "--sparsity sets the fraction of weights"),
+    (["--static-subnet", "0", "--prune", "l1", "--budget-cap-epochs", "3"], "--budget-cap-epochs caps a scratch-b"),
+    (["--static-subnet", "0", "--budget-cap-epochs", "3"], "--budget-cap-epochs takes a positive number"),
+    (["--static-subnet", "largest", "--prune", "weight", "--sparsity", "1.5"],
+     "--sparsity must be a fraction in [0, 1) of the weights to prune, got 1.5"),
+])
+def test_rethink_option_errors_are_one_line_and_create_nothing(tmp_path, capsys, extra, message):
+    assert train_supernet_main(["-c", "configs/quickstart.yml", f"output.dir={tmp_path / 'x'}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,6 @@
 """IEB loss math on hand-made tensors: which target each subnet of the sandwich learns from."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,32 @@ def test_step_runs_the_sandwich_and_backwards_once_per_subnet():
     assert model.calls == plan                       # student: every subnet once, in sandwich order
     assert ema.calls == plan[:-1]                    # teacher: largest + random subnets (no slimmest)
     assert len(losses) == 4 and list(out["losses"]) == ["largest", "random0", "random1", "slimmest"]
+
+
+class _NoSyncRecorder(_Recorder):
+    """A fake DDP-wrapped supernet: records whether each backward ran inside ``no_sync``."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncing, self.synced = True, []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.syncing = False
+        try:
+            yield
+        finally:
+            self.syncing = True
+
+
+def test_under_ddp_only_the_last_subnet_all_reduces():
+    """DDP averages gradients once per step, after the slimmest's backward (not once per subnet)."""
+    routes = RouteTable((2, 5), (0, 1))
+    model = _NoSyncRecorder()
+    step = IEBStep(model, routes, _Recorder(), "ensemble", 2, torch.nn.CrossEntropyLoss())
+    step(torch.zeros(2, 1), torch.tensor([0, 1]), torch.Generator().manual_seed(0),
+         lambda loss: model.synced.append(model.syncing))
+    assert model.synced == [False, False, False, True]
 
 
 def test_step_sampling_is_reproducible_from_the_generator():

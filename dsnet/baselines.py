@@ -24,7 +24,11 @@ given and ``<output.dir>/scratch-e-largest`` holds no finished run), pruned to s
 calibration batches: ``dsnet.reconstruct``), then fine-tuned at a constant learning rate.
 ``--prune weight --sparsity S --static-subnet largest`` zeroes the fraction S of the largest
 route's conv and linear weights of smallest magnitude and fine-tunes with the zeros held
-(``dsnet.sparse``); it writes ``weight<S>-largest``. Fine-tuning lasts ``--finetune-epochs``
+(``dsnet.sparse``); it writes ``weight<S>-largest``. ``--sparsity S --static-subnet largest``
+with a budget and no ``--prune`` is Liu et al.'s weight-level scratch baseline: the same zeros
+(the magnitude masks of the trained largest route), freshly initialised weights, trained for the
+budget with the zeros held; Scratch-B prices the model at its sparse MAdds; it writes
+``<budget>-weight<S>-largest``. Fine-tuning lasts ``--finetune-epochs``
 (default ``train.epochs / 4``) at ``--finetune-lr`` (default ``train.lr / 100``): Liu et al.
 fine-tune 40 epochs at 0.001 after 160 at 0.1.
 
@@ -79,10 +83,11 @@ def sandwich_madds(model: DSNet, num_random: int, teacher: str, input_size) -> f
 
 
 def budget_steps(model: DSNet, cfg: Config, subnet: Subnet, budget: str, steps_per_epoch: int,
-                 input_size, cap_epochs: int | None = None) -> tuple[int, float]:
+                 input_size, cap_epochs: int | None = None, madds: float | None = None) -> tuple[int, float]:
     """(optimizer steps, MAdds ratio) of a Scratch-E run (ratio 1), a Scratch-B run (ratio
     M_largest / M_I) or a Scratch-B-supernet run (ratio C_super / C_I); a Scratch-B run of either
-    kind stops at ``cap_epochs`` epochs when that is given."""
+    kind stops at ``cap_epochs`` epochs when that is given. ``madds`` replaces M_I (a sparse
+    model's MAdds: non-zero weights x output positions)."""
     if budget not in BUDGETS:
         raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     if cap_epochs is not None and (budget == "scratch-e" or cap_epochs < 1):
@@ -91,7 +96,7 @@ def budget_steps(model: DSNet, cfg: Config, subnet: Subnet, budget: str, steps_p
     steps_e = cfg.train.epochs * steps_per_epoch
     if budget == "scratch-e":
         return steps_e, 1.0
-    small = model.route_cost(model.routes.resolve(subnet), input_size).madds
+    small = madds if madds is not None else model.route_cost(model.routes.resolve(subnet), input_size).madds
     if budget == "scratch-b":
         ratio = model.route_cost(model.routes.largest, input_size).madds / small
     else:
@@ -204,8 +209,12 @@ def _method_dir(subnet: Subnet, budget: str, prune: str | None, sparsity: float 
                          "give --static-subnet largest and --sparsity S (e.g. 0.5)")
     if prune not in (None, "weight") and subnet == "largest":
         raise UserError(f"--prune {prune} needs --static-subnet I, the subnet whose width to prune to")
-    if sparsity is not None and prune != "weight":
-        raise UserError("--sparsity sets the fraction of weights --prune weight zeroes; it goes with --prune weight")
+    if sparsity is not None and prune not in (None, "weight"):
+        raise UserError("--sparsity sets the fraction of weights --prune weight zeroes; it goes with --prune weight "
+                        "or, to train that sparse structure from scratch, with --budget alone")
+    if sparsity is not None and subnet != "largest":
+        raise UserError("--sparsity keeps the largest route's shape with a fraction of its weights zero: "
+                        "give --static-subnet largest")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity must be a fraction in [0, 1) of the weights to prune, got {sparsity}")
     if finetune_epochs < 1:
@@ -213,7 +222,9 @@ def _method_dir(subnet: Subnet, budget: str, prune: str | None, sparsity: float 
     method = prune or budget
     if method not in METHODS:
         raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
-    return method, run_name(f"weight{sparsity:g}" if prune == "weight" else method, subnet)
+    if sparsity is None:
+        return method, run_name(method, subnet)
+    return method, run_name(f"weight{sparsity:g}" if prune == "weight" else f"{method}-weight{sparsity:g}", subnet)
 
 
 def _pruned(method: str, supernet: DSNet, large: DenseNet, subnet: Subnet, calib, cfg: Config, sparsity,
@@ -221,16 +232,24 @@ def _pruned(method: str, supernet: DSNet, large: DenseNet, subnet: Subnet, calib
     """(the pruned plain model, what its baseline record adds, the weight masks fine-tuning keeps
     or None) of ``large``, the trained largest route."""
     if method == "weight":
-        masks = magnitude_masks(large, sparsity)
-        dense = supernet.route_cost(supernet.routes.largest, size).madds
-        record = {"sparsity": sparsity, "madds_sparse": sparse_madds(apply_masks(large, masks), dense, size)}
-        return large, record, masks
+        return _sparse(large, large, sparsity, supernet, size)
     net = implant(supernet, large)
     if method == "l1":
         return _tag(l1_prune(net, subnet), supernet), {}, None
     batches = [x for x, _ in itertools.islice(calib, cfg.train.recalibrate_batches)]
     pruned = reconstruct_prune(net.to(device), subnet, method, batches, cfg.train.seed)
     return _tag(pruned, supernet), {"calib_images": sum(len(x) for x in batches)}, None
+
+
+def _sparse(model: DenseNet, large: DenseNet, sparsity: float, supernet: DSNet,
+            size) -> tuple[DenseNet, dict, dict]:
+    """(``model`` with the zeros of ``large``'s magnitude masks at ``sparsity``, its baseline
+    record, the masks training holds). ``model`` is ``large`` to fine-tune it, or a freshly
+    initialised twin to train the same sparse structure from scratch."""
+    masks = magnitude_masks(large, sparsity)
+    apply_masks(model, masks)
+    dense = supernet.route_cost(supernet.routes.largest, size).madds
+    return model, {"sparsity": sparsity, "madds_sparse": sparse_madds(model, dense, size)}, masks
 
 
 def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
@@ -244,7 +263,8 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         raise UserError("--budget-cap-epochs caps a scratch-b budget; a pruned model fine-tunes for --finetune-epochs")
     base = Path(cfg.output.dir)
     check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
-    start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if prune else (None, None)
+    masked = prune or sparsity is not None  # needs the trained largest route: to prune, or for its sparse masks
+    start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if masked else (None, None)
     cfg = replace(cfg, **{"output.dir": str(base / name)})
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime)
@@ -253,9 +273,9 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     per_epoch = updates_per_epoch(data.train, cfg)
     lr = scaled_lr(cfg, runtime, cfg.train.lr, cfg.train.lr_base_batch)
     info: dict[str, Any] = {"method": method, "subnet": subnet}
-    if start is not None:
-        if list(start.get("classes") or data.classes) != data.classes:
-            raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
+    if start is not None and list(start.get("classes") or data.classes) != data.classes:
+        raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
+    if prune:
         model, record, masks = _pruned(method, supernet, load_static(start)[0], subnet, data.calib, cfg,
                                        sparsity, runtime.device, size)
         info.update(record)
@@ -263,8 +283,12 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         lr = finetune_lr if finetune_lr is not None else lr / 100
         info["prune_from"] = str(start_path)
     else:
-        model, masks = plain_subnet(supernet, subnet), None
-        steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size, cap_epochs)
+        model, masks, madds = plain_subnet(supernet, subnet), None, None
+        if start is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
+            model, record, masks = _sparse(model, load_static(start)[0], sparsity, supernet, size)
+            info.update(record, masks_from=str(start_path))
+            madds = record["madds_sparse"]
+        steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size, cap_epochs, madds)
         sched = cfg.train.sched
         if cap_epochs is not None:
             info["budget_cap_epochs"] = cap_epochs

@@ -169,8 +169,9 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                       "(Liu et al.'s ImageNet scripts: twice the epochs)")
     base.add_argument("--prune", choices=PRUNERS, help="prune the trained largest route to subnet I (l1, thinet, "
                       "regression) or zero its smallest weights (weight, with --static-subnet largest), then fine-tune")
-    base.add_argument("--sparsity", type=float, metavar="S", help="--prune weight: the fraction of conv and linear "
-                      "weights to zero (e.g. 0.5)")
+    base.add_argument("--sparsity", type=float, metavar="S", help="the fraction of the largest route's conv and "
+                      "linear weights to zero (e.g. 0.5): with --prune weight, pruned and fine-tuned; with "
+                      "--budget alone, the same zeros trained from scratch")
     base.add_argument("--finetune-epochs", type=int, metavar="N", help="epochs of fine-tuning after pruning "
                       "(default train.epochs / 4: Liu et al. fine-tune 40 epochs after 160)")
     base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr "

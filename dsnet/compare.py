@@ -21,7 +21,9 @@ SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dyn
           "gate": "DS-Net gate (cost-bias sweep)", "cascade": "confidence cascade (threshold sweep)",
           "scratch-e": "Scratch-E", "scratch-b": "Scratch-B", "scratch-b-supernet": "Scratch-B (supernet's MAdds)",
           "l1": "L1-pruned + fine-tuned", "thinet": "ThiNet + fine-tuned",
-          "regression": "regression-pruned + fine-tuned", "weight": "weight-pruned + fine-tuned"}
+          "regression": "regression-pruned + fine-tuned", "weight": "weight-pruned + fine-tuned",
+          "scratch-e-sparse": "Scratch-E (weight-pruned's zeros)",
+          "scratch-b-sparse": "Scratch-B (weight-pruned's zeros)"}
 
 
 def collect(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
@@ -71,7 +73,8 @@ def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
         run = str(path.parent)
         if "baseline" in r:
             for row in r["static"]:
-                rows.append({"method": r["baseline"]["method"], "run": run, **_row(row),
+                sparse = r["baseline"]["method"] != "weight" and r["baseline"].get("sparsity") is not None
+                rows.append({"method": r["baseline"]["method"] + ("-sparse" if sparse else ""), "run": run, **_row(row),
                              "epochs": r["baseline"].get("epochs"), "madds_sparse": r["baseline"].get("madds_sparse")})
             continue
         if r.get("dynamic") is None or not has_supernet:  # a gate run repeats its supernet's table
@@ -127,7 +130,7 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
         raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
     styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
               "scratch-b": "^--", "scratch-b-supernet": "v--", "l1": "D:", "thinet": "P:", "regression": "X:",
-              "weight": "h:"}
+              "weight": "h:", "scratch-e-sparse": "s", "scratch-b-sparse": "^"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     supernets = {r["run"] for r in rows if r["method"] == "supernet"}
     # a baseline series gathers its runs; each supernet (and its gate) is a series of its own

@@ -258,6 +258,17 @@ def test_thinet_and_weight_pruning_finetune_from_one_largest_route_and_compare_s
     assert "sparse (M)" in out and "weight-pruned + fine-tuned" in out and "ThiNet + fine-tuned" in out
     row = next(line for line in out.splitlines() if line.startswith("weight-pruned"))
     assert f"{report['baseline']['madds_sparse'] / 1e6:.2f}" in row
+    # Liu et al.'s weight-level Scratch-B: the same zeros, fresh weights, the sparse model's budget
+    scratch = train_static(cfg, "largest", "scratch-b", sparsity=0.5)
+    assert scratch.name == "scratch-b-weight0.5-largest"
+    fresh = read_checkpoint(scratch / "checkpoints" / "last.pth", "static")
+    assert all(torch.equal(fresh["model"][k] == 0, state["model"][k] == 0) for k in conv_linear)
+    assert not any(torch.equal(fresh["model"][k], large["model"][k]) for k in conv_linear)
+    b = json.loads((scratch / "eval.json").read_text())["baseline"]
+    assert b["madds_sparse"] == report["baseline"]["madds_sparse"] and b["method"] == "scratch-b"
+    assert fresh["total_steps"] == round(96 // 16 * dense / b["madds_sparse"])
+    assert dsnet_main(["compare", str(tmp_path)]) == 0
+    assert "Scratch-B (weight-pruned's zeros)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -266,6 +277,7 @@ def test_thinet_and_weight_pruning_finetune_from_one_largest_route_and_compare_s
      "--static-subnet largest and --sparsity S"),
     (["--static-subnet", "largest", "--prune", "regression"], "--prune regression needs --static-subnet I"),
     (["--static-subnet", "0", "--prune", "thinet", "--sparsity", "0.5"], "--sparsity sets the fraction of weights"),
+    (["--static-subnet", "0", "--sparsity", "0.5"], "--sparsity keeps the largest route's shape"),
     (["--static-subnet", "0", "--prune", "l1", "--budget-cap-epochs", "3"], "--budget-cap-epochs caps a scratch-b"),
     (["--static-subnet", "0", "--budget-cap-epochs", "3"], "--budget-cap-epochs takes a positive number"),
     (["--static-subnet", "largest", "--prune", "weight", "--sparsity", "1.5"],

@@ -326,7 +326,7 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         loop.log({"stage": "static", "epoch": 0, "pruned": True, "top1": info["top1_before_finetune"]})
     if runtime.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", run_name(method, subnet),
+        logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", run_dir.name,
                     supernet.model_name, steps, steps / per_epoch, ratio, lr)
     loop.run()
     if runtime.is_main and "eval" in loop.last_metrics:

@@ -25,7 +25,7 @@ fi
 # one intra-op thread: a forked mutant must not inherit a busy OpenMP pool
 sed -i 's/^torch.set_num_threads(2)$/torch.set_num_threads(1)/' "$work/tests/conftest.py"
 tests=""
-for t in test_ieb test_sgs test_layers test_recalibrate; do
+for t in test_ieb test_sgs test_layers test_recalibrate test_policy; do
     [ -f "$work/tests/$t.py" ] && tests="$tests    tests/$t.py
 "
 done
@@ -39,6 +39,7 @@ only_mutate =
     dsnet/routes.py
     dsnet/madds.py
     dsnet/evaluate.py
+    dsnet/policy.py
     dsnet/recalibrate.py
     dsnet/layers.py
 timeout_multiplier = 100.0
@@ -49,7 +50,7 @@ CFG
 cd "$work"
 export OMP_NUM_THREADS=1
 [ $# -gt 0 ] || set -- 'dsnet.ieb.*' 'dsnet.sgs.*' 'dsnet.routes.*' 'dsnet.madds.x_count_madds*' \
-    'dsnet.madds.x__route*' 'dsnet.evaluate.x_topk_correct*' 'dsnet.evaluate.x_cost_bias*' \
+    'dsnet.madds.x__route*' 'dsnet.evaluate.x_topk_correct*' 'dsnet.policy.x_cost_bias*' \
     'dsnet.evaluate.x_static_curve*' 'dsnet.layers.xǁDSBatchNorm2dǁforward*' \
     'dsnet.layers.xǁDSBatchNorm2dǁrow*' 'dsnet.layers.xǁDSBatchNorm2dǁ_slices*' \
     'dsnet.layers.xǁDSBatchNorm2dǁreset_running_stats*' 'dsnet.layers.xǁDSBatchNorm2dǁchoice_index*'

@@ -304,7 +304,7 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
                                 cfg.train.nesterov)
     if masks is not None:
         keep_masks(model, masks, optimizer)
-    warmup = 0 if start is not None else round(cfg.train.warmup_epochs * per_epoch)
+    warmup = 0 if prune else round(cfg.train.warmup_epochs * per_epoch)
     scheduler = build_scheduler(optimizer, sched, steps, 1, warmup, cfg.train.warmup_lr, cfg.train.min_lr)
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
     step = StaticStep(train_model, _criterion(cfg, mixup), autocast)
@@ -321,7 +321,7 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         before = loop.resume(cfg.train.resume).get("baseline", {}).get("top1_before_finetune")
         if before is not None:
             info["top1_before_finetune"] = before
-    elif start is not None:
+    elif prune:
         info["top1_before_finetune"] = evaluate()["top1"]
         loop.log({"stage": "static", "epoch": 0, "pruned": True, "top1": info["top1_before_finetune"]})
     if runtime.is_main:

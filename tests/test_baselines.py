@@ -266,6 +266,7 @@ def test_thinet_and_weight_pruning_finetune_from_one_largest_route_and_compare_s
     assert not any(torch.equal(fresh["model"][k], large["model"][k]) for k in conv_linear)
     b = json.loads((scratch / "eval.json").read_text())["baseline"]
     assert b["madds_sparse"] == report["baseline"]["madds_sparse"] and b["method"] == "scratch-b"
+    assert "top1_before_finetune" not in b  # trained from scratch: nothing was fine-tuned
     assert fresh["total_steps"] == round(96 // 16 * dense / b["madds_sparse"])
     assert dsnet_main(["compare", str(tmp_path)]) == 0
     assert "Scratch-B (weight-pruned's zeros)" in capsys.readouterr().out

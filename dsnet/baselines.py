@@ -263,8 +263,8 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         raise UserError("--budget-cap-epochs caps a scratch-b budget; a pruned model fine-tunes for --finetune-epochs")
     base = Path(cfg.output.dir)
     check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
-    masked = prune or sparsity is not None  # needs the trained largest route: to prune, or for its sparse masks
-    start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if masked else (None, None)
+    needs_large = prune or sparsity is not None  # the trained largest route: to prune, or for its weight masks
+    start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if needs_large else (None, None)
     cfg = replace(cfg, **{"output.dir": str(base / name)})
     runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg, runtime)
@@ -284,7 +284,7 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         info["prune_from"] = str(start_path)
     else:
         model, masks, madds = plain_subnet(supernet, subnet), None, None
-        if start is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
+        if sparsity is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
             model, record, masks = _sparse(model, load_static(start)[0], sparsity, supernet, size)
             info.update(record, masks_from=str(start_path))
             madds = record["madds_sparse"]

@@ -97,6 +97,7 @@ def test_conv_cached_slice_follows_dtype_moves(device, gen):
     with torch.no_grad():
         ds(x, 0)
         ds.double()
+        assert not ds.slice_cache.entries  # the float32 slices (and their storage) are let go
         y = ds(x.double(), 0)
     assert y.dtype == torch.float64
     assert_close(y, plain_conv(ds, IN[0], OUT[0]).double()(x.double()))

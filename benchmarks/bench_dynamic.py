@@ -33,7 +33,7 @@ import dsnet  # noqa: F401  (registers the models)
 from dsnet.bench import bench_batch, bench_threads, spread_gate, time_interleaved
 from dsnet.export import extract_dynamic
 from dsnet.layers import DSBatchNorm2d
-from dsnet.models.blocks import ConvBNAct, _Residual
+from dsnet.models.blocks import ConvBNAct, Residual
 from dsnet.models.net import DSNet
 
 
@@ -55,7 +55,7 @@ class MaskedDynamic(nn.Module):
         self.model = model
         routes = model.routes
         self.widest = routes.static(model.num_subnets - 1) if full_width else routes.dynamic_routes[-1]
-        self.ks = model._choices(self.widest)
+        self.ks = [k for _, _, k in model.route_walk(self.widest)]
         self.tables = self._bn_tables()
 
     @torch.no_grad()
@@ -98,7 +98,7 @@ class MaskedDynamic(nn.Module):
     def _unit(self, unit: nn.Module, x: Tensor, k: int, affine: dict) -> Tensor:
         if isinstance(unit, ConvBNAct):
             return self._conv_bn_act(unit, x, k, affine)
-        if isinstance(unit, _Residual):
+        if isinstance(unit, Residual):
             shortcut = self._conv_bn_act(unit.shortcut, x, k, affine) if unit.shortcut is not None else x
             for step in unit.body:
                 x = self._conv_bn_act(step, x, k, affine)

@@ -58,9 +58,9 @@ from torch import Tensor, nn
 from dsnet.errors import UserError
 from dsnet.heads import head_output
 from dsnet.layers import DenseGate
-from dsnet.madds import _route
 from dsnet.models.net import DenseNet, DSNet
 from dsnet.policy import confidence
+from dsnet.routes import fixed_route as _route
 
 __all__ = ["extract_subnet", "extract_dynamic", "DynamicNet", "save_torchscript",
            "save_onnx", "save_dynamic_onnx", "DynamicOnnxRunner", "run_dynamic_onnx", "export_command",

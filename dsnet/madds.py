@@ -5,17 +5,11 @@ from typing import Sequence
 
 from dsnet.errors import UserError
 from dsnet.models.net import DSNet
+from dsnet.routes import fixed_route
 
 __all__ = ["count_madds", "count_params", "profile", "format_profile", "profile_command"]
 
 Subnet = int | str | Sequence[int] | None
-
-
-def _route(model: DSNet, subnet: Subnet):
-    if subnet == "dynamic":
-        raise ValueError("the dynamic model's cost depends on each input's route: use "
-                         "model.dynamic_costs() for per-route MAdds or `dsnet evaluate` for the mean")
-    return model.routes.resolve(subnet)
 
 
 def count_madds(model: DSNet, subnet: Subnet = None, input_size: Sequence[int] | None = None) -> int:
@@ -24,12 +18,12 @@ def count_madds(model: DSNet, subnet: Subnet = None, input_size: Sequence[int] |
     ``input_size`` is (C, H, W), default the model's. A fixed route runs the gate's attention
     head but not its width head, whose cost ``model.dynamic_costs`` adds for gated inference.
     """
-    return model.route_cost(_route(model, subnet), input_size).madds
+    return model.route_cost(fixed_route(model, subnet), input_size).madds
 
 
 def count_params(model: DSNet, subnet: Subnet = None) -> int:
     """Parameters a route uses (equal to the extracted dense module's parameter count)."""
-    return model.route_cost(_route(model, subnet), None).params
+    return model.route_cost(fixed_route(model, subnet), None).params
 
 
 def profile(model: DSNet, input_size: Sequence[int] | None = None) -> dict:

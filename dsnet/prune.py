@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dsnet.layers import DSBatchNorm2d, SqueezeExcite
-from dsnet.models.blocks import ConvBNAct, GateUnit, MaxPoolUnit, SEUnit, _Residual
+from dsnet.models.blocks import ConvBNAct, GateUnit, MaxPoolUnit, Residual, SEUnit
 from dsnet.models.net import DenseNet, DSNet
 
 __all__ = ["ChannelSpace", "channel_spaces", "l1_scores", "l1_keep", "implant", "prune_to", "l1_prune"]
@@ -65,25 +65,23 @@ def channel_spaces(model: DSNet, subnet: int) -> list[ChannelSpace]:
         return dst
 
     cur: ChannelSpace | None = None  # the image's channels are never pruned
-    c = model.in_chans
-    for unit, k in zip(model.units, model._choices(route)):
+    for unit, c, k in model.route_walk(route):
         if isinstance(unit, ConvBNAct):
             cur = conv_bn(unit, cur, None, unit.out_width(c, k))
         elif isinstance(unit, (SEUnit, GateUnit)):
             _se_members(unit.se if isinstance(unit, SEUnit) else unit.gate, cur)
-        elif isinstance(unit, _Residual):
+        elif isinstance(unit, Residual):
             stream = cur if unit.shortcut is None else new(unit.out_width(c, k))
             if unit.shortcut is not None:
                 conv_bn(unit.shortcut, cur, stream, stream.width)
-            x, xc = cur, c
-            for step in unit.body[:-1]:
-                xc = step.out_width(xc, k)
-                x = conv_bn(step, x, None, xc)
-            conv_bn(unit.body[-1], x, stream, stream.width)
+            *steps, (last, _, _) = unit.body_walk(c, k)
+            x = cur
+            for step, xc, _ in steps:
+                x = conv_bn(step, x, None, step.out_width(xc, k))
+            conv_bn(last, x, stream, stream.width)
             cur = stream
         elif not isinstance(unit, MaxPoolUnit):
             raise TypeError(f"L1 pruning does not know the unit {type(unit).__name__}")
-        c = unit.out_width(c, k)
     cur.members.append((model.classifier.weight, 1))
     cur.readers.append(model.classifier)
     return spaces

@@ -8,17 +8,46 @@ every model: the last group is the *gated* group, the earlier ones are *base* gr
   (index 0 = slimmest subnet);
 - the largest route: every group at its widest (the stage-one teacher);
 - the routing space: the gated-group choices a gate may pick (a subset of the static subnets).
+
+Walking a route: a supernet's units run one after another, each unit's input width the width the
+previous one put out (``out_width(in_width, choice)``). ``walk`` is that walk, written once:
+``DSNet.route_walk`` (inference plans, costs, extraction, pruning) and residual blocks (their
+body) use it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 
-__all__ = ["Route", "RouteTable"]
+__all__ = ["Route", "RouteTable", "Walked", "walk", "width_after", "fixed_route"]
 
 Route = tuple[int, ...]
+
+
+class Walked(Protocol):
+    """What a route walks over: a unit (or a residual block's step) that knows its output width."""
+
+    def out_width(self, in_c: int, k: int) -> int: ...
+
+
+U = TypeVar("U", bound=Walked)
+
+
+def walk(units: Iterable[U], choices: Iterable[int], in_width: int) -> Iterator[tuple[U, int, int]]:
+    """(unit, its input width, its choice index) along ``units``, starting at ``in_width``."""
+    for unit, k in zip(units, choices):
+        yield unit, in_width, k
+        in_width = unit.out_width(in_width, k)
+
+
+def width_after(units: Iterable[Walked], choices: Iterable[int], in_width: int) -> int:
+    """The width ``units`` put out when walked from ``in_width`` with ``choices``."""
+    width = in_width
+    for unit, c, k in walk(units, choices, in_width):
+        width = unit.out_width(c, k)
+    return width
 
 
 @dataclass(frozen=True)
@@ -83,3 +112,12 @@ class RouteTable:
         raise ValueError(f"subnet must be an index in 0..{self.num_subnets - 1}, 'largest', "
                          f"'dynamic' or a route of {len(self.group_sizes)} choice indices "
                          f"(group sizes {list(self.group_sizes)}), got {subnet!r}")
+
+
+def fixed_route(model, subnet: int | str | Sequence[int] | None) -> Route:
+    """``model.routes.resolve(subnet)`` for a fixed route (counting, extraction); the dynamic model
+    is refused: its route depends on each input."""
+    if subnet == "dynamic":
+        raise ValueError("the dynamic model's cost depends on each input's route: use "
+                         "model.dynamic_costs() for per-route MAdds or `dsnet evaluate` for the mean")
+    return model.routes.resolve(subnet)

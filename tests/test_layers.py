@@ -1,24 +1,22 @@
 """Each slice-able layer at each width equals a plain torch.nn layer holding the sliced weights."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, DSLinear, SqueezeExcite, clear_slice_caches
+from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, DSLinear, SqueezeExcite
 
 IN, OUT = (8, 16), (12, 24)  # different in/out lists catch a swapped slice
 
 
-def _randn(g, *shape, device):
+def randn_on(g, *shape, device):
     return torch.randn(*shape, generator=g).to(device)
 
 
-def _ds_conv(g, device, kernel, stride, bias, depthwise=False):
+def ds_conv(g, device, kernel, stride, bias, depthwise=False):
     out = IN if depthwise else OUT
     conv = DSConv2d(IN, out, kernel, stride, depthwise=depthwise, bias=bias).to(device)
     with torch.no_grad():
@@ -28,7 +26,7 @@ def _ds_conv(g, device, kernel, stride, bias, depthwise=False):
     return conv
 
 
-def _plain_conv(ds: DSConv2d, in_c: int, out_c: int) -> nn.Conv2d:
+def plain_conv(ds: DSConv2d, in_c: int, out_c: int) -> nn.Conv2d:
     """The reference: an nn.Conv2d built by hand from the leading weight slice."""
     k, s = ds.kernel_size[0], ds.stride[0]
     conv = nn.Conv2d(in_c, out_c, k, s, k // 2, groups=in_c if ds.depthwise else 1,
@@ -55,11 +53,11 @@ INPUT_SHAPES = [(2, 9, 9), (1, 9, 9), (3, 1, 1)]
 @pytest.mark.parametrize("shape", INPUT_SHAPES)
 def test_conv_slice_equals_plain_conv(device, gen, kind, i_in, k, bias, shape):
     kernel, stride, depthwise = CONV_KINDS[kind]
-    ds = _ds_conv(gen, device, kernel, stride, bias, depthwise)
+    ds = ds_conv(gen, device, kernel, stride, bias, depthwise)
     in_c = IN[i_in]
     out_c = in_c if depthwise else OUT[k]
-    x = _randn(gen, shape[0], in_c, *shape[1:], device=device)
-    plain = _plain_conv(ds, in_c, out_c)
+    x = randn_on(gen, shape[0], in_c, *shape[1:], device=device)
+    plain = plain_conv(ds, in_c, out_c)
     expected = plain(x)
     assert expected.shape[1] == out_c
     assert_close(ds(x, k), expected)                   # grad-enabled path (fresh slices)
@@ -72,7 +70,7 @@ def test_conv_slice_equals_plain_conv(device, gen, kind, i_in, k, bias, shape):
     assert type(dense) is nn.Conv2d and dense.weight.data_ptr() != ds.weight.data_ptr()
 
 
-def _plain_bn(ds: DSBatchNorm2d, c: int, momentum) -> nn.BatchNorm2d:
+def plain_bn(ds: DSBatchNorm2d, c: int, momentum) -> nn.BatchNorm2d:
     k = ds.choices.index(c)
     bn = nn.BatchNorm2d(c, eps=ds.eps, momentum=momentum).to(ds.weight.device)
     with torch.no_grad():
@@ -91,12 +89,12 @@ def test_bn_train_updates_only_its_width_row(device, gen, randomize_bn, momentum
     ds = randomize_bn(DSBatchNorm2d(IN, momentum=momentum).to(device), gen)
     with torch.no_grad():
         ds.num_batches_tracked.copy_(torch.tensor([3, 5, 7]))
-        ds(_randn(gen, 1, c, 2, 2, device=device))  # eval first: any cached views must not go stale
+        ds(randn_on(gen, 1, c, 2, 2, device=device))  # eval first: any cached views must not go stale
     k = ds.choices.index(c)
-    plain = _plain_bn(ds, c, momentum)
+    plain = plain_bn(ds, c, momentum)
     before = {n: b.clone() for n, b in ds.named_buffers()}
     for _ in range(2):
-        x = _randn(gen, 4, c, 5, 5, device=device) * 2 + 1
+        x = randn_on(gen, 4, c, 5, 5, device=device) * 2 + 1
         with torch.set_grad_enabled(grad):
             assert_close(ds.train()(x), plain.train()(x))
     assert_close(ds.running_mean[k, :c], plain.running_mean)
@@ -116,8 +114,8 @@ def test_bn_train_updates_only_its_width_row(device, gen, randomize_bn, momentum
 def test_bn_eval_uses_its_width_stats(device, gen, randomize_bn, c):
     ds = randomize_bn(DSBatchNorm2d(IN).to(device), gen).eval()
     assert not torch.equal(ds.running_mean[0, :IN[0]], ds.running_mean[1, :IN[0]])
-    x = _randn(gen, 2, c, 5, 5, device=device)
-    expected = _plain_bn(ds, c, 0.1).eval()(x)
+    x = randn_on(gen, 2, c, 5, 5, device=device)
+    expected = plain_bn(ds, c, 0.1).eval()(x)
     assert_close(ds(x), expected)
     with torch.inference_mode():
         assert_close(ds(x), expected)
@@ -125,13 +123,13 @@ def test_bn_eval_uses_its_width_stats(device, gen, randomize_bn, c):
     assert type(dense) is nn.BatchNorm2d
     assert_close(dense(x), expected)
     with pytest.raises(ValueError, match=r"got 10 channels.*\[8, 16\]"):
-        ds(_randn(gen, 2, 10, 5, 5, device=device))
+        ds(randn_on(gen, 2, 10, 5, 5, device=device))
 
 
 @pytest.mark.parametrize("in_f", [5, 16])
 def test_linear_slice_equals_plain_linear(device, gen, in_f):
     ds = DSLinear(16, 7).to(device)
-    x = _randn(gen, 3, in_f, device=device)
+    x = randn_on(gen, 3, in_f, device=device)
     plain = nn.Linear(in_f, 7).to(device)
     with torch.no_grad():
         plain.weight.copy_(ds.weight[:, :in_f])
@@ -150,7 +148,7 @@ def test_squeeze_excite_and_gate_equal_their_dense_twins(device, gen, c):
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen))
-    x = _randn(gen, 2, c, 6, 6, device=device)
+    x = randn_on(gen, 2, c, 6, 6, device=device)
     for m in (se, gate):
         r, e = m.reduce, m.expand  # reference written with F.conv2d on the leading slices
         h = F.relu(F.conv2d(x.mean((2, 3), keepdim=True), r.weight[:, :c], r.bias))
@@ -164,104 +162,14 @@ def test_squeeze_excite_and_gate_equal_their_dense_twins(device, gen, c):
     assert logits.shape == (2, 3)
 
 
-# ---- the cached eval slice of DSConv2d -----------------------------------------------------
-
-def test_conv_cached_slice_follows_in_place_weight_updates(device, gen):
-    ds = _ds_conv(gen, device, 3, 1, True).eval()
-    x = _randn(gen, 2, IN[0], 7, 7, device=device)
-    with torch.no_grad():
-        ds(x, 0)  # fill the cache: a contiguous copy of the strided 3x3 slice
-        ds.weight.mul_(-0.5)  # bumps the weight's version counter
-        assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
-        wide = _randn(gen, 2, IN[1], 7, 7, device=device)
-        ds(wide, 0)  # the full input width slices the leading filters: a view, no copy
-        ds.weight.data.mul_(2)  # `.data` has its own version counter: only views see it
-        assert_close(ds(wide, 0), _plain_conv(ds, IN[1], OUT[0])(wide))
-        clear_slice_caches(ds)  # what the docs prescribe after `.data` edits
-        assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
-    with torch.inference_mode():
-        ds(x, 0)
-    ds.load_state_dict({n: torch.randn(t.shape, generator=gen) for n, t in ds.state_dict().items()})
-    with torch.inference_mode():
-        assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
-
-
-def test_conv_copies_a_strided_kxk_slice_once_not_per_call(device, gen):
-    ds = _ds_conv(gen, device, 3, 1, False).eval()
-    x = _randn(gen, 1, IN[0], 5, 5, device=device)
-    with torch.inference_mode():
-        ds(x, 0)
-        (first,) = [views[0] for _, views in ds._views.entries.values()]
-        ds(x, 0)
-        (again,) = [views[0] for _, views in ds._views.entries.values()]
-    assert again is first and first.is_contiguous() and first.shape == (OUT[0], IN[0], 3, 3)
-
-
-def test_conv_cached_slice_follows_new_storage_and_copies(device, gen):
-    ds = _ds_conv(gen, device, 1, 1, True).eval()
-    x = _randn(gen, 1, IN[0], 4, 4, device=device)
-    with torch.no_grad():
-        ds(x, 0)
-        ds.weight.data = torch.randn(ds.weight.shape, generator=gen).to(device)
-        ds.bias.data = torch.randn(ds.bias.shape, generator=gen).to(device)
-        assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
-        twin = copy.deepcopy(ds)
-        expected = twin(x, 0)
-        ds.weight.mul_(3)
-        assert_close(twin(x, 0), expected)
-        assert_close(twin(x, 0), _plain_conv(twin, IN[0], OUT[0])(x))
-        assert_close(ds(x, 0), _plain_conv(ds, IN[0], OUT[0])(x))
-
-
-def test_bn_and_linear_cached_slices_follow_in_place_updates(device, gen, randomize_bn):
-    bn = randomize_bn(DSBatchNorm2d(IN).to(device), gen)
-    lin = DSLinear(16, 5).to(device)
-    x, f = _randn(gen, 2, IN[0], 3, 3, device=device), _randn(gen, 2, IN[0], device=device)
-    with torch.inference_mode():
-        bn(x), lin(f)
-    bn.running_mean.data.add_(0.5)
-    bn.weight.data.mul_(-1)
-    lin.weight.data.mul_(2)
-    with torch.no_grad():
-        assert_close(bn(x), _plain_bn(bn, IN[0], 0.1).eval()(x))
-        assert_close(lin(f), F.linear(f, lin.weight[:, :IN[0]], lin.bias))
-        bn.load_state_dict({n: t + 1 for n, t in bn.state_dict().items()})
-        assert_close(bn(x), _plain_bn(bn, IN[0], 0.1).eval()(x))
-
-
-def test_conv_cached_slice_follows_optimizer_steps(device, gen):
-    ds = _ds_conv(gen, device, 1, 1, False)
-    opt = torch.optim.SGD(ds.parameters(), lr=0.5, momentum=0.9)
-    x = _randn(gen, 2, IN[1], 4, 4, device=device)
-    for _ in range(2):
-        with torch.no_grad():
-            ds(x, 0)
-        ds(x, 0).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            assert_close(ds(x, 0), _plain_conv(ds, IN[1], OUT[0])(x))
-
-
-def test_conv_cached_slice_follows_dtype_moves(device, gen):
-    ds = _ds_conv(gen, device, 3, 1, False).eval()
-    x = _randn(gen, 1, IN[0], 5, 5, device=device)
-    with torch.no_grad():
-        ds(x, 0)
-        ds.double()
-        y = ds(x.double(), 0)
-    assert y.dtype == torch.float64
-    assert_close(y, _plain_conv(ds, IN[0], OUT[0]).double()(x.double()))
-
-
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_conv_gradient_reaches_only_the_slice(device, gen, depthwise):
-    ds = _ds_conv(gen, device, 3, 1, True, depthwise)
+    ds = ds_conv(gen, device, 3, 1, True, depthwise)
     in_c, k = IN[0], 0
     out_c = in_c if depthwise else OUT[k]
-    plain = _plain_conv(ds, in_c, out_c)
-    x = _randn(gen, 2, in_c, 6, 6, device=device)
-    w = _randn(gen, 2, out_c, 6, 6, device=device)
+    plain = plain_conv(ds, in_c, out_c)
+    x = randn_on(gen, 2, in_c, 6, 6, device=device)
+    w = randn_on(gen, 2, out_c, 6, 6, device=device)
     (ds.eval()(x, k) * w).sum().backward()
     (plain(x) * w).sum().backward()
     region = (slice(None, out_c),) if depthwise else (slice(None, out_c), slice(None, in_c))
@@ -275,9 +183,9 @@ def test_conv_gradient_reaches_only_the_slice(device, gen, depthwise):
 
 def test_frozen_conv_passes_gradient_to_its_input(device, gen):
     """Stage two freezes the supernet (cached slices) and trains the gate upstream of it."""
-    ds = _ds_conv(gen, device, 3, 1, False).eval().requires_grad_(False)
-    plain = _plain_conv(ds, IN[0], OUT[0])
-    x = _randn(gen, 2, IN[0], 5, 5, device=device)
+    ds = ds_conv(gen, device, 3, 1, False).eval().requires_grad_(False)
+    plain = plain_conv(ds, IN[0], OUT[0])
+    x = randn_on(gen, 2, IN[0], 5, 5, device=device)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     ds(x1, 0).sum().backward()
     plain(x2).sum().backward()
@@ -289,10 +197,10 @@ def test_bn_largest_route_has_its_own_row(device, gen, randomize_bn):
     inputs: it updates and reads the extra last row, never the widest choice's row."""
     ds = randomize_bn(DSBatchNorm2d(IN).to(device), gen).train()
     before = ds.running_mean.clone()
-    ds(_randn(gen, 4, IN[-1], 3, 3, device=device) + 5, largest=True)
+    ds(randn_on(gen, 4, IN[-1], 3, 3, device=device) + 5, largest=True)
     changed = (ds.running_mean != before).any(1).tolist()
     assert changed == [False] * len(IN) + [True]
     ds.eval()
-    x = _randn(gen, 2, IN[-1], 3, 3, device=device)
+    x = randn_on(gen, 2, IN[-1], 3, 3, device=device)
     assert not torch.allclose(ds(x, largest=True), ds(x))
     assert_close(ds.dense(IN[-1], largest=True).eval()(x), ds(x, largest=True))

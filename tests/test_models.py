@@ -2,7 +2,6 @@
 published numbers, routes resolve and validate, the dynamic path equals per-sample static runs."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import timm
@@ -28,7 +27,7 @@ DS_MBNET_PARAMS_M = 7.68
 RESNET50_PARAMS = 25_557_032
 
 
-def _model(name: str, gen, randomize_bn, device, **kwargs) -> dsnet.DSNet:
+def supernet(name: str, gen, randomize_bn, device, **kwargs) -> dsnet.DSNet:
     """A supernet in eval mode whose BN statistics differ per width (calibrated on noise)."""
     calib = torch.randn(4, 3, TEST_SIZE[name], TEST_SIZE[name], generator=gen)
     return randomize_bn(timm.create_model(name, **kwargs).to(device), gen, calib)
@@ -43,11 +42,11 @@ def _assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
 
 
-def _input(gen, device, batch: int, size: int) -> torch.Tensor:
+def images(gen, device, batch: int, size: int) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=gen).to(device)
 
 
-def _routes(model) -> list:
+def all_routes(model) -> list:
     return [*range(model.num_subnets), "largest"]
 
 
@@ -57,12 +56,12 @@ def _num_params(module: nn.Module) -> int:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_extracted_subnets_equal_supernet_and_cost_what_is_counted(name, device, gen, randomize_bn):
-    model = _model(name, gen, randomize_bn, device)
+    model = supernet(name, gen, randomize_bn, device)
     size, batch = TEST_SIZE[name], TEST_BATCH[name]
-    x = _input(gen, device, batch, size)
+    x = images(gen, device, batch, size)
     storages = {p.untyped_storage().data_ptr() for p in model.state_dict().values()}
     outputs = []
-    for subnet in _routes(model):
+    for subnet in all_routes(model):
         dense = dsnet.extract_subnet(model, subnet).eval()
         leaves = [m for m in dense.modules() if next(m.children(), None) is None]
         assert leaves and all(type(m).__module__.startswith("torch.nn.") for m in leaves), \
@@ -115,8 +114,8 @@ def test_ds_resnet50_largest_route_is_torchvision_resnet50():
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_madds_and_params_increase_over_subnets(name):
     model = timm.create_model(name)
-    madds = [dsnet.count_madds(model, s) for s in _routes(model)]
-    params = [dsnet.count_params(model, s) for s in _routes(model)]
+    madds = [dsnet.count_madds(model, s) for s in all_routes(model)]
+    params = [dsnet.count_params(model, s) for s in all_routes(model)]
     assert all(a < b for a, b in zip(madds, madds[1:])), madds
     assert all(a < b for a, b in zip(params, params[1:])), params
 
@@ -140,7 +139,7 @@ def test_num_subnets(name, n):
 
 def test_bad_subnet_is_a_clear_error(device, gen):
     model = timm.create_model("ds_resnet20").to(device).eval()
-    x = _input(gen, device, 1, 32)
+    x = images(gen, device, 1, 32)
     for bad in (4, -5):
         with pytest.raises(ValueError, match=rf"subnet index {bad} is out of range.*4 static subnets \(0\.\.3\)"):
             model(x, subnet=bad)
@@ -151,8 +150,8 @@ def test_bad_subnet_is_a_clear_error(device, gen):
 
 @torch.no_grad()
 def test_route_tuples_select_the_same_subnets(device, gen, randomize_bn):
-    model = _model("ds_resnet20", gen, randomize_bn, device)
-    x = _input(gen, device, 2, 32)
+    model = supernet("ds_resnet20", gen, randomize_bn, device)
+    x = images(gen, device, 2, 32)
     assert_close(model(x, subnet=(0, 2)), model(x, subnet=2))
     assert_close(model(x, subnet=(1, 3)), model(x, subnet="largest"))
     assert_close(model(x, subnet=[1, 3]), model(x))
@@ -192,7 +191,7 @@ def test_model_routing_space_is_validated():
     assert model.routing_space == (1, 3) and model.gate.width_head.out_features == 2
 
 
-def _force_routes(model: dsnet.DSNet, x: torch.Tensor) -> torch.Tensor:
+def force_routes(model: dsnet.DSNet, x: torch.Tensor) -> torch.Tensor:
     """Set the width head so that samples spread over every route; returns the choice each
     sample must get. Route r wins where r thresholds lie below one hidden feature h_j:
     logit_r = r * h_j - (t_1 + ... + t_r), thresholds t between sorted values of h_j."""
@@ -216,9 +215,9 @@ def _force_routes(model: dsnet.DSNet, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_dynamic_path_equals_per_sample_static_routes(name, device, gen, randomize_bn):
     batch = 8  # two samples per route
-    model = _model(name, gen, randomize_bn, device, num_classes=7)
-    x = _input(gen, device, batch, TEST_SIZE[name])
-    expected_choice = _force_routes(model, x)
+    model = supernet(name, gen, randomize_bn, device, num_classes=7)
+    x = images(gen, device, batch, TEST_SIZE[name])
+    expected_choice = force_routes(model, x)
     assert len(set(expected_choice.tolist())) == len(model.routing_space) > 1
     logits = model(x, subnet="dynamic")
     assert logits.shape == (batch, 7)
@@ -239,7 +238,7 @@ def test_dynamic_path_equals_per_sample_static_routes(name, device, gen, randomi
 def test_timm_create_model(name, device, gen):
     model = timm.create_model(name, num_classes=7).to(device).eval()
     assert model.get_classifier().out_features == 7
-    assert model(_input(gen, device, 1, TEST_SIZE[name])).shape == (1, 7)
+    assert model(images(gen, device, 1, TEST_SIZE[name])).shape == (1, 7)
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model(name, pretrained=True)
 
@@ -260,138 +259,44 @@ def test_registering_a_taken_name_raises():
 def test_cifar_gate_can_sit_after_the_second_stage(device, gen, randomize_bn):
     """gate_stage=2: stage 2 joins the base group, the gate reads its output, every route still
     equals its extracted dense model and the dynamic path equals per-sample static routes."""
-    model = _model("ds_resnet20", gen, randomize_bn, device, gate_stage=2)
+    model = supernet("ds_resnet20", gen, randomize_bn, device, gate_stage=2)
     units = list(model.units)
     assert isinstance(units[model.gate_index], GateUnit) and model.gate_index == 7  # stem + 2 x 3 blocks
     assert all(u.group == 0 for u in units[1:7]) and all(u.group == 1 for u in units[8:])
-    x = _input(gen, device, 3, 32)
+    x = images(gen, device, 3, 32)
     with torch.no_grad():
-        for subnet in _routes(model):
+        for subnet in all_routes(model):
             _assert_same(model(x, subnet=subnet), dsnet.extract_subnet(model, subnet).eval()(x), str(subnet))
     with pytest.raises(ValueError, match=r"gate_stage must be in 1\.\.2"):
         timm.create_model("ds_resnet20", gate_stage=3)
 
 
-# ---- inference plans ---------------------------------------------------------------------
-
-def _module_path(model, x, subnet):
-    model.inference_plans = False
-    try:
-        return model(x, subnet=subnet)
-    finally:
-        model.inference_plans = True
-
-
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_inference_plans_equal_the_module_path_bit_for_bit(name, device, gen, randomize_bn):
-    """A plan runs the same kernels on the same cached slices as the module path, minus the
-    module calls: every route, the dynamic model, and batch 1 give identical logits."""
-    model = _model(name, gen, randomize_bn, device)
-    x = _input(gen, device, 2, TEST_SIZE[name])
-    with torch.no_grad():
-        _force_routes(model, x)
-    with torch.inference_mode():
-        _check_plans(model, x)
-    with torch.inference_mode():  # a model made in inference mode runs too
-        made_here = _model("ds_resnet20", gen, randomize_bn, device)
-        assert torch.equal(made_here(x[:, :, :32, :32], subnet=0), _module_path(made_here, x[:, :, :32, :32], 0))
-
-
-def _check_plans(model, x):
-    for subnet in _routes(model):
-        for batch in (x, x[:1]):
-            planned = model(batch, subnet=subnet)
-            assert torch.equal(planned, _module_path(model, batch, subnet)), subnet
-    assert len(model._plans) == len(_routes(model))
-    assert torch.equal(model(x, subnet="dynamic"), _module_path(model, x, "dynamic"))
-
-
-@torch.no_grad()
-def test_inference_plans_follow_weight_changes(device, gen, randomize_bn):
-    """Plans hold views (in-place updates show through) and copies of strided kxk slices
-    (renewed when the weight's version changes); load_state_dict and dtype moves rebuild them."""
-    model = _model("ds_resnet20", gen, randomize_bn, device)
-    x = _input(gen, device, 2, 32)
-    before = model(x, subnet=0)
-    conv = model.units[2].body[0].conv  # a 3x3 conv whose subnet-0 slice is a cached copy
-    conv.weight.mul_(1.5)
-    model.units[2].body[0].bn.running_var.mul_(2.0)
-    after = model(x, subnet=0)
-    assert not torch.allclose(after, before)
-    assert torch.equal(after, _module_path(model, x, 0))
-
-    with torch.enable_grad():  # an optimizer step between two evaluations
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        model(x, subnet=0).square().mean().backward()
-        opt.step()
-        model.eval()
-    stepped = model(x, subnet=0)
-    assert not torch.allclose(stepped, after)
-    assert torch.equal(stepped, _module_path(model, x, 0))
-
-    for seed, assign in ((1, True), (2, False)):  # new tensors, then copies into them
-        other = _model("ds_resnet20", torch.Generator().manual_seed(seed), randomize_bn, device)
-        model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=assign)
-        assert torch.equal(model(x, subnet=0), other(x, subnet=0))
-    twin = copy.deepcopy(model)  # an EMA teacher is made this way, after plans exist
-    assert model._plans and not twin._plans  # a copy's plans would close over our tensors
-    twin.units[2].body[0].conv.weight.mul_(2.0)
-    assert not torch.allclose(twin(x, subnet=0), model(x, subnet=0))
-    assert torch.equal(twin(x, subnet=0), _module_path(twin, x, 0))
-    model.double()
-    assert model(x.double(), subnet=0).dtype == torch.float64
-    assert_close(model(x.double(), subnet=0).float(), other(x, subnet=0))
-
-
-@torch.no_grad()
-def test_gate_plan_follows_the_width_head(device, gen, randomize_bn):
-    """The gate's plan (units before it, attention and width head) reads the head in place, as
-    stage two trains it, and is rebuilt when set_routing_space replaces the head."""
-    model = _model("ds_resnet20", gen, randomize_bn, device)
-    x = _input(gen, device, 4, 32)
-    head = model.gate.width_head
-    head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)).to(device))
-    for _ in range(2):  # an in-place update between calls, as an optimizer step makes
-        planned, logits = model.forward_gate(x)
-        model.inference_plans = False
-        module, module_logits = model.forward_gate(x)
-        model.inference_plans = True
-        assert torch.equal(planned, module) and torch.equal(logits, module_logits)
-        head.bias.add_(torch.arange(head.out_features, device=device, dtype=head.bias.dtype))
-    model.set_routing_space((0, 3))
-    model.gate.width_head.bias.copy_(torch.tensor([0.0, 1.0], device=device))
-    assert model.forward_gate(x)[1].shape == (4, 2)
-    assert torch.equal(model.forward_dynamic(x).choice, torch.ones(4, dtype=torch.long, device=device))
-    assert sum(k[0] == "gate" for k in model._plans) == 1  # the replaced head's plan is gone
-
-
-@torch.no_grad()
-def test_inference_plans_step_aside_for_hooks_training_and_autograd(device, gen, randomize_bn):
-    model = _model("ds_resnet20", gen, randomize_bn, device)
-    x = _input(gen, device, 2, 32)
+@pytest.mark.parametrize("name", ("ds_mobilenet_v1", "ds_resnet20"))
+def test_route_walk_gives_each_units_input_width_and_choice(name, device, gen, randomize_bn):
+    """route_walk's (unit, input width, choice) are what each unit receives when the model runs,
+    from any start; width_at is the features' width."""
+    model = supernet(name, gen, randomize_bn, device)
     seen = []
-    model(x, subnet=1)
-    model(x, subnet="dynamic")  # plans exist before the hooks come
-    for register in (model.units[1].register_forward_hook, torch.nn.modules.module.register_module_forward_hook):
-        hook = register(lambda m, i, o: seen.append(o.shape))
-        before = len(seen)
-        model(x, subnet=1)
-        assert len(seen) > before  # the hook fired: no plan was used
-        before = len(seen)
-        model(x, subnet="dynamic")
-        assert len(seen) > before
-        hook.remove()
-        before, plans = len(seen), len(model._plans)
-        model(x, subnet=1)
-        model(x, subnet="dynamic")
-        assert len(seen) == before and len(model._plans) == plans  # hooks gone: the plans run again
-    with torch.enable_grad():
-        x.requires_grad_(True)
-        y = model(x, subnet=1)
-        assert y.requires_grad  # autograd on: the module path records the graph
-    model.train()
-    counts = [m.num_batches_tracked.clone() for m in model.modules() if isinstance(m, dsnet.layers.DSBatchNorm2d)]
-    model(x.detach(), subnet=1)
-    after = [m.num_batches_tracked for m in model.modules() if isinstance(m, dsnet.layers.DSBatchNorm2d)]
-    assert all(int((b - a).sum()) == 1 for a, b in zip(counts, after))  # training mode: BN updates
+    hooks = [u.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].shape[1], args[1])))
+             for u in model.units]
+    try:
+        for subnet in (0, "largest"):
+            route = model.routes.resolve(subnet)
+            seen.clear()
+            with torch.no_grad():
+                features = model.forward_features(images(gen, device, 1, TEST_SIZE[name]), subnet)
+            assert list(model.route_walk(route)) == seen
+            g = model.gate_index
+            assert list(model.route_walk(route, g, g + 3)) == seen[g:g + 3]
+            assert model.width_at(route) == features.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_counting_and_extraction_refuse_the_dynamic_model():
+    """The dynamic model has no one route: counting or extracting it names what to use instead."""
+    model = timm.create_model("ds_resnet20")
+    for fn in (dsnet.count_madds, dsnet.count_params, dsnet.extract_subnet):
+        with pytest.raises(ValueError, match=r"depends on each input's route: use model\.dynamic_costs\(\)"):
+            fn(model, "dynamic")

@@ -5,22 +5,24 @@ index of the width group that sets its output (ignored by width-preserving units
 selects the largest route's own BN statistics. Each unit also
 reports, as pure arithmetic, its output width, multiply-adds and parameter count at a given
 input width and choice, and builds its dense twin (``dense``) from torch.nn layers only.
+(``dsnet.plans`` turns a unit into a plain function for inference plans.)
 
 MAdds follow the DS-Net convention: convolutions and linear layers, plus one add per input
 element for average pooling; batch norm (foldable), activations and max pooling count 0.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from itertools import repeat
+from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsnet.heads import head_cost
 from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices
+from dsnet.routes import walk
 
-__all__ = ["Unit", "ConvBNAct", "SEUnit", "GateUnit", "MaxPoolUnit", "BasicBlock", "Bottleneck",
+__all__ = ["Unit", "ConvBNAct", "SEUnit", "GateUnit", "MaxPoolUnit", "Residual", "BasicBlock", "Bottleneck",
            "DenseBasicBlock", "DenseBottleneck", "conv_madds", "conv_params"]
 
 
@@ -53,12 +55,6 @@ class Unit(nn.Module):
     def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Module:
         raise NotImplementedError
 
-    def inference_fn(self, in_c: int, k: int, largest: bool, watch: list[Tensor]) -> Callable[[Tensor], Tensor]:
-        """This unit at (in_c, k, largest) as a plain function of its input, for inference plans
-        (``DSNet.forward`` without autograd): closures over cached slices, no module calls. Slices
-        held as copies append their source weight to ``watch``. The default calls the unit."""
-        return lambda x: self(x, k, largest)
-
 
 class ConvBNAct(Unit):
     """conv -> switchable BN -> activation (regular, pointwise or depthwise)."""
@@ -79,13 +75,6 @@ class ConvBNAct(Unit):
     def out_width(self, in_c: int, k: int) -> int:
         return in_c if self.conv.depthwise else self.conv.out_choices[k]
 
-    def inference_fn(self, in_c, k, largest, watch):
-        conv, bn = self.conv.inference_fn(in_c, k, watch), self.bn.inference_fn(self.out_width(in_c, k), largest)
-        act = _inplace_act(self.act)
-        if act is None:
-            return lambda x: bn(conv(x))
-        return lambda x: act(bn(conv(x)))
-
     def cost(self, in_c, k, hw):
         out_c, c = self.out_width(in_c, k), self.conv
         hw = (_out_size(hw[0], c.kernel_size[0], c.stride[0]), _out_size(hw[1], c.kernel_size[0], c.stride[0]))
@@ -95,13 +84,6 @@ class ConvBNAct(Unit):
     def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Sequential:
         out_c = self.out_width(in_c, k)
         return nn.Sequential(self.conv.dense(in_c, out_c), self.bn.dense(out_c, largest), _copy_act(self.act))
-
-
-def _inplace_act(act: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """The activation as an in-place function (None for identity; other modules are called)."""
-    if isinstance(act, nn.Identity):
-        return None
-    return {nn.ReLU: torch.relu_, nn.SiLU: lambda x: F.silu(x, inplace=True)}.get(type(act), act)
 
 
 def _copy_act(act: nn.Module) -> nn.Module:
@@ -123,9 +105,6 @@ class SEUnit(Unit):
     def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.se(x)
 
-    def inference_fn(self, in_c, k, largest, watch):
-        return self.se.inference_fn(in_c, watch)
-
     def cost(self, in_c, k, hw):
         return (*_se_cost(self.se, in_c, hw), hw)
 
@@ -143,9 +122,6 @@ class GateUnit(Unit):
 
     def forward(self, x: Tensor, k: int = -1, largest: bool = False) -> Tensor:
         return self.gate(x)
-
-    def inference_fn(self, in_c, k, largest, watch):
-        return self.gate.inference_fn(in_c, watch)
 
     def cost(self, in_c, k, hw):
         return (*_se_cost(self.gate, in_c, hw), hw)
@@ -175,7 +151,7 @@ class MaxPoolUnit(Unit):
         return nn.MaxPool2d(3, 2, 1)
 
 
-class _Residual(Unit):
+class Residual(Unit):
     """Shared logic of residual blocks: a body of ConvBNAct steps plus a shortcut."""
 
     body: nn.ModuleList
@@ -197,41 +173,27 @@ class _Residual(Unit):
     def out_width(self, in_c: int, k: int) -> int:
         return self.body[-1].out_width(in_c, k)
 
-    def inference_fn(self, in_c, k, largest, watch):
-        shortcut = self.shortcut.inference_fn(in_c, k, largest, watch) if self.shortcut is not None else None
-        steps, c = [], in_c
-        for step in self.body:
-            steps.append(step.inference_fn(c, k, largest, watch))
-            c = step.out_width(c, k)
-        *steps, last = steps
-
-        def block(x: Tensor) -> Tensor:
-            s = shortcut(x) if shortcut is not None else x
-            for step in steps:
-                x = step(x)
-            return torch.relu_(last(x) + s)
-        return block
+    def body_walk(self, in_c: int, k: int) -> Iterator[tuple[ConvBNAct, int, int]]:
+        """(step, its input width, k) for the body's steps at block input width ``in_c``."""
+        return walk(self.body, repeat(k), in_c)
 
     def cost(self, in_c, k, hw):
         madds = params = 0
-        c, out_hw = in_c, hw
-        for step in self.body:
+        out_hw = hw
+        for step, c, _ in self.body_walk(in_c, k):
             m, p, out_hw = step.cost(c, k, out_hw)
-            madds, params, c = madds + m, params + p, step.out_width(c, k)
+            madds, params = madds + m, params + p
         if self.shortcut is not None:
             m, p, _ = self.shortcut.cost(in_c, k, hw)
             madds, params = madds + m, params + p
         return madds, params, out_hw
 
     def _dense_parts(self, in_c: int, k: int, largest: bool) -> tuple[list[nn.Module], nn.Module | None]:
-        steps, c = [], in_c
-        for step in self.body:
-            steps.append(step.dense(c, k, largest))
-            c = step.out_width(c, k)
+        steps = [step.dense(c, k, largest) for step, c, _ in self.body_walk(in_c, k)]
         return steps, self.shortcut.dense(in_c, k, largest) if self.shortcut is not None else None
 
 
-class BasicBlock(_Residual):
+class BasicBlock(Residual):
     """ResNet basic block: 3x3 -> 3x3, identity or 1x1 projection shortcut."""
 
     def __init__(self, in_choices: Sequence[int], out_choices: Sequence[int], stride: int, group: int) -> None:
@@ -246,7 +208,7 @@ class BasicBlock(_Residual):
         return DenseBasicBlock(nn.Sequential(*steps), shortcut)
 
 
-class Bottleneck(_Residual):
+class Bottleneck(Residual):
     """ResNet bottleneck (v1.5, stride on the 3x3): 1x1 -> 3x3 -> 1x1 (x4 wider)."""
 
     def __init__(self, in_choices: Sequence[int], mid_choices: Sequence[int], out_choices: Sequence[int],

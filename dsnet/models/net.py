@@ -5,28 +5,25 @@ looked up once per route. ``forward_dynamic`` runs the units before the gate onc
 pick a route per sample, runs each group of samples that share a route on dense slices, and puts
 the outputs back in input order.
 
-Inference plans: in eval mode without autograd (``torch.no_grad`` / ``torch.inference_mode``),
-a route runs as a list of plain functions built once per route from each unit's
-``inference_fn``: F.conv2d / F.batch_norm over cached, detached slices, activations in place, no
-module calls: at batch 1 a module call per layer costs more than the layer's arithmetic on
-CIFAR-sized layers (docs/results.md measures the difference). Set ``model.inference_plans =
-False`` to always take the module path.
+Costs, extraction and inference plans walk a route the same way: ``route_walk`` yields each unit
+with its input width and choice index. In eval mode without autograd a route runs as an
+inference plan (``dsnet.plans``: plain functions over cached slices, no module calls); set
+``model.inference_plans = False`` to always take the module path.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
-from torch.utils.hooks import RemovableHandle
 
 from dsnet.heads import width_head
-from dsnet.layers import DSLinear, _is_compiling, _version
+from dsnet.layers import DSLinear
 from dsnet.models.blocks import GateUnit, Unit
+from dsnet.plans import Plans
 from dsnet.policy import Policy, confidence
-from dsnet.routes import Route, RouteTable
+from dsnet.routes import Route, RouteTable, walk, width_after
 
 __all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "INITS", "apply_init", "init_weights"]
 
@@ -64,11 +61,10 @@ class DSNet(nn.Module):
         self._unit_list = list(self.units)  # plain list: ModuleList indexing costs per call
         self._choice_cache: dict[Route, list[int]] = {}
         self.inference_plans = True
-        self._plans: dict[tuple[Route | str, int, int], _Plan] = {}  # (route, start, stop)
-        self._hook_scan: tuple[int, bool] | None = None  # (hook handles made by then, any hooks)
+        self.plans = Plans()  # dsnet.plans: routes as plain functions, without autograd
         self._cost_cache: dict[tuple, RouteCost] = {}
         self.set_policy(Policy())
-        self.num_features = self._trace_width(self.routes.largest)
+        self.num_features = self.width_at(self.routes.largest)
         self.classifier = DSLinear(self.num_features, num_classes)
         self._init_weights()
 
@@ -133,65 +129,9 @@ class DSNet(nn.Module):
         if subnet == "dynamic":
             return self.forward_dynamic(x).logits
         route = self.routes.resolve(subnet)
-        if self._planning():
-            return self._plan(route, 0, len(self.units))(x)
+        if self.plans.usable(self):
+            return self.plans.route(self, route, 0, len(self.units))(x)
         return self.forward_head(self.forward_units(x, route, 0, len(self.units)), route)
-
-    # ---- inference plans: a route's layers as plain functions over cached slices -------------
-    def _planning(self) -> bool:
-        """Whether this call may run an inference plan: eval mode, no autograd, nobody tracing,
-        and no forward hooks on submodules (plans make no module calls, so hooks would not fire)."""
-        return (self.inference_plans and not self.training and not torch.is_grad_enabled()
-                and not torch.jit.is_tracing() and not _is_compiling() and not self._hooked())
-
-    def _hooked(self) -> bool:
-        """Whether a submodule or a global module hook watches forward calls. The modules are
-        scanned again only when a hook handle was made since the last scan (torch numbers every
-        handle) or while hooks were there, so a hook-free model pays one comparison per call.
-        A module swapped into the model with hooks already on is seen at the next scan (when
-        any hook handle is made); ``dsnet.layers.clear_slice_caches(model)`` forces one."""
-        made = getattr(RemovableHandle, "next_id", None)
-        scan = getattr(self, "_hook_scan", None)
-        if made is None or scan is None or scan[0] != made or scan[1]:
-            hooked = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
-                m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
-            self._hook_scan = scan = (made, hooked)
-        return scan[1]
-
-    def _plan(self, route: Route, start: int, stop: int) -> "_Plan":
-        """units[start:stop] along ``route`` (and the head if ``stop`` is the end) as one plan,
-        rebuilt when a weight it holds as a copy has changed in place."""
-        key = (route, start, stop)
-        plan = self._plans.get(key)
-        if plan is None or not plan.fresh():
-            plan = self._plans[key] = self._build_plan(route, start, stop)
-        return plan
-
-    def _build_plan(self, route: Route, start: int, stop: int) -> "_Plan":
-        ks, largest, end = self._choices(route), route == self.routes.largest, len(self.units)
-        c = self._trace_width_until(route, start)
-        steps: list[Callable[[Tensor], Tensor]] = []
-        watch: list[Tensor] = []
-        for unit, k in zip(self._unit_list[start:stop], ks[start:stop]):
-            steps.append(unit.inference_fn(c, k, largest, watch))
-            c = unit.out_width(c, k)
-        if stop == end:
-            steps.append(lambda x: x.mean((2, 3)))  # dropout is off in eval mode
-            steps.append(self.classifier.inference_fn(c))
-        return _Plan(steps, watch)
-
-    def _apply(self, fn, recurse=True):  # plans hold views of the old tensors
-        self._plans.clear()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):  # a copy (deepcopy, pickle) must not share plans over our tensors
-        state = super().__getstate__()
-        state["_plans"], state["_hook_scan"], state["_bias_cache"] = {}, None, {}
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._plans.clear()  # assign=True swaps tensors under the plans
-        return super().load_state_dict(state_dict, strict, assign)
 
     def forward_units(self, x: Tensor, route: Route, start: int, stop: int) -> Tensor:
         """Run units[start:stop] along ``route``; x: [B, C, H, W] -> features [B, C', H', W']."""
@@ -210,8 +150,8 @@ class DSNet(nn.Module):
 
     def forward_gate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images [B, C, H, W] -> (gate-attended features at the gate, route logits [B, R])."""
-        if self._planning():
-            return self._gate_plan()(x)
+        if self.plans.usable(self):
+            return self.plans.gate(self)(x)
         x = self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index)
         return self.gate.forward_gate(x)
 
@@ -221,25 +161,10 @@ class DSNet(nn.Module):
         attended, hidden = self.gate.attend(self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index))
         return attended, hidden.flatten(1)
 
-    def _gate_plan(self) -> "_Plan":
-        """The units before the gate and both gate heads as one plan, keyed by the width head
-        (``set_routing_space`` replaces it) and rebuilt like route plans."""
-        head = self.gate.width_head
-        key = ("gate", id(head), self.gate_index)
-        plan = self._plans.get(key)
-        if plan is None or not plan.fresh():
-            for old in [k for k in self._plans if k[0] == "gate"]:  # a replaced head's plan
-                del self._plans[old]
-            route = self.routes.dynamic_routes[0]
-            units = self._build_plan(route, 0, self.gate_index)
-            gate = self.gate.gate_fn(self._trace_width_until(route, self.gate_index), units.watch)
-            plan = self._plans[key] = _Plan([*units.steps, gate], units.watch)
-        return plan
-
     def forward_from_gate(self, h: Tensor, route: Route) -> Tensor:
         """Features after the gate [B, C, H, W] -> logits along ``route``."""
-        if self._planning():
-            return self._plan(route, self.gate_index + 1, len(self.units))(h)
+        if self.plans.usable(self):
+            return self.plans.route(self, route, self.gate_index + 1, len(self.units))(h)
         return self.forward_head(self.forward_units(h, route, self.gate_index + 1, len(self.units)), route)
 
     def forward_dynamic(self, x: Tensor, logit_bias: Tensor | None = None) -> DynamicOutput:
@@ -282,16 +207,25 @@ class DSNet(nn.Module):
             logits = logits.index_copy(0, index, self.forward_from_gate(h[index], routes[-1]).to(logits.dtype))
         return DynamicOutput(logits, escalate.long() * (len(routes) - 1), gate_logits)
 
-    # ---- cost and extraction --------------------------------------------------------------
-    def _trace_width(self, route: Route) -> int:
-        return self._trace_width_until(route, len(self.units))
+    # ---- the route walk, cost and extraction -----------------------------------------------
+    def route_walk(self, route: Route, start: int = 0, stop: int | None = None) -> Iterator[tuple[Unit, int, int]]:
+        """(unit, its input width, its choice index) for units[start:stop] along ``route``: the
+        walk that inference plans, costs, extraction and pruning share."""
+        ks = self._choices(route)
+        return walk(self._unit_list[start:stop], ks[start:stop], self.width_at(route, start))
 
-    def _trace_width_until(self, route: Route, stop: int) -> int:
-        """The width entering units[stop] along ``route``."""
-        c = self.in_chans
-        for unit, k in zip(self._unit_list[:stop], self._choices(route)):
-            c = unit.out_width(c, k)
-        return c
+    def width_at(self, route: Route, index: int | None = None) -> int:
+        """The width entering units[index] along ``route`` (default: the features' width)."""
+        return width_after(self._unit_list[:index], self._choices(route), self.in_chans)
+
+    def _units_cost(self, route: Route, size: tuple[int, ...], stop: int | None = None) -> tuple[int, int, tuple[int, int]]:
+        """(MAdds, parameters, output hw) of units[:stop] along ``route`` at input size (C, H, W)."""
+        madds = params = 0
+        hw = (size[1], size[2])
+        for unit, c, k in self.route_walk(route, 0, stop):
+            m, p, hw = unit.cost(c, k, hw)
+            madds, params = madds + m, params + p
+        return madds, params, hw
 
     def route_cost(self, route: Route, input_size: Sequence[int] | None = None) -> RouteCost:
         """Analytic multiply-adds and parameters of one route (gate's width head excluded)."""
@@ -300,11 +234,8 @@ class DSNet(nn.Module):
         if key not in self._cost_cache:
             if len(size) != 3 or size[0] != self.in_chans or min(size) < 1:
                 raise ValueError(f"input_size must be (C, H, W) with C = {self.in_chans}, got {list(size)}")
-            madds = params = 0
-            c, hw = self.in_chans, (size[1], size[2])
-            for unit, k in zip(self.units, self._choices(route)):
-                m, p, hw = unit.cost(c, k, hw)
-                madds, params, c = madds + m, params + p, unit.out_width(c, k)
+            madds, params, hw = self._units_cost(route, size)
+            c = self.width_at(route)
             madds += c * hw[0] * hw[1] + c * self.num_classes
             params += c * self.num_classes + self.num_classes
             self._cost_cache[key] = RouteCost(madds, params)
@@ -319,11 +250,7 @@ class DSNet(nn.Module):
         """MAdds of the units every routing-space route shares: up to and including the gate's
         channel attention (its width head excluded)."""
         size = tuple(input_size or self.default_input_size)
-        route, madds, c, hw = self.routes.dynamic_routes[0], 0, self.in_chans, (size[1], size[2])
-        for unit, k in zip(self._unit_list[:self.gate_index + 1], self._choices(route)):
-            m, _, hw = unit.cost(c, k, hw)
-            madds, c = madds + m, unit.out_width(c, k)
-        return madds
+        return self._units_cost(self.routes.dynamic_routes[0], size, self.gate_index + 1)[0]
 
     def policy_costs(self, input_size: Sequence[int] | None = None) -> list[int]:
         """MAdds a sample pays under the deployment policy, per routing-space index it ends on:
@@ -339,15 +266,27 @@ class DSNet(nn.Module):
         """A plain torch.nn copy of ``route``: sliced weights and that width's BN statistics
         (with ``largest_stats``, the leading entries of the largest route's statistics: what
         channel pruning of a model trained along the largest route keeps)."""
-        c, layers, largest = self.in_chans, [], route == self.routes.largest or largest_stats
-        for unit, k in zip(self.units, self._choices(route)):
-            layers.append(unit.dense(c, k, largest))
-            c = unit.out_width(c, k)
-        net = DenseNet(nn.Sequential(*layers), self.classifier.dense(c), self.drop_rate)
+        largest = route == self.routes.largest or largest_stats
+        layers = [unit.dense(c, k, largest) for unit, c, k in self.route_walk(route)]
+        net = DenseNet(nn.Sequential(*layers), self.classifier.dense(self.width_at(route)), self.drop_rate)
         return net.train(self.training)
 
     def _init_weights(self) -> None:
         init_weights(self, self.classifier)
+
+    # ---- plans and copies follow the weights (dsnet.plans) ---------------------------------
+    def _apply(self, fn, recurse=True):  # plans hold views of the old tensors
+        self.plans.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) makes its own policy bias tensors
+        state = super().__getstate__()
+        state["_bias_cache"] = {}
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.plans.clear()  # assign=True swaps tensors under the plans
+        return super().load_state_dict(state_dict, strict, assign)
 
     # ---- timm conventions -------------------------------------------------------------------
     default_interpolation = "bilinear"  # ds_mobilenet_v1: bicubic, as the DS-Net release trained it
@@ -384,7 +323,7 @@ class DSNet(nn.Module):
         self.num_classes = num_classes
         if hasattr(self, "model_kwargs"):
             self.model_kwargs = {**self.model_kwargs, "num_classes": num_classes}
-        self._plans.clear()
+        self.plans.clear()
         self._cost_cache.clear()
 
     def forward_features(self, x: Tensor, subnet: int | str | Sequence[int] | None = None) -> Tensor:
@@ -421,22 +360,6 @@ def init_weights(model: nn.Module, classifier: nn.Linear) -> None:
                 nn.init.zeros_(m.bias)
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
-
-
-class _Plan:
-    """A route's steps as plain functions, and the versions of the weights it holds as copies."""
-
-    def __init__(self, steps: list[Callable], watch: list[Tensor]) -> None:
-        self.steps, self.watch = steps, watch
-        self.versions = [_version(t) for t in watch]
-
-    def fresh(self) -> bool:
-        return [_version(t) for t in self.watch] == self.versions
-
-    def __call__(self, x: Tensor) -> Tensor:
-        for step in self.steps:
-            x = step(x)
-        return x
 
 
 class DenseNet(nn.Module):

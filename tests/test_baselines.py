@@ -14,7 +14,7 @@ from dsnet.config import load_config
 from dsnet.prune import channel_spaces, implant, l1_prune
 from dsnet.runs import train_gate, train_supernet
 from tests.conftest import randomize_bn_
-from tests.test_train import TINY
+from tests.test_runs import TINY
 
 SIZE = (3, 32, 32)
 

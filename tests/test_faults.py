@@ -1,4 +1,7 @@
-"""Hard faults on real processes: SIGKILL mid-run then resume, and a torchrun rank killed."""
+"""Hard faults on real processes: SIGKILL mid-run then resume, and a torchrun rank killed.
+
+A suite across modules, not one module's tests: a fault is survived by the engine, the
+checkpoint writer and the command line together, so each test runs whole processes."""
 import os
 import random
 import signal
@@ -12,7 +15,7 @@ import torch
 
 from dsnet.checkpoint import read_checkpoint
 from dsnet.config import load_config, save_config
-from tests.test_train import ROOT, TINY, assert_same_weights
+from tests.test_runs import ROOT, TINY, assert_same_weights
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -10,7 +10,7 @@ import types
 from dsnet.cli import main
 from dsnet.logs import RunLog, append_summary
 from tests.test_cli import QUICKSTART, one_error_line
-from tests.test_train import TINY, _interrupt_after_first_epoch
+from tests.test_runs import TINY, _interrupt_after_first_epoch
 
 
 def read_csv(path):

@@ -1,4 +1,6 @@
-"""Short real runs of both stages: teacher modes, checkpoints, exact resume, DDP, stage-two freeze."""
+"""``dsnet.runs`` (and ``dsnet.stage_two``) in short real runs of both stages: teacher modes,
+checkpoints, exact resume, DDP, stage-two freeze, and the BN treatment of best.pth and last.pth
+(stage two never trains a gate on a supernet whose BN statistics were not recalibrated)."""
 import json
 import os
 import subprocess
@@ -9,8 +11,10 @@ import pytest
 import torch
 
 import dsnet
+import dsnet.stage_two
 from dsnet.checkpoint import load_checkpoint, read_checkpoint
 from dsnet.config import load_config, replace
+from dsnet.stage_two import bn_recalibrated
 from dsnet.runs import train_gate, train_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +230,30 @@ def test_recalibration_reads_training_images_with_the_training_transform(tmp_pat
     data = build_data(tiny(tmp_path), setup_runtime("cpu", 0, False))
     assert data.calib.dataset is data.train.dataset  # augmented, as training saw them
     assert data.calib.sampler is not data.train.sampler  # but its own loader: never distributed
+
+
+def test_a_best_checkpoint_of_the_final_epoch_is_the_recalibrated_last_one(tmp_path):
+    run = train_supernet(tiny(tmp_path, "train.epochs=1"))  # one epoch: it is also the best
+    last, best = (read_checkpoint(run / "checkpoints" / f"{n}.pth") for n in ("last", "best"))
+    assert last["bn_recalibrated"] and best["bn_recalibrated"]
+    assert_same_weights(best["model"], last["model"])
+    assert_same_weights(best["ema"], last["ema"])
+
+
+def test_stage_two_recalibrates_a_supernet_saved_before_recalibration(tmp_path, monkeypatch):
+    plain = train_supernet(tiny(tmp_path / "s", "train.epochs=1", "train.recalibrate_bn=false"))
+    recalibrated = train_supernet(tiny(tmp_path / "r", "train.epochs=1"))
+    state = read_checkpoint(plain / "checkpoints" / "last.pth")
+    assert state["bn_recalibrated"] is False and not bn_recalibrated(state)
+    calls = []
+    original = dsnet.stage_two.recalibrate_bn
+    monkeypatch.setattr(dsnet.stage_two, "recalibrate_bn",
+                        lambda model, *a, **k: (calls.append(model), original(model, *a, **k)))
+    gate = train_gate(tiny(tmp_path / "g"), plain / "checkpoints" / "last.pth")
+    ckpt = read_checkpoint(gate / "checkpoints" / "last.pth")
+    assert len(calls) == 1 and ckpt["bn_recalibrated"]
+    before = {k: v for k, v in state["model"].items() if "running_mean" in k}
+    assert any(not torch.equal(before[k], ckpt["model"][k]) for k in before)
+    assert not (gate / "checkpoints" / "best.pth").exists()  # stage two writes last.pth only
+    train_gate(tiny(tmp_path / "h"), recalibrated / "checkpoints" / "last.pth")
+    assert len(calls) == 1  # a recalibrated supernet is taken as it is

@@ -5,10 +5,9 @@ optimizer and schedule (``optimizer_kwargs`` / ``scheduler_kwargs`` feed timm's 
 ``train.py`` does), stage one's step. The skeleton is ``open_stage`` (runtime, data, mixed
 precision) then ``run_stage`` (run directory, loop, resume, training, ``eval.json``); between the
 two a stage builds what differs (model, optimizer, schedule, step, evaluation, hooks) and hands it
-to ``run_stage``. ``train_supernet(cfg)`` (stage
-one), ``train_gate(cfg, supernet)`` (stage two, with ``dsnet.stage_two``) and
-``dsnet.baselines.train_static`` are what the ``dsnet train-*`` commands call; tests call them
-directly.
+to ``run_stage``. ``train_supernet(cfg)`` (stage one), ``train_gate(cfg, supernet)`` (stage two,
+with ``dsnet.stage_two``) and ``dsnet.baselines.train_static`` are what the ``dsnet train-*``
+commands call; tests call them directly.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def test_stage_one_trains_the_supernet_but_not_the_width_head(tmp_path):
     assert_same_weights(fresh.state_dict(), state)
 
 
-def _interrupt_after_first_epoch(monkeypatch):
+def interrupt_after_first_epoch(monkeypatch):
     """Make the step raise KeyboardInterrupt once epoch 2 starts (after epoch 1's checkpoint)."""
     from dsnet import engine
 
@@ -86,7 +86,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     cfg = tiny(tmp_path / "straight")
     straight = train_supernet(cfg)
     with monkeypatch.context() as m:
-        _interrupt_after_first_epoch(m)
+        interrupt_after_first_epoch(m)
         with pytest.raises(KeyboardInterrupt):
             train_supernet(replace(cfg, **{"output.dir": str(tmp_path / "broken")}))
     assert read_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pth")["epoch"] == 1

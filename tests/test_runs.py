@@ -92,6 +92,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     assert read_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pth")["epoch"] == 1
     resumed = train_supernet(replace(cfg, **{"output.dir": str(tmp_path / "broken"),
                                              "train.resume": str(tmp_path / "broken/checkpoints/last.pth")}))
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if "train_time_s" in r and "recalibrated" not in r]
+    assert epochs == [1, 2]  # resumed at epoch 2, not trained again from the start (same weights either way)
     for key in ("model", "ema", "optimizer"):
         a, b = weights(straight / "checkpoints/last.pth", key), weights(resumed / "checkpoints/last.pth", key)
         if key == "optimizer":

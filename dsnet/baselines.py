@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,16 +51,17 @@ from torch import Tensor, nn
 
 from dsnet import data as dsdata
 from dsnet.checkpoint import CheckpointError, read_checkpoint
-from dsnet.config import Config, replace, save_config
-from dsnet.engine import Loop, autocast_factory, prepare_run_dir, setup_runtime
+from dsnet.config import Config, replace
+from dsnet.engine import Evaluation, Loop, autocast_factory
 from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_plain, format_report
 from dsnet.models.net import DenseNet, DSNet, init_weights
 from dsnet.prune import implant, l1_prune
 from dsnet.reconstruct import METHODS as RECONSTRUCTIONS, reconstruct_prune
 from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
-from dsnet.runs import (_criterion, build_data, build_model, build_optimizer, build_scheduler, build_val_loader,
-                        data_signature, scaled_lr, updates_per_epoch, wrap_ddp, write_eval)
+from dsnet.runs import (Setup, build_criterion, build_model, build_optimizer, build_scheduler, build_val_loader,
+                        data_signature, input_shape, open_stage, optimizer_kwargs, run_stage, scheduler_kwargs,
+                        updates_per_epoch, wrap_ddp, write_eval)
 
 __all__ = ["BUDGETS", "PRUNERS", "METHODS", "FINETUNE_FRACTION", "finetune_epochs_default", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
            "plain_subnet", "load_static", "baseline_report", "StaticStep", "train_static", "evaluate_baseline"]
@@ -264,76 +266,95 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     base = Path(cfg.output.dir)
     check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
     needs_large = prune or sparsity is not None  # the trained largest route: to prune, or for its weight masks
-    start, start_path = _prune_source(cfg, base, prune_from, cfg.model.name) if needs_large else (None, None)
+    start = _prune_source(cfg, base, prune_from, cfg.model.name) if needs_large else None
     cfg = replace(cfg, **{"output.dir": str(base / name)})
-    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    data = build_data(cfg, runtime)
-    supernet = build_model(cfg, len(data.classes))
-    size = (supernet.in_chans, cfg.data.input_size, cfg.data.input_size)
+    setup = open_stage(cfg)
+    supernet = build_model(cfg, len(setup.data.classes))
+    plan = _plan(cfg, setup, supernet, method, subnet, start, prune is not None, sparsity, finetune_epochs,
+                 finetune_lr, cap_epochs)
+    model = plan.model.to(setup.runtime.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = wrap_ddp(model, setup.runtime)
+    optimizer = build_optimizer(model, **{**optimizer_kwargs(cfg, setup.runtime), "lr": plan.lr})
+    if plan.masks is not None:
+        keep_masks(model, plan.masks, optimizer)
+    scheduler = build_scheduler(optimizer, **{**scheduler_kwargs(cfg), **plan.schedule})
+    mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(setup.data.classes))
+    cost = supernet.route_cost(supernet.routes.resolve(subnet), input_shape(cfg, supernet))
+
+    def evaluate(epoch: int | None = None) -> Evaluation:
+        acc = evaluate_plain(model, setup.data.val, setup.runtime.device, setup.autocast,
+                             channels_last=cfg.train.channels_last)
+        return Evaluation(baseline_report(subnet, cost, acc), {"top1": acc["top1"]}, acc["top1"])
+
+    def begin(loop: Loop, resumed: dict | None) -> None:
+        before = (resumed or {}).get("baseline", {}).get("top1_before_finetune")
+        if resumed is None and prune:
+            before = evaluate().best_metric
+            loop.log({"stage": "static", "epoch": 0, "pruned": True, "top1": before})
+        if before is not None:
+            plan.info["top1_before_finetune"] = before
+        if setup.runtime.is_main:
+            logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", name,
+                        supernet.model_name, plan.steps, plan.steps / plan.per_epoch, plan.ratio, plan.lr)
+
+    return run_stage(
+        cfg, setup, stage="static", model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+        step=StaticStep(train_model, build_criterion(cfg, mixup), setup.autocast), evaluate=evaluate,
+        epochs=math.ceil(plan.steps / plan.per_epoch), mixup=mixup, clip_grad=cfg.train.clip_grad,
+        total_steps=plan.steps, start=begin, report={"baseline": plan.info},
+        extra_state={"classes": setup.data.classes, "subnet": subnet, "total_steps": plan.steps,
+                     "baseline": plan.info})
+
+
+@dataclass
+class _Plan:
+    """How a baseline trains: its model, steps and schedule (``build_scheduler`` keywords)."""
+
+    model: nn.Module
+    masks: dict | None
+    steps: int
+    per_epoch: int
+    ratio: float        # its MAdds ratio (``budget_steps``)
+    lr: float
+    schedule: dict
+    info: dict          # the ``baseline`` record of its checkpoints and eval.json
+
+
+def _plan(cfg: Config, setup: Setup, supernet: DSNet, method: str, subnet: Subnet, start: tuple[dict, Path] | None,
+          prune: bool, sparsity: float | None, finetune_epochs: int, finetune_lr: float | None,
+          cap_epochs: int | None) -> _Plan:
+    """A model pruned from ``start`` (the trained largest route's (state, path)) fine-tuned at a
+    constant lr for ``finetune_epochs``, or the plain subnet trained from scratch on its budget's
+    steps (with ``sparsity``: the zeros of ``start``'s weight masks, fresh weights)."""
+    data, size = setup.data, input_shape(cfg, supernet)
     per_epoch = updates_per_epoch(data.train, cfg)
-    lr = scaled_lr(cfg, runtime, cfg.train.lr, cfg.train.lr_base_batch)
+    lr = optimizer_kwargs(cfg, setup.runtime)["lr"]
     info: dict[str, Any] = {"method": method, "subnet": subnet}
-    if start is not None and list(start.get("classes") or data.classes) != data.classes:
+    if start is not None and list(start[0].get("classes") or data.classes) != data.classes:
         raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
     if prune:
-        model, record, masks = _pruned(method, supernet, load_static(start)[0], subnet, data.calib, cfg,
-                                       sparsity, runtime.device, size)
+        state, path = start
+        model, record, masks = _pruned(method, supernet, load_static(state)[0], subnet, data.calib, cfg,
+                                       sparsity, setup.runtime.device, size)
         info.update(record)
-        steps, ratio, sched = finetune_epochs * per_epoch, 1.0, "none"
+        steps, ratio, sched, warmup = finetune_epochs * per_epoch, 1.0, "none", 0
         lr = finetune_lr if finetune_lr is not None else lr / 100
-        info["prune_from"] = str(start_path)
+        info["prune_from"] = str(path)
     else:
         model, masks, madds = plain_subnet(supernet, subnet), None, None
         if sparsity is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
-            model, record, masks = _sparse(model, load_static(start)[0], sparsity, supernet, size)
-            info.update(record, masks_from=str(start_path))
+            model, record, masks = _sparse(model, load_static(start[0])[0], sparsity, supernet, size)
+            info.update(record, masks_from=str(start[1]))
             madds = record["madds_sparse"]
-        steps, ratio = budget_steps(supernet, cfg, subnet, budget, per_epoch, size, cap_epochs, madds)
-        sched = cfg.train.sched
+        steps, ratio = budget_steps(supernet, cfg, subnet, method, per_epoch, size, cap_epochs, madds)
+        sched, warmup = cfg.train.sched, round(cfg.train.warmup_epochs * per_epoch)
         if cap_epochs is not None:
             info["budget_cap_epochs"] = cap_epochs
-    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
-    cost = supernet.route_cost(supernet.routes.resolve(subnet), size)
     info.update(steps=steps, epochs=round(steps / per_epoch, 3), budget_ratio=round(ratio, 4), lr=lr)
-    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
-    model = model.to(runtime.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train_model = wrap_ddp(model, runtime)
-    optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
-                                cfg.train.nesterov)
-    if masks is not None:
-        keep_masks(model, masks, optimizer)
-    warmup = 0 if prune else round(cfg.train.warmup_epochs * per_epoch)
-    scheduler = build_scheduler(optimizer, sched, steps, 1, warmup, cfg.train.warmup_lr, cfg.train.min_lr)
-    mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
-    step = StaticStep(train_model, _criterion(cfg, mixup), autocast)
-
-    def evaluate(epoch: int | None = None) -> dict:
-        acc = evaluate_plain(model, data.val, runtime.device, autocast, channels_last=cfg.train.channels_last)
-        return {"eval": baseline_report(subnet, cost, acc), "top1": acc["top1"], "best_metric": acc["top1"]}
-
-    loop = Loop(cfg, runtime, "static", model, train_model, optimizer, scheduler, step, evaluate, data.train,
-                math.ceil(steps / per_epoch), run_dir, scaler=scaler, mixup=mixup, clip_grad=cfg.train.clip_grad,
-                total_steps=steps, extra_state={"classes": data.classes, "subnet": subnet, "total_steps": steps,
-                                                "baseline": info})
-    if cfg.train.resume:
-        before = loop.resume(cfg.train.resume).get("baseline", {}).get("top1_before_finetune")
-        if before is not None:
-            info["top1_before_finetune"] = before
-    elif prune:
-        info["top1_before_finetune"] = evaluate()["top1"]
-        loop.log({"stage": "static", "epoch": 0, "pruned": True, "top1": info["top1_before_finetune"]})
-    if runtime.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", run_dir.name,
-                    supernet.model_name, steps, steps / per_epoch, ratio, lr)
-    loop.run()
-    if runtime.is_main and "eval" in loop.last_metrics:
-        report = {**loop.last_metrics["eval"], "baseline": info, "data": data_signature(cfg, data.classes)}
-        write_eval(run_dir / "eval.json", report)
-        print(format_report(report))
-    return run_dir
+    schedule = {"sched": sched, "epochs": steps, "updates_per_epoch": 1, "warmup_epochs": warmup}  # stepped per update
+    return _Plan(model, masks, steps, per_epoch, ratio, lr, schedule, info)
 
 
 def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root: str | None = None,

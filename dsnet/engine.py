@@ -2,7 +2,11 @@
 validation, checkpoints and exact resume.
 
 A stage supplies a *step* (``step(x, y, generator, backward) -> {"loss", "losses", ...}``) that
-runs its forwards and calls ``backward`` per loss, and an *evaluate* function. The loop owns
+runs its forwards and calls ``backward`` per loss, and an *evaluate* function returning an
+``Evaluation`` (typed: its ``best_metric`` ranks ``best.pth``, or is None when the stage keeps
+``last.pth`` only). The loop's settings are keyword arguments, fed from the config's ``train`` and
+``output`` sections by ``loop_kwargs(cfg)`` as timm's ``optimizer_kwargs(cfg)`` feeds its
+optimizer factory. The loop owns
 everything else: gradient accumulation, clipping, the optimizer/scheduler/EMA updates, the
 progress bar, the logs (``dsnet.logs``: ``metrics.jsonl``, ``summary.csv``, TensorBoard) and
 atomic checkpoints.
@@ -28,8 +32,8 @@ from dsnet.config import Config, apply_overrides, config_from_dict, config_to_di
 from dsnet.errors import UserError
 from dsnet.logs import RunLog, check_tensorboard
 
-__all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "TrainingError",
-           "route_generator", "checkpoint_run", "load_run"]
+__all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "loop_kwargs", "Evaluation",
+           "TrainingError", "route_generator", "checkpoint_run", "load_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +141,43 @@ def load_run(path: str, overrides: Sequence[str] = (), data_root: str | None = N
 
 
 @dataclass
+class Evaluation:
+    """What a stage's evaluation returns: the eval.json-shaped ``report``, the ``scalars`` logged
+    beside it (metrics.jsonl, summary.csv) and the metric that ranks ``best.pth`` (None: the stage
+    writes ``last.pth`` only, as stage two does: its top-1 rises with its MAdds)."""
+
+    report: dict
+    scalars: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+
+    def record(self) -> dict:
+        """The evaluation as the epoch record holds it: ``eval``, the scalars, ``best_metric``."""
+        best = {} if self.best_metric is None else {"best_metric": self.best_metric}
+        return {"eval": self.report, **self.scalars, **best}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Evaluation | None:
+        """The evaluation a checkpoint's last metrics hold (None if that epoch was not evaluated);
+        its report and best metric, not its scalars."""
+        if "eval" not in record:
+            return None
+        return cls(record["eval"], best_metric=record.get("best_metric"))
+
+
+def loop_kwargs(cfg: Config) -> dict:
+    """``Loop``'s settings from the config's ``train`` and ``output`` sections."""
+    t = cfg.train
+    return {"grad_accum": t.grad_accum, "seed": t.seed, "batch_size": t.batch_size,
+            "max_steps_per_epoch": t.max_steps_per_epoch, "channels_last": t.channels_last,
+            "log_interval": t.log_interval, "eval_interval": t.eval_interval, "progress": t.progress,
+            "checkpoint_interval": cfg.output.checkpoint_interval, "tensorboard": cfg.output.tensorboard}
+
+
+@dataclass(kw_only=True)
 class Loop:
     """Runs ``epochs`` epochs of ``step`` with one optimizer update per ``grad_accum`` batches."""
 
-    cfg: Config
+    cfg: Config                           # the resolved config, saved in every checkpoint
     runtime: Runtime
     stage: str
     model: nn.Module                      # the bare model (saved, evaluated)
@@ -148,7 +185,7 @@ class Loop:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     step: Callable[..., dict]
-    evaluate: Callable[[int], dict]
+    evaluate: Callable[[int], Evaluation]
     train_loader: Any
     epochs: int
     run_dir: Path
@@ -159,13 +196,26 @@ class Loop:
     train_mode: bool = True               # False: the model stays in eval mode (frozen stage two)
     total_steps: int | None = None        # stop after this many optimizer updates (mid-epoch if need be)
     extra_state: dict = field(default_factory=dict)
+    # settings (loop_kwargs)
+    grad_accum: int = 1
+    seed: int = 0
+    batch_size: int = 1                   # per process, for the images/s figure
+    max_steps_per_epoch: int | None = None
+    channels_last: bool = False
+    log_interval: int = 50                # optimizer steps
+    eval_interval: int = 1                # epochs
+    checkpoint_interval: int = 1          # epochs
+    progress: bool = True
+    tensorboard: bool = False
+    # progress
     epoch: int = 0
     global_step: int = 0
     best: float = -math.inf
-    last_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)  # the last epoch's record (logged, checkpointed)
+    last_eval: Evaluation | None = None    # its evaluation, None if that epoch was not evaluated
 
     def __post_init__(self) -> None:
-        self.logs = RunLog(self.run_dir, self.runtime.is_main, self.cfg.output.tensorboard)
+        self.logs = RunLog(self.run_dir, self.runtime.is_main, self.tensorboard)
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -198,6 +248,7 @@ class Loop:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step, self.best = state["epoch"], state["step"], state.get("best", -math.inf)
         self.last_metrics = state.get("metrics") or {}
+        self.last_eval = Evaluation.from_record(self.last_metrics)
         set_rng_state(state["rng"])
         logger.info("resumed %s from %s at epoch %d (step %d)", self.stage, path, self.epoch, self.global_step)
         return state
@@ -211,6 +262,12 @@ class Loop:
         save_checkpoint(state, ckpt / "last.pth")
         if best:
             save_checkpoint(state, ckpt / "best.pth")
+
+    def take_evaluation(self, result: Evaluation, **marks: Any) -> None:
+        """Make ``result`` (an evaluation after training: recalibrated BN, a deployment policy) the
+        run's last, with ``marks`` added to its record; the next ``save`` checkpoints it."""
+        self.last_eval = result
+        self.last_metrics = {**self.last_metrics, **result.record(), **marks}
 
     def log(self, record: dict) -> None:
         """One ``metrics.jsonl`` record (and TensorBoard scalars) from the main process."""
@@ -227,7 +284,7 @@ class Loop:
 
     # ---- loop -------------------------------------------------------------------------------
     def backward(self, loss: Tensor) -> None:
-        scaled = loss / self.cfg.train.grad_accum
+        scaled = loss / self.grad_accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
     def _optimizer_step(self) -> None:
@@ -266,11 +323,11 @@ class Loop:
             sampler.set_epoch(self.epoch)
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:  # the loader's own generator: order and worker seeds per epoch
-            generator.manual_seed(self.cfg.train.seed * 7919 + self.epoch)
-        limit = self.cfg.train.max_steps_per_epoch
-        total = len(self.train_loader) if limit is None else min(limit * self.cfg.train.grad_accum, len(self.train_loader))
+            generator.manual_seed(self.seed * 7919 + self.epoch)
+        limit = self.max_steps_per_epoch
+        total = len(self.train_loader) if limit is None else min(limit * self.grad_accum, len(self.train_loader))
         if self.total_steps is not None:  # the last epoch of a step budget stops early
-            total = min(total, (self.total_steps - self.global_step) * self.cfg.train.grad_accum)
+            total = min(total, (self.total_steps - self.global_step) * self.grad_accum)
         bar = tqdm(total=total, desc=f"{self.stage} epoch {self.epoch + 1}/{self.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         sums: dict[str, Tensor] = {}
@@ -279,18 +336,18 @@ class Loop:
             if i >= total:
                 break
             x, y = x.to(self.runtime.device, non_blocking=True), y.to(self.runtime.device, non_blocking=True)
-            if self.cfg.train.channels_last:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)
-            out = self.step(x, y, route_generator(self.cfg.train.seed, self.global_step), self.backward)
+            out = self.step(x, y, route_generator(self.seed, self.global_step), self.backward)
             self._check_finite(out)
             for name, value in out["losses"].items():
                 sums[name] = sums.get(name, 0) + value
             count += 1
-            if (i + 1) % self.cfg.train.grad_accum == 0:
+            if (i + 1) % self.grad_accum == 0:
                 self._optimizer_step()
-                if self.global_step % self.cfg.train.log_interval == 0:
+                if self.global_step % self.log_interval == 0:
                     lr = self.optimizer.param_groups[0]["lr"]
                     losses = {k: round(float(v), 5) for k, v in out["losses"].items()}  # sync at log interval
                     self.log({"stage": self.stage, "epoch": self.epoch + 1, "step": self.global_step,
@@ -300,29 +357,30 @@ class Loop:
         bar.close()
         elapsed = time.perf_counter() - start
         return {f"train_loss_{k}": float(v) / max(count, 1) for k, v in sums.items()} | {
-            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.cfg.train.batch_size / max(elapsed, 1e-9), 1),
+            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.batch_size / max(elapsed, 1e-9), 1),
             "lr": self.optimizer.param_groups[0]["lr"]}
 
     def run(self) -> dict:
         """Train from ``self.epoch`` to ``self.epochs`` (or ``total_steps``); returns the last
         epoch's metrics."""
-        progress = self.cfg.train.progress
+        progress = self.progress
         while self.epoch < self.epochs:
             train_metrics = self.train_epoch(progress)
             if self.scheduler is not None:
                 self.scheduler.step(self.epoch + 1)
             self.epoch += 1
             metrics: dict = {"stage": self.stage, "epoch": self.epoch, **train_metrics}
-            metric = None
-            if self.epoch % self.cfg.train.eval_interval == 0 or self.epoch == self.epochs:
+            self.last_eval = None
+            if self.epoch % self.eval_interval == 0 or self.epoch == self.epochs:
                 self.sync_buffers()
-                metrics.update(self.evaluate(self.epoch))
-                metric = metrics.get("best_metric")
+                self.last_eval = self.evaluate(self.epoch)
+                metrics.update(self.last_eval.record())
+            metric = self.last_eval.best_metric if self.last_eval is not None else None
             self.last_metrics = metrics
             improved = metric is not None and metric >= self.best
             if improved:
                 self.best = metric
-            if improved or self.epoch % self.cfg.output.checkpoint_interval == 0 or self.epoch == self.epochs:
+            if improved or self.epoch % self.checkpoint_interval == 0 or self.epoch == self.epochs:
                 self.save(improved)
             self.logs.epoch(metrics)
             if self.runtime.is_main:

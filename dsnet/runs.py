@@ -1,6 +1,13 @@
-"""Assembly of a run from a config: data, model, optimizer, schedule, and the stage-one job.
+"""Assembly of a run from a config, and the one skeleton every stage runs in.
 
-``train_supernet(cfg)`` is what ``train_supernet.py`` calls; tests call it directly.
+The builders turn config sections into the parts of a run: data (``build_data``), model,
+optimizer and schedule (``optimizer_kwargs`` / ``scheduler_kwargs`` feed timm's factories, as timm's
+``train.py`` does), stage one's step. The skeleton is ``open_stage`` (runtime, data, mixed
+precision) then ``run_stage`` (run directory, loop, resume, training, ``eval.json``); between the
+two a stage builds what differs (model, optimizer, schedule, step, evaluation, hooks) and hands it
+to ``run_stage``. ``train_supernet(cfg)`` (stage one), ``train_gate(cfg, supernet)`` (stage two,
+with ``dsnet.stage_two``) and ``dsnet.baselines.train_static`` are what the ``dsnet train-*``
+commands call; tests call them directly.
 """
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import timm
 import torch
@@ -20,20 +27,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dsnet  # noqa: F401  (registers the models)
 from dsnet import data as dsdata
-from dsnet.checkpoint import init_from_checkpoint
+from dsnet.checkpoint import init_from_checkpoint, read_checkpoint
 from dsnet.config import BEST_METRICS, EMA_TEACHERS, Config, save_config
-from dsnet.engine import Loop, Runtime, autocast_factory, prepare_run_dir, setup_runtime
+from dsnet.engine import Evaluation, Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, setup_runtime
 from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_gated, evaluate_static, format_report
 from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
+from dsnet.stage_two import (bn_recalibrated, build_sgs_step, check_supernet, deploy, gate_model, gate_output,
+                             recalibrate_supernet)
 
-__all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler", "train_supernet",
-           "BEST_METRICS", "best_metric", "train_gate", "bn_recalibrated", "write_eval", "data_signature", "scaled_lr",
-           "wrap_ddp", "holdout_split", "head_kwargs", "build_ieb_step", "build_sgs_step"]
-
-if TYPE_CHECKING:
-    from dsnet.sgs import SGSStep
+__all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler",
+           "optimizer_kwargs", "scheduler_kwargs", "build_criterion", "build_ieb_step", "BEST_METRICS", "best_metric",
+           "scaled_lr", "wrap_ddp", "updates_per_epoch", "holdout_split", "Setup", "open_stage", "run_stage",
+           "input_shape", "train_supernet", "train_gate", "write_eval", "data_signature"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +144,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int, u
     return scheduler
 
 
+def optimizer_kwargs(cfg: Config, runtime: Runtime, section: str = "train") -> dict:
+    """``build_optimizer``'s keyword arguments from config section ``train`` (stage one, baselines)
+    or ``gate`` (stage two; momentum and Nesterov from ``train``), the learning rate scaled to the
+    global batch (``scaled_lr``): the adapter timm's ``optimizer_kwargs(cfg)`` is for its factory."""
+    s = getattr(cfg, section)
+    return {"opt": s.opt, "lr": scaled_lr(cfg, runtime, s.lr, s.lr_base_batch), "weight_decay": s.weight_decay,
+            "momentum": cfg.train.momentum, "nesterov": cfg.train.nesterov}
+
+
+def scheduler_kwargs(cfg: Config, section: str = "train") -> dict:
+    """``build_scheduler``'s keyword arguments from config section ``train`` or ``gate`` (epochs
+    and warm-up of that section; schedule, warm-up lr and floor from ``train``)."""
+    s = getattr(cfg, section)
+    return {"sched": cfg.train.sched, "epochs": s.epochs, "warmup_epochs": s.warmup_epochs,
+            "warmup_lr": cfg.train.warmup_lr, "min_lr": cfg.train.min_lr}
+
+
 def best_metric(report: dict, name: str) -> float:
     """The checkpoint-selection metric of a static evaluation report."""
     if name == "top1_largest":
@@ -146,7 +170,9 @@ def best_metric(report: dict, name: str) -> float:
     return sum(r["top1"] for r in report["static"]) / len(report["static"])
 
 
-def _criterion(cfg: Config, mixup: Any) -> nn.Module:
+def build_criterion(cfg: Config, mixup: Any) -> nn.Module:
+    """The label loss of stage one's largest route and of the baselines: cross-entropy with
+    ``train.label_smoothing``, or soft-target cross-entropy under ``mixup`` (which smooths)."""
     if mixup is not None:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -157,23 +183,8 @@ def build_ieb_step(cfg: Config, model: nn.Module, train_model: nn.Module, ema: n
     """Stage one's sandwich step as ``cfg`` sets it: ``train_model`` (``model``, DDP-wrapped or
     not) learns, ``ema`` (the EMA module, or None) teaches; the largest route's loss takes
     ``train.label_smoothing`` (soft-target CE under ``mixup``)."""
-    return IEBStep(train_model, model.routes, ema, cfg.ieb.teacher, cfg.ieb.num_random, _criterion(cfg, mixup),
+    return IEBStep(train_model, model.routes, ema, cfg.ieb.teacher, cfg.ieb.num_random, build_criterion(cfg, mixup),
                    autocast)
-
-
-def build_sgs_step(cfg: Config, model: nn.Module, size: tuple[int, int, int], device: torch.device | str,
-                   autocast: Any = contextlib.nullcontext,
-                   sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SGSStep:
-    """Stage two's SGS step for the frozen ``model`` as ``cfg.gate`` sets it, the routes priced at
-    input ``size`` (C, H, W) in ``gate.cost_unit``: GMAdds, or a fraction of the widest route's.
-    ``sampler``: the route sample of the task and complexity terms (``SGSStep``; None: Gumbel)."""
-    from dsnet.sgs import SGSStep
-
-    g = cfg.gate
-    costs = torch.tensor(model.dynamic_costs(size), dtype=torch.float32, device=device)
-    costs = costs / (1e9 if g.cost_unit == "gmadds" else costs[-1])
-    return SGSStep(model, g.rule, g.sgs_weight, g.task_weight, g.complexity_weight, g.complexity_target,
-                   g.gumbel_tau, costs, autocast, g.balance, g.soft_targets, g.label_smoothing, sampler)
 
 
 def scaled_lr(cfg: Config, runtime: Runtime, lr: float, base_batch: int) -> float:
@@ -190,228 +201,163 @@ def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 def updates_per_epoch(loader: Any, cfg: Config) -> int:
+    """Optimizer updates in one epoch of ``loader`` (``train.max_steps_per_epoch``, ``train.grad_accum``)."""
     steps = len(loader)
     if cfg.train.max_steps_per_epoch is not None:
         steps = min(steps, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
     return max(1, steps // cfg.train.grad_accum)
 
 
+# ---- the stage skeleton: stage one, stage two and the baselines run in it ---------------------
+@dataclass
+class Setup:
+    """What every stage starts from (``open_stage``)."""
+
+    runtime: Runtime
+    data: Data
+    autocast: Callable[[], Any]              # mixed-precision context factory (``autocast_factory``)
+    scaler: torch.amp.GradScaler | None
+
+
+def open_stage(cfg: Config, holdout: float = 0.0) -> Setup:
+    """The runtime (device, process group, seed), the data (``holdout``: ``build_data``) and mixed
+    precision of a stage."""
+    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
+    data = build_data(cfg, runtime, holdout)
+    return Setup(runtime, data, *autocast_factory(cfg.train.amp, runtime.device))
+
+
+def run_stage(cfg: Config, setup: Setup, *, start: Callable[[Loop, dict | None], None] | None = None,
+              finish: Callable[[Loop], None] | None = None, report: dict | None = None, **parts: Any) -> Path:
+    """Run a stage after every check has passed: the run directory, the ``Loop`` of ``parts`` (its
+    fields that differ between stages: ``stage``, ``model``, ``train_model``, ``optimizer``,
+    ``scheduler``, ``step``, ``evaluate``, ``epochs``, ``extra_state``, ...) resumed from
+    ``train.resume``, ``start(loop, resumed state or None)``, the resolved config, training,
+    ``finish(loop)``, then ``eval.json`` (the last evaluation with the ``report`` records) and its
+    table; returns the run directory."""
+    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
+    loop = Loop(cfg=cfg, runtime=setup.runtime, train_loader=setup.data.train, run_dir=run_dir, scaler=setup.scaler,
+                **parts, **loop_kwargs(cfg))
+    resumed = loop.resume(cfg.train.resume) if cfg.train.resume else None
+    if start is not None:
+        start(loop, resumed)
+    if setup.runtime.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    loop.run()
+    if finish is not None:
+        finish(loop)
+    if setup.runtime.is_main and loop.last_eval is not None:
+        full = {**loop.last_eval.report, **(report or {}), "data": data_signature(cfg, setup.data.classes)}
+        write_eval(run_dir / "eval.json", full)
+        print(format_report(full))
+    return run_dir
+
+
+def input_shape(cfg: Config, model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the run's images."""
+    return model.in_chans, cfg.data.input_size, cfg.data.input_size
+
+
+# ---- stage one --------------------------------------------------------------------------------
 def train_supernet(cfg: Config) -> Path:
     """Stage one: train the supernet with IEB; returns the run directory."""
     if cfg.train.eval_ema and cfg.ieb.teacher not in EMA_TEACHERS:
         raise UserError(f"train.eval_ema=true needs an EMA, but ieb.teacher={cfg.ieb.teacher} keeps none "
                          "(use ensemble or ema)")
-    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    data = build_data(cfg, runtime)
+    setup = open_stage(cfg)
+    data, runtime = setup.data, setup.runtime
     model = build_model(cfg, len(data.classes)).to(runtime.device)
-    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.init_from and not cfg.train.resume:  # a resumed run has its own weights
         kept = init_from_checkpoint(model, cfg.train.init_from)
         logger.info("weights from %s%s", cfg.train.init_from, f" (kept as built: {', '.join(kept)})" if kept else "")
     model.gate.width_head.requires_grad_(False)  # stage two trains it
-    lr = scaled_lr(cfg, runtime, cfg.train.lr, cfg.train.lr_base_batch)
-    optimizer = build_optimizer(model, cfg.train.opt, lr, cfg.train.weight_decay, cfg.train.momentum,
-                                cfg.train.nesterov)
-    steps = updates_per_epoch(data.train, cfg)
-    scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.train.epochs, steps, cfg.train.warmup_epochs,
-                                cfg.train.warmup_lr, cfg.train.min_lr)
-    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
+    optimizer = build_optimizer(model, **optimizer_kwargs(cfg, runtime))
+    scheduler = build_scheduler(optimizer, updates_per_epoch=updates_per_epoch(data.train, cfg), **scheduler_kwargs(cfg))
     ema = None
     if cfg.ieb.teacher in EMA_TEACHERS:
         ema = timm.utils.ModelEmaV3(model, decay=cfg.ieb.ema_decay, use_warmup=cfg.ieb.ema_warmup)
     train_model = wrap_ddp(model, runtime)
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(data.classes))
-    step = build_ieb_step(cfg, model, train_model, ema.module if ema is not None else None, mixup, autocast)
-    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+    step = build_ieb_step(cfg, model, train_model, ema.module if ema is not None else None, mixup, setup.autocast)
+    size = input_shape(cfg, model)
 
-    def evaluate(epoch: int) -> dict:
+    def evaluate(epoch: int) -> Evaluation:
         report = evaluate_static(ema.module if cfg.train.eval_ema else model, data.val, runtime.device, size,
-                                 autocast, channels_last=cfg.train.channels_last)
-        return {"eval": report, "top1_largest": report["largest"]["top1"],
-                "top1_slimmest": report["static"][0]["top1"], "best_metric": best_metric(report, cfg.train.best_metric)}
+                                 setup.autocast, channels_last=cfg.train.channels_last)
+        return Evaluation(report, {"top1_largest": report["largest"]["top1"],
+                                   "top1_slimmest": report["static"][0]["top1"]},
+                          best_metric(report, cfg.train.best_metric))
 
-    loop = Loop(cfg, runtime, "supernet", model, train_model, optimizer, scheduler,
-                lambda x, y, g, backward: step(x, y, g, backward), evaluate, data.train,
-                cfg.train.epochs + cfg.train.cooldown_epochs, run_dir, ema=ema, scaler=scaler, mixup=mixup,
-                clip_grad=cfg.train.clip_grad,
-                extra_state={"classes": data.classes, "bn_recalibrated": False})
-    if cfg.train.resume:
-        loop.resume(cfg.train.resume)
-    if runtime.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    loop.run()
-    if cfg.train.recalibrate_bn and loop.epoch == loop.epochs:
-        final_is_best = loop.last_metrics.get("best_metric") == loop.best  # best.pth is this epoch
-        for net in [model] + ([ema.module] if ema is not None else []):
-            recalibrate_bn(net, data.calib, runtime.device, cfg.train.recalibrate_batches, autocast,
-                           cfg.train.recalibrate_momentum)
-        loop.sync_buffers()
-        loop.extra_state["bn_recalibrated"] = True
-        loop.last_metrics = {**loop.last_metrics, **evaluate(loop.epoch), "recalibrated": True}
-        loop.log({"stage": "supernet", "epoch": loop.epoch, "recalibrated": True, **loop.last_metrics})
-        loop.save(final_is_best)
-    if runtime.is_main and "eval" in loop.last_metrics:
-        write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "dynamic": None,
-                                           "data": data_signature(cfg, data.classes)})
-        print(format_report(loop.last_metrics["eval"]))
-    return run_dir
+    return run_stage(
+        cfg, setup, stage="supernet", model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+        step=lambda x, y, g, backward: step(x, y, g, backward), evaluate=evaluate,
+        epochs=cfg.train.epochs + cfg.train.cooldown_epochs, ema=ema, mixup=mixup, clip_grad=cfg.train.clip_grad,
+        extra_state={"classes": data.classes, "bn_recalibrated": False},
+        finish=lambda loop: _recalibrate_last(cfg, loop, setup, evaluate), report={"dynamic": None})
 
 
-def _gate_run_dir(cfg: Config, supernet_path: Path) -> Config:
-    """Stage two writes beside stage one: ``<output.dir>/gate`` when output.dir is the supernet's run."""
-    from dsnet.config import replace
-
-    out = Path(cfg.output.dir).resolve()
-    if out == supernet_path.resolve().parent.parent:
-        return replace(cfg, **{"output.dir": str(Path(cfg.output.dir) / "gate")})
-    return cfg
-
-
-def _check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) -> None:
-    """Refuse a supernet checkpoint that does not match the config or the data."""
-    if state["model_name"] != cfg.model.name:
-        raise UserError(f"--supernet {path} holds {state['model_name']}, but model.name is {cfg.model.name}")
-    def plain(kwargs: dict) -> dict:  # tuples and lists compare equal; the gate's routing space may change,
-        # and how the weights were initialised is no property of trained (or converted) weights
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k not in ("routing_space", "init")}
-
-    built = plain(dict(state["model_kwargs"]))
-    if any(built.get(k) != v for k, v in plain(cfg.model.kwargs).items()):
-        raise UserError(f"--supernet {path} was built with {built}, but model.kwargs asks for "
-                         f"{dict(cfg.model.kwargs)}")
-    if state.get("classes") is not None and list(state["classes"]) != classes:
-        raise UserError(f"--supernet {path} was trained on {len(state['classes'])} classes "
-                         f"({', '.join(state['classes'][:4])}, ...), the data has {len(classes)} "
-                         f"({', '.join(classes[:4])}, ...)")
-
-
-def bn_recalibrated(state: dict) -> bool:
-    """Whether a stage-one checkpoint holds recalibrated BN statistics (``bn_recalibrated``; older
-    checkpoints tell it by the ``recalibrated`` mark of their last metrics)."""
-    return bool(state.get("bn_recalibrated", (state.get("metrics") or {}).get("recalibrated", False)))
-
-
-def _recalibrate_supernet(cfg: Config, loop: Loop, calib: Any, supernet: Path, autocast: Any) -> None:
-    """Recalibrate the BN statistics of a supernet saved before recalibration (a ``best.pth`` of
-    an earlier epoch, a run with ``train.recalibrate_bn=false``) before its gate trains on them;
-    with ``train.recalibrate_bn=false`` keep them and warn."""
-    if not cfg.train.recalibrate_bn:
-        logger.warning("--supernet %s holds BN statistics from before recalibration (train.recalibrate_bn=false)",
-                       supernet)
+def _recalibrate_last(cfg: Config, loop: Loop, setup: Setup, evaluate: Callable[[int], Evaluation]) -> None:
+    """After the last epoch of stage one (``train.recalibrate_bn``): recalibrate the BN statistics
+    of the supernet and its EMA per width, evaluate again and save (``best.pth`` too when the last
+    epoch was the best)."""
+    if not (cfg.train.recalibrate_bn and loop.epoch == loop.epochs):
         return
-    logger.info("--supernet %s was saved before BN recalibration: recalibrating it first", supernet)
-    recalibrate_bn(loop.model, calib, loop.runtime.device, cfg.train.recalibrate_batches, autocast,
-                   cfg.train.recalibrate_momentum)
+    final_is_best = loop.last_eval is not None and loop.last_eval.best_metric == loop.best  # best.pth is this epoch
+    for net in [loop.model] + ([loop.ema.module] if loop.ema is not None else []):
+        recalibrate_bn(net, setup.data.calib, setup.runtime.device, cfg.train.recalibrate_batches, setup.autocast,
+                       cfg.train.recalibrate_momentum)
     loop.sync_buffers()
-    if loop.ema is not None:  # the EMA starts from the recalibrated supernet
-        loop.ema.set(loop.model)
     loop.extra_state["bn_recalibrated"] = True
+    loop.take_evaluation(evaluate(loop.epoch), recalibrated=True)
+    loop.log({"stage": "supernet", "epoch": loop.epoch, "recalibrated": True, **loop.last_metrics})
+    loop.save(final_is_best)
 
 
-def _gate_model(cfg: Config, state: dict) -> nn.Module:
-    """The frozen supernet of ``state`` with the routing space and width head stage two trains."""
-    from dsnet.checkpoint import build_model as rebuild
-
-    model = rebuild(state)
-    space = cfg.gate.routing_space or model.routing_space
-    if max(space) >= model.num_subnets:
-        raise UserError(f"gate.routing_space {list(space)} is outside the supernet's {model.num_subnets} "
-                         f"static subnets (0..{model.num_subnets - 1})")
-    model.set_routing_space(space)
-    if head_kwargs(cfg):  # the published fc head is the one the supernet was built with
-        model.set_width_head(cfg.gate.head, cfg.gate.head_hidden, cfg.gate.head_dropout)
-    model.model_kwargs = {**model.model_kwargs, "routing_space": tuple(space), **head_kwargs(cfg)}
-    model.requires_grad_(False).eval()
-    model.gate.width_head.requires_grad_(True)
-    if cfg.gate.logit_bias is not None:
-        with torch.no_grad():
-            model.gate.width_head.bias.copy_(torch.tensor(cfg.gate.logit_bias))
-    return model
-
-
-def head_kwargs(cfg: Config) -> dict:
-    """Model kwargs that rebuild stage two's width head (none for the published ``fc`` head)."""
-    g = cfg.gate
-    return {} if g.head == "fc" else {"gate_head": g.head, "gate_hidden": g.head_hidden, "gate_dropout": g.head_dropout}
-
-
+# ---- stage two --------------------------------------------------------------------------------
 def train_gate(cfg: Config, supernet: str | Path) -> Path:
     """Stage two: train the gate's width head with SGS on a frozen supernet, then choose the
     deployment policy on the held-back training images (``dsnet.policy``); returns the run dir."""
-    from dsnet.checkpoint import read_checkpoint
-
     supernet = Path(supernet)
     state = read_checkpoint(supernet, "supernet")
-    cfg = _gate_run_dir(cfg, supernet)
-    model = _gate_model(cfg, state)
+    cfg = gate_output(cfg, supernet)
+    model = gate_model(cfg, state)
     if cfg.train.eval_ema and cfg.gate.ema_decay is None:
         raise UserError("train.eval_ema=true needs an EMA of the gate in stage two: "
                          "set gate.ema_decay (release: 0.997)")
-    runtime = setup_runtime(cfg.train.device, cfg.train.seed, cfg.train.deterministic)
-    data = build_data(cfg, runtime, cfg.gate.holdout)
-    _check_supernet(cfg, state, supernet, data.classes)
-    run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)  # after every check
+    setup = open_stage(cfg, cfg.gate.holdout)
+    data, runtime, autocast = setup.data, setup.runtime, setup.autocast
+    check_supernet(cfg, state, supernet, data.classes)
     model = model.to(runtime.device)
-    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
-    lr = scaled_lr(cfg, runtime, cfg.gate.lr, cfg.gate.lr_base_batch)
-    optimizer = build_optimizer(model.gate.width_head, cfg.gate.opt, lr, cfg.gate.weight_decay, cfg.train.momentum,
-                                cfg.train.nesterov)
-    scheduler = build_scheduler(optimizer, cfg.train.sched, cfg.gate.epochs, updates_per_epoch(data.train, cfg),
-                                cfg.gate.warmup_epochs, cfg.train.warmup_lr, cfg.train.min_lr)
-    autocast, scaler = autocast_factory(cfg.train.amp, runtime.device)
+    size = input_shape(cfg, model)
+    optimizer = build_optimizer(model.gate.width_head, **optimizer_kwargs(cfg, runtime, "gate"))
+    scheduler = build_scheduler(optimizer, updates_per_epoch=updates_per_epoch(data.train, cfg),
+                                **scheduler_kwargs(cfg, "gate"))
     step = build_sgs_step(cfg, model, size, runtime.device, autocast)
     ema = timm.utils.ModelEmaV3(model, decay=cfg.gate.ema_decay) if cfg.gate.ema_decay is not None else None
+    shipped = ema.module if cfg.train.eval_ema else model
 
-    def evaluate(epoch: int) -> dict:
-        net = ema.module if cfg.train.eval_ema else model
-        report = evaluate_static(net, data.val, runtime.device, size, autocast)
-        report.update(evaluate_gated(net, data.val, runtime.device, size, cfg.gate.rule, autocast,
+    def evaluate(epoch: int) -> Evaluation:
+        report = evaluate_static(shipped, data.val, runtime.device, size, autocast)
+        report.update(evaluate_gated(shipped, data.val, runtime.device, size, cfg.gate.rule, autocast,
                                      measure=cfg.gate.cascade_measure))
-        return {"eval": report, "top1_dynamic": report["dynamic"]["top1"],
-                "madds_dynamic": report["dynamic"]["madds_mean"]}
+        return Evaluation(report, {"top1_dynamic": report["dynamic"]["top1"],
+                                   "madds_dynamic": report["dynamic"]["madds_mean"]})  # no best.pth: see Evaluation
 
-    loop = Loop(cfg, runtime, "gate", model, model, optimizer, scheduler, step, evaluate, data.train,
-                cfg.gate.epochs + cfg.train.cooldown_epochs, run_dir, ema=ema, scaler=scaler, train_mode=False,
-                extra_state={"classes": data.classes, "supernet": str(supernet),
-                             "bn_recalibrated": bn_recalibrated(state)})
-    if cfg.train.resume:
-        loop.resume(cfg.train.resume)
-    elif not bn_recalibrated(state):
-        _recalibrate_supernet(cfg, loop, data.calib, supernet, autocast)
-    if runtime.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    loop.run()
-    if loop.epoch == loop.epochs:
-        _deploy(cfg, loop, ema.module if cfg.train.eval_ema else model, data, runtime, size, autocast, evaluate)
-    if runtime.is_main and "eval" in loop.last_metrics:
-        write_eval(run_dir / "eval.json", {**loop.last_metrics["eval"], "data": data_signature(cfg, data.classes)})
-        print(format_report(loop.last_metrics["eval"]))
-    return run_dir
+    def start(loop: Loop, resumed: dict | None) -> None:
+        if resumed is None and not bn_recalibrated(state):
+            recalibrate_supernet(cfg, loop, data.calib, supernet, autocast)
 
+    def finish(loop: Loop) -> None:
+        if loop.epoch == loop.epochs:
+            deploy(cfg, loop, shipped, data, size, autocast, evaluate)
 
-def _deploy(cfg: Config, loop: Loop, model: nn.Module, data: Data, runtime: Runtime, size: tuple, autocast,
-            evaluate) -> None:
-    """Choose the deployment policy for ``model`` (the live gate, or its EMA with
-    ``train.eval_ema``) on the held-back images (or the gate as trained when ``gate.holdout`` is
-    0), apply it to the live model and the EMA, evaluate it and save it in ``last.pth``."""
-    from dsnet.policy import Policy, collect_outcomes, select_policy
-
-    if data.holdout is None:
-        record = {"policy": Policy().to_dict(), "reason": "gate.holdout is 0: the gate ships as trained"}
-    else:
-        outcomes = collect_outcomes(model, data.holdout, runtime.device, size, autocast)
-        record = select_policy(outcomes, cfg.gate.deploy, cfg.gate.target_madds, cfg.gate.fallback_z,
-                               measure=cfg.gate.cascade_measure)
-    for net in [loop.model] + ([loop.ema.module] if loop.ema is not None else []):
-        net.set_policy(Policy.from_dict(record["policy"]))
-    metrics = evaluate(loop.epoch)
-    metrics["eval"]["selection"] = record
-    loop.extra_state["deploy"] = record
-    loop.last_metrics = {**loop.last_metrics, **metrics}
-    loop.log({"stage": "gate", "epoch": loop.epoch, "deploy": record, **{k: v for k, v in metrics.items() if k != "eval"}})
-    loop.save(False)
+    return run_stage(
+        cfg, setup, stage="gate", model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+        evaluate=evaluate, epochs=cfg.gate.epochs + cfg.train.cooldown_epochs, ema=ema, train_mode=False,
+        extra_state={"classes": data.classes, "supernet": str(supernet), "bn_recalibrated": bn_recalibrated(state)},
+        start=start, finish=finish)
 
 
 def data_signature(cfg: Config, classes: list[str]) -> dict:

@@ -36,10 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsnet.config import RULES
+from dsnet.config import RULES, GateConfig
 from dsnet.models.net import DSNet
 
-__all__ = ["RULES", "sgs_targets", "soft_sgs_targets", "balanced_weights", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep"]
+__all__ = ["RULES", "sgs_targets", "soft_sgs_targets", "balanced_weights", "route_targets", "frozen_forward", "complexity_penalty", "SGSStep",
+           "sgs_kwargs"]
 
 
 
@@ -114,18 +115,28 @@ def route_targets(route_logits: Tensor, y: Tensor, rule: str, soft: bool = False
     return sgs_targets(route_logits.argmax(2) == y, rule)
 
 
-class SGSStep:
-    """One stage-two step on a frozen supernet; only ``model.gate.width_head`` gets gradients."""
+def sgs_kwargs(gate: GateConfig) -> dict:
+    """``SGSStep``'s loss settings from the config's ``gate`` section."""
+    return {"rule": gate.rule, "sgs_weight": gate.sgs_weight, "task_weight": gate.task_weight,
+            "complexity_weight": gate.complexity_weight, "complexity_target": gate.complexity_target,
+            "gumbel_tau": gate.gumbel_tau, "balance": gate.balance, "soft_targets": gate.soft_targets,
+            "label_smoothing": gate.label_smoothing}
 
-    def __init__(self, model: DSNet, rule: str, sgs_weight: float, task_weight: float,
-                 complexity_weight: float, complexity_target: float, tau: float, route_costs: Tensor,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+
+class SGSStep:
+    """One stage-two step on a frozen supernet; only ``model.gate.width_head`` gets gradients.
+    The loss settings are keyword arguments named as the ``gate`` section's keys (``sgs_kwargs``)."""
+
+    def __init__(self, model: DSNet, route_costs: Tensor, *, rule: str, sgs_weight: float, task_weight: float,
+                 complexity_weight: float, complexity_target: float, gumbel_tau: float,
                  balance: bool = False, soft_targets: bool = False, label_smoothing: float = 0.0,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  sampler: Callable[[Tensor], Tensor] | None = None) -> None:
-        """``sampler`` maps the gate's logits [B, R] to the straight-through one-hot route sample
-        [B, R] of the task and complexity terms; None is ``F.gumbel_softmax(hard=True)`` at ``tau``
-        (a fixed sampler replays a recorded step)."""
-        self.model, self.rule, self.tau, self.autocast, self.balance = model, rule, tau, autocast, balance
+        """``route_costs``: [R] cost of each routing-space route. ``sampler`` maps the gate's
+        logits [B, R] to the straight-through one-hot route sample [B, R] of the task and
+        complexity terms; None is ``F.gumbel_softmax(hard=True)`` at ``gumbel_tau`` (a fixed
+        sampler replays a recorded step)."""
+        self.model, self.rule, self.tau, self.autocast, self.balance = model, rule, gumbel_tau, autocast, balance
         self.sampler = sampler
         self.soft_targets = soft_targets
         self.label_smoothing = label_smoothing  # on both cross-entropies, as the release

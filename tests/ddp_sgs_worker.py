@@ -15,7 +15,8 @@ def gradients(model, x, y) -> dict:
     head = model.gate.width_head
     head.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # the same Gumbel noise in and out of the process group
-    step = SGSStep(model, "slimmest", 1.0, 1.0, 0.5, 0.0, 1.0, torch.tensor([0.25, 0.5, 1.0]), balance=True)
+    step = SGSStep(model, torch.tensor([0.25, 0.5, 1.0]), rule="slimmest", sgs_weight=1.0, task_weight=1.0,
+                   complexity_weight=0.5, complexity_target=0.0, gumbel_tau=1.0, balance=True)
     step(x, y, torch.Generator(), lambda loss: loss.backward())
     return {k: p.grad.clone() for k, p in head.named_parameters()}
 

@@ -1,4 +1,4 @@
-"""Run by test_train.py under torchrun: stage one; each rank saves its final weights and the
+"""Run by test_runs.py under torchrun: stage one; each rank saves its final weights and the
 sandwich (routes) it trained at every step."""
 import sys
 from pathlib import Path

@@ -10,11 +10,11 @@ from dsnet.baselines import budget_steps, finetune_epochs_default, sandwich_madd
 from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main, train_supernet_main
 from dsnet.compare import collect, compare_rows
-from dsnet.config import load_config
+from dsnet.config import load_config, replace
 from dsnet.prune import channel_spaces, implant, l1_prune
 from dsnet.runs import train_gate, train_supernet
 from tests.conftest import randomize_bn_
-from tests.test_train import TINY
+from tests.test_runs import TINY, assert_same_weights, interrupt_after_first_epoch
 
 SIZE = (3, 32, 32)
 
@@ -194,6 +194,30 @@ def test_l1_pipeline_trains_the_largest_route_first_then_prunes_and_finetunes(tm
     state = read_checkpoint(run / "checkpoints" / "last.pth", "static")
     shapes = {k: v.shape for k, v in state["model"].items()}
     assert shapes == {k: v.shape for k, v in dsnet.extract_subnet(small_resnet(), 0).state_dict().items()}
+
+
+def test_an_interrupted_finetuning_resumes_to_the_uninterrupted_weights_and_keeps_its_score_before(tmp_path,
+                                                                                                     monkeypatch):
+    cfg = tiny(tmp_path / "straight")
+    straight = train_static(cfg, 0, prune="l1", finetune_epochs=2)
+    large = str(tmp_path / "straight" / "scratch-e-largest" / "checkpoints" / "last.pth")
+    broken = replace(cfg, **{"output.dir": str(tmp_path / "broken")})
+    with monkeypatch.context() as m:
+        interrupt_after_first_epoch(m)
+        with pytest.raises(KeyboardInterrupt):
+            train_static(broken, 0, prune="l1", finetune_epochs=2, prune_from=large)
+    last = tmp_path / "broken" / "l1-subnet0" / "checkpoints" / "last.pth"
+    assert read_checkpoint(last)["epoch"] == 1
+    resumed = train_static(replace(broken, **{"train.resume": str(last)}), 0, prune="l1", finetune_epochs=2,
+                           prune_from=large)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "train_loss_ce" in r] == [1, 2]  # the resumed run trained epoch 2 only
+    assert sum("pruned" in r for r in records) == 1  # and did not score the pruned model again
+    a, b = (read_checkpoint(run / "checkpoints" / "last.pth") for run in (straight, resumed))
+    assert a["step"] == b["step"] == 2 * (96 // 16)
+    assert_same_weights(a["model"], b["model"])
+    before = [json.loads((run / "eval.json").read_text())["baseline"]["top1_before_finetune"] for run in (straight, resumed)]
+    assert before[0] == before[1]
 
 
 def test_baseline_command_errors_are_one_line_and_create_nothing(tmp_path, capsys):

@@ -78,7 +78,7 @@ def test_non_finite_loss_stops_naming_step_and_subnet_and_keeps_the_checkpoint(t
     from dsnet.config import replace
     from dsnet.engine import TrainingError
     from dsnet.runs import train_supernet
-    from tests.test_train import tiny
+    from tests.test_runs import tiny
 
     cfg = tiny(tmp_path, "train.epochs=1", "train.recalibrate_bn=false")
     train_supernet(cfg)

@@ -21,7 +21,7 @@ from dsnet.config import ConfigError, config_to_dict, load_config
 from dsnet.convert import ConvertError
 from dsnet.data import DataError
 from dsnet.errors import UserError
-from tests.test_train import TINY
+from tests.test_runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yml")
@@ -203,3 +203,16 @@ def test_a_user_error_is_one_line_and_any_other_exception_keeps_its_traceback(mo
     monkeypatch.setattr(dsnet.madds, "profile_command", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         main(["profile", "ds_resnet20"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["profile", "ds_resnet20", "--input-size", "3", "32"], "argument --input-size: expected 3 arguments"),
+    (["profile", "ds_resnet20", "--input-size", "3", "32", "32", "32"], "unrecognized arguments: 32"),
+    (["export", "x.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx", "--input-size", "3", "32"],
+     "argument --input-size: expected 3 arguments"),
+])
+def test_input_size_takes_exactly_three_numbers(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -11,7 +11,7 @@ from dsnet.checkpoint import init_from_checkpoint, read_checkpoint
 from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
 from dsnet.runs import train_supernet
-from tests.test_train import TINY
+from tests.test_runs import TINY
 
 
 @pytest.fixture(scope="module")

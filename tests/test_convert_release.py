@@ -1,6 +1,9 @@
 """``dsnet convert --from ds-net-release`` against what the release's own model code computed
 (``tests/release_fixture.py``): logits of the largest route and of each of the 14 static
-subnets, and one-line refusals of anything that is not a release checkpoint of this width table."""
+subnets, and one-line refusals of anything that is not a release checkpoint of this width table.
+
+Kept apart from test_convert.py: it needs the release's recorded fixtures
+(``tests/release_fixture.py``), not only dsnet."""
 import argparse
 import json
 from pathlib import Path

@@ -1,5 +1,8 @@
 """Distributed evaluation: two gloo ranks on a validation set of odd size report what one process
-reports for the same checkpoint, exactly."""
+reports for the same checkpoint, exactly.
+
+Kept apart from the evaluation tests: it starts two processes with torchrun
+(``tests/ddp_eval_worker.py``) and trains both stages first."""
 import json
 import os
 import subprocess
@@ -9,7 +12,7 @@ import pytest
 import torch
 
 from dsnet.cli import main as dsnet_main
-from tests.test_train import ROOT, TINY
+from tests.test_runs import ROOT, TINY
 
 VAL = ["data.synthetic_train_size=48", "data.synthetic_val_size=37", "data.val_batch_size=8", "train.batch_size=8",
        "train.epochs=1"]

@@ -1,5 +1,7 @@
 """The project's text files: what a reader opens must be whole (no merge leftovers) and name files
-that exist."""
+that exist.
+
+No module's tests: the docs and the repository's text files are what is checked."""
 import re
 import subprocess
 from pathlib import Path

@@ -1,4 +1,8 @@
-"""Hard faults on real processes: SIGKILL mid-run then resume, and a torchrun rank killed."""
+"""Hard faults on real processes: SIGKILL mid-run then resume, and a torchrun rank killed.
+
+A suite across modules, not one module's tests: a fault is survived by the engine, the
+checkpoint writer and the command line together, so each test runs whole processes."""
+import json
 import os
 import random
 import signal
@@ -12,7 +16,7 @@ import torch
 
 from dsnet.checkpoint import read_checkpoint
 from dsnet.config import load_config, save_config
-from tests.test_train import ROOT, TINY, assert_same_weights
+from tests.test_runs import ROOT, TINY, assert_same_weights
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -48,6 +52,19 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, rng: random.
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
+def _records(run: Path) -> list[dict]:
+    """The whole records of ``run``'s metrics.jsonl (a killed writer may leave half a line)."""
+    log = run / "metrics.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            records.append({})
+    return records
+
+
 @pytest.mark.parametrize("stage", ["supernet", "gate"])
 def test_sigkill_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weights(tmp_path, stage):
     cfg, rng = _config(tmp_path), random.Random(stage)
@@ -63,7 +80,10 @@ def test_sigkill_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weig
     _finish(reference)
     killed_at = read_checkpoint(broken / "checkpoints" / "last.pth")  # whole, though the kill may hit a save
     assert 1 <= killed_at["epoch"] < 4
+    logged = len(_records(broken))
     _finish(_train(script, cfg, broken, *extra, f"train.resume={broken / 'checkpoints' / 'last.pth'}"))
+    resumed = [r["epoch"] for r in _records(broken)[logged:] if "train_time_s" in r and "recalibrated" not in r]
+    assert resumed[0] == killed_at["epoch"] + 1  # resumed, not trained again from the start (same weights either way)
     a, b = (read_checkpoint(d / "checkpoints" / "last.pth") for d in (straight, broken))
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 4
     assert_same_weights(a["model"], b["model"])

@@ -10,7 +10,7 @@ import types
 from dsnet.cli import main
 from dsnet.logs import RunLog, append_summary
 from tests.test_cli import QUICKSTART, one_error_line
-from tests.test_train import TINY, _interrupt_after_first_epoch
+from tests.test_runs import TINY, interrupt_after_first_epoch
 
 
 def read_csv(path):
@@ -36,7 +36,7 @@ def test_summary_csv_has_one_row_per_epoch_equal_to_metrics_jsonl_across_a_resum
     run = tmp_path / "run"
     args = ["train-supernet", "-c", QUICKSTART, *TINY, "train.epochs=2", f"output.dir={run}"]
     with monkeypatch.context() as m:
-        _interrupt_after_first_epoch(m)
+        interrupt_after_first_epoch(m)
         assert main(args) == 130  # interrupted after epoch 1's checkpoint and log
     assert len(read_csv(run / "summary.csv")) == 2
     assert main([*args, f"train.resume={run / 'checkpoints' / 'last.pth'}"]) == 0

@@ -1,6 +1,8 @@
 """docs/design.md's "Departures from the release" against the two ImageNet configs: every setting
 in which configs/imagenet_ds_mobilenet_v1_release.yml differs from dsnet's
-configs/imagenet_ds_mobilenet_v1.yml is a row's key, with the release config's value."""
+configs/imagenet_ds_mobilenet_v1.yml is a row's key, with the release config's value.
+
+A suite across the configs and the docs, tied to the release's recipe rather than to one module."""
 import re
 from pathlib import Path
 

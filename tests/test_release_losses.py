@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import dsnet
 from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
-from dsnet.runs import build_ieb_step, build_sgs_step
+from dsnet.stage_two import build_sgs_step
+from dsnet.runs import build_ieb_step
 from tests.release_fixture import load_fixture, load_losses, loss_batch, loss_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,10 +131,10 @@ def test_stage_two_takes_a_converted_release_under_the_release_config(converted,
     does not matter once they are loaded, while a different architecture is still refused."""
     from dsnet.checkpoint import read_checkpoint
     from dsnet.config import replace
-    from dsnet.runs import _check_supernet
+    from dsnet.stage_two import check_supernet
 
     state = read_checkpoint(converted, "supernet")
     assert "init" not in state["model_kwargs"] and cfg.model.kwargs["init"] == "timm"
-    _check_supernet(cfg, state, converted, [str(c) for c in range(10)])
+    check_supernet(cfg, state, converted, [str(c) for c in range(10)])
     with pytest.raises(ValueError, match="was built with"):
-        _check_supernet(replace(cfg, **{"model.kwargs": {**cfg.model.kwargs, "in_chans": 1}}), state, converted, [])
+        check_supernet(replace(cfg, **{"model.kwargs": {**cfg.model.kwargs, "in_chans": 1}}), state, converted, [])

@@ -1,6 +1,9 @@
 """The options that express the DS-Net release's recipe (configs/imagenet_ds_mobilenet_v1_release.yml):
 timm's initialisation, GMAdds as the complexity unit, stage-two label smoothing and EMA, the
-EMA evaluated and reported, cool-down epochs, BN recalibration with a momentum."""
+EMA evaluated and reported, cool-down epochs, BN recalibration with a momentum.
+
+A suite across modules (config, models, runs, sgs, recalibrate), kept together because each
+test checks one setting of the release's recipe from end to end."""
 import json
 import math
 
@@ -15,7 +18,7 @@ from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main
 from dsnet.runs import build_model, train_gate, train_supernet
 from dsnet.sgs import SGSStep, frozen_forward, route_targets
-from tests.test_train import tiny
+from tests.test_runs import tiny
 
 SMALL = {"base_mults": [0.25, 0.5], "width_mults": [0.125, 0.25, 0.5]}
 
@@ -75,7 +78,8 @@ def test_stage_two_label_smoothing_applies_to_the_sgs_and_the_task_cross_entropy
     model = timm.create_model("ds_resnet20", num_classes=4, **SMALL).eval()
     torch.nn.init.normal_(model.gate.width_head.weight)
     x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
-    step = SGSStep(model, "slimmest", 1.0, 1.0, 0.0, 0.0, 1.0, torch.ones(len(model.routing_space)),
+    step = SGSStep(model, torch.ones(len(model.routing_space)), rule="slimmest", sgs_weight=1.0, task_weight=1.0,
+                   complexity_weight=0.0, complexity_target=0.0, gumbel_tau=1.0,
                    label_smoothing=0.1)
     torch.manual_seed(1)
     losses = step(x, y, torch.Generator(), lambda loss: None)["losses"]

@@ -117,7 +117,8 @@ def test_sgs_step_sends_gradients_to_the_width_head_only():
     model = _tiny()
     model.requires_grad_(False)
     model.gate.width_head.requires_grad_(True)
-    step = SGSStep(model, "slimmest", 1.0, 1.0, 0.5, 0.0, 1.0, torch.tensor([0.2, 0.5, 1.0]))
+    step = SGSStep(model, torch.tensor([0.2, 0.5, 1.0]), rule="slimmest", sgs_weight=1.0, task_weight=1.0,
+                   complexity_weight=0.5, complexity_target=0.0, gumbel_tau=1.0)
     out = step(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)), torch.Generator(), lambda l: l.backward())
     assert set(out["losses"]) == {"sgs", "task", "complexity"}
     assert all(p.grad is None for n, p in model.named_parameters() if "width_head" not in n)
@@ -126,7 +127,8 @@ def test_sgs_step_sends_gradients_to_the_width_head_only():
 
 def test_zero_weights_turn_terms_off():
     model = _tiny()
-    step = SGSStep(model, "slimmest", 1.0, 0.0, 0.0, 0.0, 1.0, torch.tensor([0.2, 0.5, 1.0]))
+    step = SGSStep(model, torch.tensor([0.2, 0.5, 1.0]), rule="slimmest", sgs_weight=1.0, task_weight=0.0,
+                   complexity_weight=0.0, complexity_target=0.0, gumbel_tau=1.0)
     out = step(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)), torch.Generator(), lambda l: None)
     assert set(out["losses"]) == {"sgs"}
 
@@ -233,7 +235,8 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
 
     monkeypatch.setattr("dsnet.sgs.F.gumbel_softmax", one_hot_sample)
     costs = torch.tensor([0.25, 1.0])
-    step = SGSStep(model, "slimmest", *weights, 0.3, 0.7, costs, balance=balance, label_smoothing=smoothing)
+    step = SGSStep(model, costs, rule="slimmest", **dict(zip(("sgs_weight", "task_weight", "complexity_weight"), weights)),
+                   complexity_target=0.3, gumbel_tau=0.7, balance=balance, label_smoothing=smoothing)
     out = step(x, y, torch.Generator(), lambda loss: None)
     assert calls == ([(0.7, True)] if weights[1] or weights[2] else [])
     with torch.no_grad():
@@ -267,7 +270,8 @@ def test_sgs_step_with_soft_targets_fits_the_gate_to_the_rules_probabilities():
         logits = torch.stack([model(x, subnet=s) for s in (0, 1, 2)])  # [R, B, K]
         soft = soft_sgs_targets(torch.softmax(logits, 2)[:, torch.arange(5), y], "slimmest")
         expected = -(soft * F.log_softmax(model.forward_gate(x)[1], 1)).sum(1).mean()
-    step = SGSStep(model, "slimmest", 1.0, 0.0, 0.0, 0.0, 1.0, torch.tensor([0.25, 0.5, 1.0]), soft_targets=True)
+    step = SGSStep(model, torch.tensor([0.25, 0.5, 1.0]), rule="slimmest", sgs_weight=1.0, task_weight=0.0,
+                   complexity_weight=0.0, complexity_target=0.0, gumbel_tau=1.0, soft_targets=True)
     assert_close(step(x, y, torch.Generator(), lambda loss: None)["losses"]["sgs"], expected)
 
 
@@ -282,7 +286,8 @@ def test_sgs_step_runs_the_frozen_routes_under_its_autocast():
         yield
 
     model = _tiny()
-    step = SGSStep(model, "slimmest", 1.0, 0.0, 0.0, 0.0, 1.0, torch.tensor([0.25, 0.5, 1.0]), autocast)
+    step = SGSStep(model, torch.tensor([0.25, 0.5, 1.0]), rule="slimmest", sgs_weight=1.0, task_weight=0.0,
+                   complexity_weight=0.0, complexity_target=0.0, gumbel_tau=1.0, autocast=autocast)
     step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.Generator(), lambda loss: None)
     assert entered == [True]
 
@@ -308,3 +313,19 @@ def test_stage_two_under_torchrun_averages_the_width_heads_gradients_over_ranks(
         assert not torch.allclose(a["weight"], b["weight"])  # the ranks' batches disagree
         for name, grad in got["together"].items():
             assert_close(grad, (a[name] + b[name]) / 2)
+
+
+def test_sgs_kwargs_feed_the_step_every_loss_setting_of_the_gate_section():
+    import dataclasses
+
+    from dsnet.config import GateConfig, load_config
+    from dsnet.sgs import sgs_kwargs
+
+    gate = load_config(None, ["gate.rule=cheapest", "gate.sgs_weight=2", "gate.task_weight=3", "gate.complexity_weight=4",
+                              "gate.complexity_target=0.25", "gate.gumbel_tau=0.5", "gate.balance=false",
+                              "gate.soft_targets=true", "gate.label_smoothing=0.1"]).gate
+    kwargs = sgs_kwargs(gate)
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(GateConfig)}
+    step = SGSStep(_tiny(), torch.tensor([0.25, 0.5, 1.0]), **kwargs)
+    assert (step.rule, step.tau, step.balance, step.soft_targets, step.label_smoothing) == ("cheapest", 0.5, False, True, 0.1)
+    assert step.weights == {"sgs": 2.0, "task": 3.0, "complexity": 4.0} and step.complexity_target == 0.25

@@ -1,5 +1,8 @@
 """dsnet models and checkpoints under timm's conventions: data config, classifier reset,
-features, timm's checkpoint loader (EMA weights) and safetensors export."""
+features, timm's checkpoint loader (EMA weights) and safetensors export.
+
+A suite across modules (data, models, checkpoint, safetensors export): each test holds dsnet
+to one timm convention that a timm user relies on, wherever dsnet implements it."""
 import pytest
 import timm
 import torch
@@ -11,7 +14,7 @@ from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
 from dsnet.data import CIFAR10_MEAN, CIFAR10_STD
 from dsnet.runs import train_supernet
-from tests.test_train import TINY
+from tests.test_runs import TINY
 
 
 @pytest.mark.parametrize("name, size, mean, std, interpolation, crop", [

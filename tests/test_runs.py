@@ -1,4 +1,6 @@
-"""Short real runs of both stages: teacher modes, checkpoints, exact resume, DDP, stage-two freeze."""
+"""``dsnet.runs`` (and ``dsnet.stage_two``) in short real runs of both stages: teacher modes,
+checkpoints, exact resume, DDP, stage-two freeze, and the BN treatment of best.pth and last.pth
+(stage two never trains a gate on a supernet whose BN statistics were not recalibrated)."""
 import json
 import os
 import subprocess
@@ -9,8 +11,10 @@ import pytest
 import torch
 
 import dsnet
+import dsnet.stage_two
 from dsnet.checkpoint import load_checkpoint, read_checkpoint
 from dsnet.config import load_config, replace
+from dsnet.stage_two import bn_recalibrated
 from dsnet.runs import train_gate, train_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +68,7 @@ def test_stage_one_trains_the_supernet_but_not_the_width_head(tmp_path):
     assert_same_weights(fresh.state_dict(), state)
 
 
-def _interrupt_after_first_epoch(monkeypatch):
+def interrupt_after_first_epoch(monkeypatch):
     """Make the step raise KeyboardInterrupt once epoch 2 starts (after epoch 1's checkpoint)."""
     from dsnet import engine
 
@@ -82,12 +86,15 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     cfg = tiny(tmp_path / "straight")
     straight = train_supernet(cfg)
     with monkeypatch.context() as m:
-        _interrupt_after_first_epoch(m)
+        interrupt_after_first_epoch(m)
         with pytest.raises(KeyboardInterrupt):
             train_supernet(replace(cfg, **{"output.dir": str(tmp_path / "broken")}))
     assert read_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pth")["epoch"] == 1
     resumed = train_supernet(replace(cfg, **{"output.dir": str(tmp_path / "broken"),
                                              "train.resume": str(tmp_path / "broken/checkpoints/last.pth")}))
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if "train_time_s" in r and "recalibrated" not in r]
+    assert epochs == [1, 2]  # resumed at epoch 2, not trained again from the start (same weights either way)
     for key in ("model", "ema", "optimizer"):
         a, b = weights(straight / "checkpoints/last.pth", key), weights(resumed / "checkpoints/last.pth", key)
         if key == "optimizer":
@@ -226,3 +233,30 @@ def test_recalibration_reads_training_images_with_the_training_transform(tmp_pat
     data = build_data(tiny(tmp_path), setup_runtime("cpu", 0, False))
     assert data.calib.dataset is data.train.dataset  # augmented, as training saw them
     assert data.calib.sampler is not data.train.sampler  # but its own loader: never distributed
+
+
+def test_a_best_checkpoint_of_the_final_epoch_is_the_recalibrated_last_one(tmp_path):
+    run = train_supernet(tiny(tmp_path, "train.epochs=1"))  # one epoch: it is also the best
+    last, best = (read_checkpoint(run / "checkpoints" / f"{n}.pth") for n in ("last", "best"))
+    assert last["bn_recalibrated"] and best["bn_recalibrated"]
+    assert_same_weights(best["model"], last["model"])
+    assert_same_weights(best["ema"], last["ema"])
+
+
+def test_stage_two_recalibrates_a_supernet_saved_before_recalibration(tmp_path, monkeypatch):
+    plain = train_supernet(tiny(tmp_path / "s", "train.epochs=1", "train.recalibrate_bn=false"))
+    recalibrated = train_supernet(tiny(tmp_path / "r", "train.epochs=1"))
+    state = read_checkpoint(plain / "checkpoints" / "last.pth")
+    assert state["bn_recalibrated"] is False and not bn_recalibrated(state)
+    calls = []
+    original = dsnet.stage_two.recalibrate_bn
+    monkeypatch.setattr(dsnet.stage_two, "recalibrate_bn",
+                        lambda model, *a, **k: (calls.append(model), original(model, *a, **k)))
+    gate = train_gate(tiny(tmp_path / "g"), plain / "checkpoints" / "last.pth")
+    ckpt = read_checkpoint(gate / "checkpoints" / "last.pth")
+    assert len(calls) == 1 and ckpt["bn_recalibrated"]
+    before = {k: v for k, v in state["model"].items() if "running_mean" in k}
+    assert any(not torch.equal(before[k], ckpt["model"][k]) for k in before)
+    assert not (gate / "checkpoints" / "best.pth").exists()  # stage two writes last.pth only
+    train_gate(tiny(tmp_path / "h"), recalibrated / "checkpoints" / "last.pth")
+    assert len(calls) == 1  # a recalibrated supernet is taken as it is

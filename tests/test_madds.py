@@ -1,4 +1,5 @@
-"""``dsnet profile``: the JSON contract of DESIGN.md, and one-line errors with exit status 2."""
+"""``dsnet profile`` (``dsnet.madds.profile_command``): the JSON contract of DESIGN.md, the table,
+and one-line errors with exit status 2."""
 from __future__ import annotations
 
 import json
@@ -56,16 +57,3 @@ def test_profile_bad_input_is_one_line_and_exit_2(capsys, argv, names):
     assert lines[0].startswith("dsnet profile: error: ")
     for name in names:
         assert name in lines[0]
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["profile", "ds_resnet20", "--input-size", "3", "32"], "argument --input-size: expected 3 arguments"),
-    (["profile", "ds_resnet20", "--input-size", "3", "32", "32", "32"], "unrecognized arguments: 32"),
-    (["export", "x.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx", "--input-size", "3", "32"],
-     "argument --input-size: expected 3 arguments"),
-])
-def test_input_size_takes_exactly_three_numbers(capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err

@@ -101,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         policy = Policy.from_dict(record["policy"])
         print(record["reason"])
     print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, args.input_size,
-                         policy))
+                         policy, args.onnx_exporter))
     return 0
 
 
@@ -247,6 +247,8 @@ def _add_recalibrate(sub) -> None:
 
 
 def _add_export(sub) -> None:
+    from dsnet.onnx_export import ONNX_EXPORTERS
+
     p = _command(sub, "export", cmd_export, "a static subnet or the gated model as TorchScript, ONNX or safetensors",
                  "Export a static subnet or the gated model of a checkpoint as a file that runs without dsnet; "
                  "the written file is run once and checked against dsnet's outputs.")
@@ -262,6 +264,9 @@ def _add_export(sub) -> None:
                    help="output file (a folder for --dynamic --format onnx); never overwritten")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="the example input (default: the run's data.input_size); ONNX keeps H and W")
+    p.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default=ONNX_EXPORTERS[0],
+                   help="with --format onnx: dynamo (torch.export-based, the default) or torchscript "
+                        "(the older exporter, faster to run)")
     _target_arguments(p, "export the dynamic model at this mean MAdds on the validation set (e.g. 12M)")
     _data_argument(p, "with --target-madds: dataset root (default: the run's)")
 

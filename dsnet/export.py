@@ -9,39 +9,20 @@ installed.
 
 What ``dsnet export`` writes:
 
-- ``--subnet I --format torchscript``: one TorchScript file; ``--format onnx``: one ONNX file
-  (opset 17, input ``input`` [B, C, H, W] -> output ``logits`` [B, K], batch axis dynamic).
+- ``--subnet I --format torchscript``: one TorchScript file.
 - ``--dynamic --format torchscript``: one TorchScript file whose ``forward`` routes each sample
   (gate -> argmax -> group by route -> dense route -> input order), as ``model(x, subnet="dynamic")``;
   ``routed(x)`` also returns each sample's route index and the gate's logits.
-- ``--dynamic --format onnx``: a folder, because the routing is data-dependent control flow:
+- ``--format onnx``: one graph for ``--subnet I``, a folder of graphs for ``--dynamic``
+  (``dsnet.onnx_export`` says which, and through which exporter).
 
-      gate.onnx      input [B, C, H, W] -> features [B, C', H', W'], gate_logits [B, R]
-      route_{r}.onnx features [N, C', H', W'] -> logits [N, K], r = 0..R-1 (routing-space order)
-      dynamic.json   {"format": "dsnet-dynamic-onnx", "routes": [...], "subnets": [...], ...}
-
-  and the caller routes, as ``DynamicOnnxRunner`` does in twenty lines of numpy and onnxruntime
-  (copy it; it needs neither torch nor dsnet).
-
-  One ONNX graph with ``If`` nodes was the alternative. It does export in torch 2.14 (a scripted
-  loop over routes with ``nonzero``, not the stable ``argsort`` the exporter refuses, through the
-  TorchScript-based exporter) and onnxruntime agrees with dsnet, but it rests on two APIs torch
-  2.14 marks deprecated (``torch.jit.script`` and that exporter), onnxruntime warns about implicit
-  subgraph inputs on every load, and the dynamo exporter that replaces them needs onnxscript and
-  ``torch.cond`` branches over data-dependent group sizes. Graphs without control flow and with a
-  dynamic batch axis are the common ground of exporters and ONNX runtimes, and they can be
-  quantized or compiled route by route.
-
-TorchScript (``torch.jit.script`` / ``save`` / ``load``) is deprecated upstream, as is the
-TorchScript-based ONNX exporter dsnet uses (the dynamo one needs onnxscript, which ``dsnet[onnx]``
-does not install); both still work in torch 2.14, and dsnet silences their deprecation warnings
-around its own calls, since a user who asked for these formats can do nothing about them.
+TorchScript (``torch.jit.script`` / ``save`` / ``load``) is deprecated upstream and still works in
+torch 2.14; dsnet silences the deprecation warnings around its own calls, since a user who asked
+for the format can do nothing about them.
 """
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import logging
 import os
 import shutil
@@ -62,15 +43,12 @@ from dsnet.models.net import DenseNet, DSNet
 from dsnet.policy import confidence
 from dsnet.routes import fixed_route as _route
 
-__all__ = ["extract_subnet", "extract_dynamic", "DynamicNet", "save_torchscript",
-           "save_onnx", "save_dynamic_onnx", "DynamicOnnxRunner", "run_dynamic_onnx", "export_command",
-           "FORMATS", "OPSET"]
+__all__ = ["extract_subnet", "extract_dynamic", "DynamicNet", "save_torchscript", "quiet_deprecations",
+           "export_command", "FORMATS"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx", "safetensors")
-OPSET = 17
-DYNAMIC_ONNX_FORMAT = "dsnet-dynamic-onnx"
 
 
 def extract_subnet(model: DSNet, subnet: int | str | Sequence[int] | None = None) -> nn.Module:
@@ -172,21 +150,10 @@ def extract_dynamic(model: DSNet) -> DynamicNet:
     return net.requires_grad_(False).eval()
 
 
-class _GateStage(nn.Module):
-    """``pre`` + ``gate`` of a DynamicNet as one graph (the ``gate.onnx`` of a dynamic export)."""
-
-    def __init__(self, net: DynamicNet) -> None:
-        super().__init__()
-        self.pre, self.gate = net.pre, net.gate
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        return self.gate.forward_gate(self.pre(x))
-
-
-# ---- writers ---------------------------------------------------------------------------------
+# ---- TorchScript --------------------------------------------------------------------------------
 
 @contextmanager
-def _quiet_deprecations() -> Iterator[None]:
+def quiet_deprecations() -> Iterator[None]:
     """Silence torch's deprecation notices for TorchScript and the TorchScript-based ONNX exporter."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
@@ -197,103 +164,23 @@ def _quiet_deprecations() -> Iterator[None]:
 
 def save_torchscript(module: nn.Module, path: str | os.PathLike) -> None:
     """Script ``module`` (eval mode) and save it; ``torch.jit.load(path)`` needs no dsnet."""
-    with _quiet_deprecations():
+    with quiet_deprecations():
         torch.jit.save(torch.jit.script(module.eval()), str(path))
-
-
-def save_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, input_names: Sequence[str],
-              output_names: Sequence[str]) -> None:
-    """Export ``module(example)`` to ONNX (opset 17, TorchScript-based exporter) with every input
-    and output's first axis named ``batch`` and left dynamic."""
-    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
-    # torch < 2.5 has only the TorchScript-based exporter and no ``dynamo`` argument
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with _quiet_deprecations():
-        torch.onnx.export(module.eval(), (example,), str(path), opset_version=OPSET, input_names=list(input_names),
-                          output_names=list(output_names), dynamic_axes=axes, **legacy)
-
-
-def save_dynamic_onnx(net: DynamicNet, example: Tensor, folder: str | os.PathLike) -> None:
-    """Write ``gate.onnx``, one ``route_{r}.onnx`` per route and ``dynamic.json`` into ``folder``.
-
-    example: [B, C, H, W], sets H and W of the graphs (the batch axis stays dynamic).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stage = _GateStage(net).eval()
-    save_onnx(stage, example, folder / "gate.onnx", ["input"], ["features", "gate_logits"])
-    with torch.no_grad():
-        features = stage(example)[0]
-    names = [f"route_{r}.onnx" for r in range(len(net.posts))]
-    for post, name in zip(net.posts, names):
-        save_onnx(post, features, folder / name, ["features"], ["logits"])
-    manifest = {"format": DYNAMIC_ONNX_FORMAT, "version": 1, "gate": "gate.onnx", "routes": names,
-                "subnets": list(net.subnets), "num_classes": net.num_classes,
-                "input_size": list(example.shape[1:]), "opset": OPSET,
-                "cascade_threshold": net.cascade_threshold if net.cascade_threshold >= 0 else None,
-                "cascade_measure": "margin" if net.cascade_margin else "max"}
-    (folder / "dynamic.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-# ---- running a dynamic ONNX export (numpy + onnxruntime; no torch, no dsnet) -----------------
-
-class DynamicOnnxRunner:
-    """Runs a ``dsnet export --dynamic --format onnx`` folder; needs numpy and onnxruntime only
-    (``import json; import numpy as np; from pathlib import Path``). Sessions load once.
-
-    ``runner(x)``: x [B, C, H, W] float32 -> logits [B, K], as ``model(x, subnet="dynamic")``.
-    """
-
-    def __init__(self, folder, providers=("CPUExecutionProvider",)):
-        import onnxruntime as ort
-
-        folder = Path(folder)
-        spec = json.loads((folder / "dynamic.json").read_text())
-        if spec.get("format") != "dsnet-dynamic-onnx":
-            raise ValueError(f"{folder} is not a dsnet dynamic ONNX export (no dsnet-dynamic-onnx dynamic.json)")
-        load = lambda name: ort.InferenceSession(str(folder / name), providers=list(providers))  # noqa: E731
-        self.gate, self.routes = load(spec["gate"]), [load(name) for name in spec["routes"]]
-        self.subnets, self.num_classes = spec["subnets"], spec["num_classes"]
-        self.cascade_threshold = spec.get("cascade_threshold")
-        self.cascade_margin = spec.get("cascade_measure", "max") == "margin"
-
-    def __call__(self, x):
-        features, gate_logits = self.gate.run(None, {"input": np.ascontiguousarray(x, np.float32)})
-        if self.cascade_threshold is not None:  # the confidence cascade: slimmest, then widest if unsure
-            logits = self.routes[0].run(None, {"features": features})[0]
-            z = np.exp(logits - logits.max(1, keepdims=True))
-            top = np.sort(z / z.sum(1, keepdims=True), 1)[:, ::-1]  # softmax, descending
-            sure = top[:, 0] - top[:, 1] if self.cascade_margin else top[:, 0]
-            idx = np.flatnonzero(sure < self.cascade_threshold)
-            if idx.size:
-                logits[idx] = self.routes[-1].run(None, {"features": features[idx]})[0]
-            return logits
-        choice = gate_logits.argmax(1)
-        logits = np.empty((features.shape[0], self.num_classes), np.float32)
-        for r, session in enumerate(self.routes):
-            idx = np.flatnonzero(choice == r)
-            if idx.size:
-                logits[idx] = session.run(None, {"features": features[idx]})[0]
-        return logits
-
-
-def run_dynamic_onnx(folder: str | os.PathLike, x: np.ndarray) -> np.ndarray:
-    """x: [B, C, H, W] -> logits [B, K] through a dynamic ONNX export (loads it on every call;
-    keep a ``DynamicOnnxRunner`` to run many batches)."""
-    return DynamicOnnxRunner(folder)(x)
 
 
 # ---- dsnet export ----------------------------------------------------------------------------
 
 def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str, output: str,
-                   input_size: tuple[int, int, int] | None = None, policy: Any = None) -> str:
+                   input_size: tuple[int, int, int] | None = None, policy: Any = None,
+                   onnx_exporter: str = "dynamo") -> str:
     """``dsnet export``: write static subnet ``subnet`` or the gated model (``dynamic``) of a
     checkpoint as ``fmt``, check the file against dsnet on a random batch, return a summary line.
 
     ``input_size`` (C, H, W) sets the example input (default: the run's ``data.input_size``, else
     the model's); ONNX graphs keep its H and W, TorchScript takes any size. ``policy``
-    (``dsnet.policy.Policy``) replaces the checkpoint's deployment policy. Raises ValueError
-    naming the bad value (format, subnet, existing output, missing ONNX packages).
+    (``dsnet.policy.Policy``) replaces the checkpoint's deployment policy; ``onnx_exporter`` picks
+    ``save_onnx``'s exporter. Raises UserError naming the bad value (format, exporter, subnet,
+    existing output, missing ONNX packages).
     """
     from dsnet.checkpoint import build_model, read_checkpoint
 
@@ -312,7 +199,9 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
         raise UserError(f"--dynamic --format onnx writes a folder (gate.onnx, route_R.onnx, dynamic.json); "
                          f"give -o a folder name such as {out.with_suffix('')}, not {out}")
     if fmt == "onnx":
-        _require_onnx()
+        from dsnet.onnx_export import require_onnx
+
+        require_onnx(onnx_exporter)
     state = read_checkpoint(checkpoint, ("supernet", "gate"))
     model = build_model(state).eval()
     if policy is not None:
@@ -331,21 +220,18 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     with _fresh_output(out) as tmp:
         if fmt == "torchscript":
             save_torchscript(module, tmp)
-        elif dynamic:
-            save_dynamic_onnx(module, example, tmp)
+            with torch.no_grad(), quiet_deprecations():
+                got = torch.jit.load(str(tmp))(example).numpy()
         else:
-            save_onnx(module, example, tmp, ["input"], ["logits"])
-        check = _verify(fmt, dynamic, tmp, example, expected)
+            from dsnet.onnx_export import run_onnx, write_onnx
+
+            write_onnx(module, example, tmp, onnx_exporter)
+            got = run_onnx(tmp, example.numpy())
+        check = _verify(fmt, got, example, expected)
     what = (f"dynamic model (routes = subnets {', '.join(map(str, model.routing_space))}; "
             f"{model.policy.describe(model.routing_space)})" if dynamic else f"subnet {subnet}")
-    return f"exported {what} of {checkpoint} as {fmt} -> {out} ({check})"
-
-
-def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise UserError("--format onnx needs the onnx package: pip install 'dsnet[onnx]'") from None
+    how = f"onnx ({onnx_exporter} exporter)" if fmt == "onnx" else fmt
+    return f"exported {what} of {checkpoint} as {how} -> {out} ({check})"
 
 
 def _input_size(model: DSNet, state: dict, input_size: Sequence[int] | None) -> tuple[int, int, int]:
@@ -371,21 +257,11 @@ def _fresh_output(out: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _verify(fmt: str, dynamic: bool, path: Path, example: Tensor, expected: Tensor) -> str:
-    """Run the written file on ``example``; the largest |difference| from dsnet, as text."""
-    if fmt == "torchscript":
-        with torch.no_grad(), _quiet_deprecations():
-            got = torch.jit.load(str(path))(example).numpy()
-    else:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return "not checked: onnxruntime is not installed"
-        if dynamic:
-            got = run_dynamic_onnx(path, example.numpy())
-        else:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            got = session.run(None, {"input": example.numpy()})[0]
+def _verify(fmt: str, got: np.ndarray | None, example: Tensor, expected: Tensor) -> str:
+    """The written file's logits ``got`` (None: no runtime to run it) against dsnet's ``expected``
+    [B, K] on ``example``: the largest |difference|, as text; a ValueError past the tolerance."""
+    if got is None:
+        return "not checked: onnxruntime is not installed"
     diff = float(np.abs(got - expected.numpy()).max())
     if not diff <= 1e-3 * max(1.0, float(expected.abs().max())):
         raise ValueError(f"the exported {fmt} file gives outputs {diff:.3g} away from dsnet's; "

@@ -1,5 +1,6 @@
 """Shared fixtures: the test device (``TORCH_DEVICE``, default cpu), seeded generators, and a
-batch-norm randomizer so that every width's statistics differ and a wrong row shows up."""
+batch-norm randomizer so that every width's statistics differ and a wrong row shows up; and
+``tests/require_all.py``'s hooks: under ``DSNET_REQUIRE_ALL=1`` (.ci/run) a skipped test fails."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from dsnet.layers import DSBatchNorm2d
+from tests.require_all import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 torch.set_num_threads(2)
 

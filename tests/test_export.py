@@ -1,6 +1,7 @@
 """Export: the extracted dynamic model equals the routed supernet; TorchScript files run where dsnet
-cannot be imported; ONNX files (static, and the dynamic folder through its runner) equal dsnet's
-outputs; ``export_command`` refuses bad input with one sentence naming the value."""
+cannot be imported; ONNX files (static, and the dynamic folder through its runner; the dynamo
+exporter by default, the TorchScript-based one on request) equal dsnet's outputs; ``export_command``
+refuses bad input with one sentence naming the value."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,8 @@ from torch.testing import assert_close
 
 import dsnet
 from dsnet.checkpoint import save_checkpoint
-from dsnet.export import DynamicOnnxRunner, export_command, extract_dynamic, run_dynamic_onnx
+from dsnet.export import export_command, extract_dynamic
+from dsnet.onnx_export import DynamicOnnxRunner, run_dynamic_onnx
 from tests.conftest import randomize_bn_
 
 KWARGS = {"num_classes": 4, "base_mults": (0.5, 1.0), "width_mults": (0.25, 0.5, 1.0)}
@@ -107,12 +109,17 @@ def checkpoint(supernet, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def onnx_exports(checkpoint, tmp_path_factory):
-    """(folder, summaries) of subnet 2 as ``subnet2.onnx`` and the gated model as ``dynamic/``."""
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    """(folder, summaries) of the gated model as ``dynamic/`` through the default (dynamo) exporter,
+    and of subnet 2 as ``subnet2.onnx`` through the TorchScript-based one, onnxscript unimportable
+    (the dynamo exporter's graphs are the routes' ``save_onnx``; it is some twenty times slower)."""
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package)
     folder = tmp_path_factory.mktemp("onnx")
-    return folder, [export_command(checkpoint, 2, False, "onnx", str(folder / "subnet2.onnx")),
-                    export_command(checkpoint, None, True, "onnx", str(folder / "dynamic"))]
+    dynamic = export_command(checkpoint, None, True, "onnx", str(folder / "dynamic"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "onnxscript", None)  # import onnxscript -> ImportError
+        static = export_command(checkpoint, 2, False, "onnx", str(folder / "subnet2.onnx"), onnx_exporter="torchscript")
+    return folder, [static, dynamic]
 
 
 def _routes_used(model: dsnet.DSNet, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +132,16 @@ def _routes_used(model: dsnet.DSNet, x: torch.Tensor) -> torch.Tensor:
 def _one_per_route(choice: torch.Tensor) -> list[int]:
     """The index of the first sample of each route taken (batch-1 inputs that differ in route)."""
     return [choice.tolist().index(r) for r in sorted(set(choice.tolist()))]
+
+
+def _exporters(path) -> tuple[str, bool]:
+    """(the file's ``dsnet.exporter`` metadata, whether its nodes carry the dynamo exporter's own
+    ``pkg.torch.onnx.*`` annotations, which the TorchScript-based exporter never writes)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    stamp = {p.key: p.value for p in graph.metadata_props}.get("dsnet.exporter")
+    return stamp, any(p.key.startswith("pkg.torch.onnx.") for n in graph.graph.node for p in n.metadata_props)
 
 
 def _run_isolated(code: str, blocked: tuple[str, ...], cwd) -> None:
@@ -190,11 +207,17 @@ def test_onnx_static_and_dynamic_equal_dsnet(model, onnx_exports, x):
 
     tmp_path, summaries = onnx_exports
     assert all("max |diff| vs dsnet" in line for line in summaries)
+    assert "as onnx (torchscript exporter)" in summaries[0] and "as onnx (dynamo exporter)" in summaries[1]
+    assert _exporters(tmp_path / "subnet2.onnx") == ("torchscript", False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamic", "subnet2.onnx"]
     folder = tmp_path / "dynamic"
-    assert sorted(p.name for p in folder.iterdir()) == ["dynamic.json", "gate.onnx", "route_0.onnx",
-                                                        "route_1.onnx", "route_2.onnx"]
+    graphs = ["gate.onnx", "route_0.onnx", "route_1.onnx", "route_2.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["dynamic.json", *graphs]
     spec = json.loads((folder / "dynamic.json").read_text())
     assert spec["subnets"] == [0, 1, 2] and spec["num_classes"] == 4 and spec["input_size"] == [3, 32, 32]
+    assert spec["exporter"] == "dynamo" and spec["opset"] == 18
+    for name in graphs:
+        assert _exporters(folder / name) == ("dynamo", True), name
     choice = _routes_used(model, x)
     static = ort.InferenceSession(str(tmp_path / "subnet2.onnx"), providers=["CPUExecutionProvider"])
     runner = DynamicOnnxRunner(folder)
@@ -246,12 +269,18 @@ def test_unknown_format_and_route_choice_are_named(checkpoint, tmp_path):
         export_command(ckpt, 0, False, "torchscript", out, (1, 32, 32))
     with pytest.raises(ValueError, match=r"writes a folder .* such as .*dyn, not .*dyn\.onnx"):
         export_command(ckpt, None, True, "onnx", str(tmp_path / "dyn.onnx"))
+    with pytest.raises(ValueError, match=r"unknown ONNX exporter 'legacy'; choose one of dynamo, torchscript"):
+        export_command(ckpt, 0, False, "onnx", out, onnx_exporter="legacy")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_onnx_without_the_package_says_how_to_install(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
-    with pytest.raises(ValueError, match=r"pip install 'dsnet\[onnx\]'"):
-        export_command(checkpoint, 0, False, "onnx", str(tmp_path / "a.onnx"))
+@pytest.mark.parametrize("missing, exporter", [("onnx", "dynamo"), ("onnxscript", "dynamo"), ("onnx", "torchscript")])
+def test_onnx_without_the_package_says_how_to_install(checkpoint, tmp_path, monkeypatch, missing, exporter):
+    monkeypatch.setitem(sys.modules, missing, None)  # import MISSING -> ImportError
+    with pytest.raises(ValueError, match=rf"the {exporter} exporter needs the {missing} package: pip install 'dsnet\[onnx\]'"):
+        export_command(checkpoint, 0, False, "onnx", str(tmp_path / "a.onnx"), onnx_exporter=exporter)
+    assert list(tmp_path.iterdir()) == []
+
 
 
 def test_dynamic_export_of_a_stage_one_checkpoint_warns(model, tmp_path, caplog):

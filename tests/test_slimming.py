@@ -49,6 +49,13 @@ def test_one_global_threshold_keeps_exactly_the_scores_above_it_ties_pruned_and_
 
 def test_slimming_keeps_the_channels_whose_largest_gamma_over_the_space_is_above_the_threshold(gen):
     supernet, large = trained_large(gen)
+    with torch.no_grad():  # signed scales; the streams' writers small, so that max and sum rank apart
+        for m in large.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+        for m in [large.features[0], large.features[5].shortcut, large.features[8].shortcut,
+                  *(large.features[i].body[1] for i in (1, 2, 3, 5, 6, 7, 8, 9, 10))]:
+            m[1].weight.mul_(0.3)
     bn = lambda m: m[1].weight.detach().abs()  # noqa: E731  (a plain conv-bn-act's |gamma|)
     # stage one's stream: the stem's BN and the last BN of each of its three blocks
     stream = torch.stack([bn(large.features[0])] + [bn(large.features[i].body[1]) for i in (1, 2, 3)]).amax(0)

@@ -36,8 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from dsnet.errors import UserError
-from dsnet.models.blocks import (Bottleneck, ConvBNAct, DenseBasicBlock, DenseBottleneck, Unit, _copy_act,
-                                 _out_size, _Residual, conv_madds, conv_params)
+from dsnet.models.blocks import Bottleneck, ConvBNAct, DenseBasicBlock, DenseBottleneck, Residual, Unit
 from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
 from dsnet.prune import ChannelSpace, channel_spaces
 
@@ -106,7 +105,7 @@ def _unit_of(name: str) -> int:
 
 def removable_blocks(supernet: DSNet) -> list[int]:
     """Indices of the residual blocks with an identity shortcut: the ones that can be removed."""
-    return [i for i, u in enumerate(supernet.units) if isinstance(u, _Residual) and u.shortcut is None]
+    return [i for i, u in enumerate(supernet.units) if isinstance(u, Residual) and u.shortcut is None]
 
 
 def architecture(supernet: DSNet, widths: dict[str, int], removed: Sequence[int] = ()) -> Architecture:
@@ -178,13 +177,13 @@ def _kept_units(supernet: DSNet, arch: Architecture) -> list[Unit]:
 def _conv_bn(unit: ConvBNAct, in_c: int, out: dict[int, int]) -> tuple[nn.Sequential, int]:
     """A ConvBNAct's dense twin at input width ``in_c`` (largest-route statistics) and its output width."""
     out_c = in_c if unit.conv.depthwise else out[id(unit.conv.weight)]
-    return nn.Sequential(unit.conv.dense(in_c, out_c), unit.bn.dense(out_c, True), _copy_act(unit.act)), out_c
+    return unit.dense_at(in_c, out_c, True), out_c
 
 
 def _dense_unit(unit: Unit, c: int, out: dict[int, int]) -> tuple[nn.Module, int]:
     if isinstance(unit, ConvBNAct):
         return _conv_bn(unit, c, out)
-    if isinstance(unit, _Residual):
+    if isinstance(unit, Residual):
         steps, x = [], c
         for step in unit.body:
             layer, x = _conv_bn(step, x, out)
@@ -221,19 +220,16 @@ def fresh_plain(supernet: DSNet, arch: Architecture) -> DenseNet:
 # ---- cost -----------------------------------------------------------------------------------------
 
 def _conv_bn_cost(unit: ConvBNAct, in_c: int, hw: tuple[int, int], out: dict[int, int]):
-    conv = unit.conv
-    out_c = in_c if conv.depthwise else out[id(conv.weight)]
-    k, s = conv.kernel_size[0], conv.stride[0]
-    hw = (_out_size(hw[0], k, s), _out_size(hw[1], k, s))
-    params = conv_params(in_c, out_c, k, conv.depthwise) + 2 * out_c
-    return conv_madds(in_c, out_c, k, hw, conv.depthwise), params, hw, out_c
+    out_c = in_c if unit.conv.depthwise else out[id(unit.conv.weight)]
+    madds, params, hw = unit.cost_at(in_c, out_c, hw)
+    return madds, params, hw, out_c
 
 
 def _unit_cost(unit: Unit, c: int, hw: tuple[int, int], out: dict[int, int]):
     """(MAdds, params, output hw, output width) of one kept unit at input width ``c``."""
     if isinstance(unit, ConvBNAct):
         return _conv_bn_cost(unit, c, hw, out)
-    if isinstance(unit, _Residual):
+    if isinstance(unit, Residual):
         madds = params = 0
         x, x_hw = c, hw
         for step in unit.body:

@@ -55,7 +55,9 @@ from dsnet.config import Config, replace
 from dsnet.engine import Evaluation, Loop, autocast_factory
 from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_plain, format_report
-from dsnet.models.net import DenseNet, DSNet, init_weights
+from dsnet import found
+from dsnet.arch import Architecture, arch_cost, fresh_plain, load_arch_state, load_architecture, save_architecture
+from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
 from dsnet.prune import implant, l1_prune
 from dsnet.reconstruct import METHODS as RECONSTRUCTIONS, reconstruct_prune
 from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
@@ -64,14 +66,14 @@ from dsnet.runs import (Setup, build_criterion, build_model, build_optimizer, bu
                         updates_per_epoch, wrap_ddp, write_eval)
 
 __all__ = ["BUDGETS", "PRUNERS", "METHODS", "FINETUNE_FRACTION", "finetune_epochs_default", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
-           "plain_subnet", "load_static", "baseline_report", "StaticStep", "train_static", "evaluate_baseline"]
+           "plain_subnet", "load_static", "static_cost", "baseline_report", "StaticStep", "train_static", "evaluate_baseline"]
 
 logger = logging.getLogger(__name__)
 BUDGETS = ("scratch-e", "scratch-b", "scratch-b-supernet")
-PRUNERS = ("l1", *RECONSTRUCTIONS, "weight")
+PRUNERS = ("l1", *RECONSTRUCTIONS, "weight", *found.FINDERS)
 METHODS = (*BUDGETS, *PRUNERS)
 FINETUNE_FRACTION = 0.25  # fine-tuning epochs per training epoch by default: Liu et al.'s 40 after 160
-Subnet = int | str  # a static subnet index or "largest"
+Subnet = int | str  # a static subnet index, "largest", or "arch" (an Architecture's plain model)
 
 
 def sandwich_madds(model: DSNet, num_random: int, teacher: str, input_size) -> float:
@@ -147,19 +149,31 @@ def _tag(model: DenseNet, supernet: DSNet) -> DenseNet:
 
 def load_static(state: dict) -> tuple[DenseNet, DSNet]:
     """(the plain model of a ``static`` checkpoint read with ``read_checkpoint``, in eval mode;
-    the supernet it was cut from, for its costs)."""
+    the supernet it was cut from, for its costs): a static subnet, an architecture (its
+    ``architecture`` record) or SSS's largest route with its branch factors."""
+    if state.get("architecture") is not None:
+        return load_arch_state(state)[:2]
     name, kwargs = state["model_name"], dict(state["model_kwargs"])
     try:
         supernet = timm.create_model(name, **kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # timm: unknown model; dsnet: bad kwargs
         raise CheckpointError(f"checkpoint model {name}({kwargs}) cannot be built: {err}") from None
     model = plain_subnet(supernet, state["subnet"])
+    if any(k.endswith(".scale") for k in state["model"]):
+        found.add_scales_for("sss", model, supernet)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit subnet {state['subnet']} of "
                               f"{state['model_name']}: {str(err).splitlines()[-1].strip()}") from None
     return model.eval(), supernet
+
+
+def static_cost(state: dict, supernet: DSNet, size) -> RouteCost:
+    """MAdds of one ``size`` (C, H, W) sample and parameters of a static checkpoint's plain model."""
+    if state.get("architecture") is not None:
+        return arch_cost(supernet, Architecture.from_dict(state["architecture"]), size)
+    return supernet.route_cost(supernet.routes.resolve(state["subnet"]), size)
 
 
 def baseline_report(subnet: Subnet, cost, acc: dict) -> dict:
@@ -369,8 +383,7 @@ def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root:
     loader, classes = build_val_loader(cfg, runtime)
     check_classes(state, classes)
     model, supernet = load_static(state)
-    cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]),
-                               (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
+    cost = static_cost(state, supernet, (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
     acc = evaluate_plain(model.to(runtime.device), loader, runtime.device,
                          autocast_factory(cfg.train.amp, runtime.device)[0], max_batches)
     report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),

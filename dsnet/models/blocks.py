@@ -76,13 +76,20 @@ class ConvBNAct(Unit):
         return in_c if self.conv.depthwise else self.conv.out_choices[k]
 
     def cost(self, in_c, k, hw):
-        out_c, c = self.out_width(in_c, k), self.conv
+        return self.cost_at(in_c, self.out_width(in_c, k), hw)
+
+    def cost_at(self, in_c: int, out_c: int, hw: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+        """``cost`` at any widths (``out_c`` = ``in_c`` when depthwise), not only the choices'."""
+        c = self.conv
         hw = (_out_size(hw[0], c.kernel_size[0], c.stride[0]), _out_size(hw[1], c.kernel_size[0], c.stride[0]))
         madds = conv_madds(in_c, out_c, c.kernel_size[0], hw, c.depthwise)
         return madds, conv_params(in_c, out_c, c.kernel_size[0], c.depthwise) + 2 * out_c, hw
 
     def dense(self, in_c: int, k: int, largest: bool = False) -> nn.Sequential:
-        out_c = self.out_width(in_c, k)
+        return self.dense_at(in_c, self.out_width(in_c, k), largest)
+
+    def dense_at(self, in_c: int, out_c: int, largest: bool = False) -> nn.Sequential:
+        """``dense`` at any widths: the leading ``out_c`` filters over the leading ``in_c`` channels."""
         return nn.Sequential(self.conv.dense(in_c, out_c), self.bn.dense(out_c, largest), _copy_act(self.act))
 
 

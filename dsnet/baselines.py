@@ -43,7 +43,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -56,7 +56,8 @@ from dsnet.engine import Evaluation, Loop, autocast_factory
 from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_plain, format_report
 from dsnet import found
-from dsnet.arch import Architecture, arch_cost, fresh_plain, load_arch_state, load_architecture, save_architecture
+from dsnet.arch import (Architecture, arch_cost, check_architecture, fresh_plain, load_arch_state, load_architecture,
+                        save_architecture)
 from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
 from dsnet.prune import implant, l1_prune
 from dsnet.reconstruct import METHODS as RECONSTRUCTIONS, reconstruct_prune
@@ -198,28 +199,87 @@ class StaticStep:
         return {"loss": loss.detach(), "losses": {"ce": loss.detach()}}
 
 
-def _prune_source(cfg: Config, base: Path, path: str | None, model_name: str) -> tuple[dict, Path]:
-    """(state, path) of the finished Scratch-E run of the largest route that L1 pruning starts from."""
-    default = base / run_name("scratch-e", "largest") / "checkpoints" / "last.pth"
+def _prune_source(cfg: Config, base: Path, path: str | None, spec: "_Spec") -> tuple[dict, Path]:
+    """(state, path) of the finished run of the largest route that pruning starts from: its
+    Scratch-E run, or for slimming and SSS its penalty-trained run (``dsnet.found``)."""
+    kind = spec.prune if spec.prune in found.FINDERS else None
+    name = found.train_run_name(kind, spec.penalty) if kind else run_name("scratch-e", "largest")
+    default = base / name / "checkpoints" / "last.pth"
     if path is None and not default.exists():
-        logger.info("no trained largest route at %s: training it first (Scratch-E)", default)
-        train_static(cfg, "largest", "scratch-e")
+        logger.info("no trained largest route at %s: training it first (%s)", default,
+                    f"Scratch-E with {kind}'s penalty" if kind else "Scratch-E")
+        train_static(cfg, "largest", "scratch-e", penalty_training=(kind, spec.penalty) if kind else None)
     path = Path(path or default)
     state = read_checkpoint(path, "static")
-    if state.get("subnet") != "largest" or state["model_name"] != model_name:
+    if state.get("subnet") != "largest" or state["model_name"] != cfg.model.name:
         raise UserError(f"--prune-from {path} holds subnet {state.get('subnet')} of {state['model_name']}; "
-                         f"pruning starts from the largest route of {model_name}")
+                         f"pruning starts from the largest route of {cfg.model.name}")
     if state["step"] < state.get("total_steps", 0):
         raise UserError(f"--prune-from {path} stopped at step {state['step']} of {state['total_steps']}; "
                          f"finish it first with train.resume={path}")
+    trained = (state.get("baseline") or {}).get("method")
+    if kind and trained != f"{kind}-train":
+        raise UserError(f"--prune-from {path} was not trained with {kind}'s penalty (it is a {trained} run); "
+                         f"--prune {kind} starts from a {found.train_run_name(kind, spec.penalty)} run")
     return state, path
 
 
-def _method_dir(subnet: Subnet, budget: str, prune: str | None, sparsity: float | None,
-                finetune_epochs: int) -> tuple[str, str]:
-    """(method, run directory name) of a baseline; UserError naming a bad combination."""
+@dataclass(frozen=True)
+class _Spec:
+    """What one baseline run trains, checked: its method (``compare``'s series), run directory
+    name and options (``train_static``'s arguments)."""
+
+    method: str
+    name: str
+    subnet: Subnet
+    budget: str
+    prune: str | None = None
+    sparsity: float | None = None
+    ratio: float | None = None
+    penalty: float | None = None        # slimming's s or SSS's gamma
+    penalty_training: str | None = None  # "slimming" / "sss": the penalty-trained largest route
+    arch: Architecture | None = None     # --static-arch
+    arch_file: str | None = None
+
+
+def _spec(subnet: Subnet | None, budget: str, prune: str | None, sparsity: float | None, finetune_epochs: int,
+          ratio: float | None, static_arch: str | None, penalties: dict[str, float | None],
+          penalty_training: tuple[str, float] | None) -> _Spec:
+    """The run's ``_Spec``; UserError naming a bad combination of options."""
     if prune is not None and prune not in PRUNERS:
         raise UserError(f"--prune must be one of {', '.join(PRUNERS)}, got '{prune}'")
+    if budget not in BUDGETS:
+        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    if finetune_epochs < 1:
+        raise UserError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
+    if static_arch is not None:
+        if subnet is not None or prune is not None or sparsity is not None:
+            raise UserError("--static-arch trains that architecture from scratch: give it with --budget alone, "
+                            "without --static-subnet, --prune or --sparsity")
+        arch = load_architecture(static_arch)[0]
+        return _Spec(f"{budget}-arch", f"{budget}-{found.arch_label(static_arch)}", "arch", budget,
+                     arch=arch, arch_file=str(static_arch))
+    if subnet is None:
+        raise UserError("a baseline needs --static-subnet I (or 'largest') or --static-arch FILE")
+    penalty = found.check_finder(prune, subnet, ratio, penalties)
+    if penalty_training is not None:
+        kind, penalty = penalty_training
+        return _Spec(f"{kind}-train", found.train_run_name(kind, penalty), "largest", budget,
+                     penalty=penalty, penalty_training=kind)
+    if penalty is not None:
+        if sparsity is not None:
+            raise UserError(f"--sparsity goes with --prune weight; --prune {prune} finds its own architecture")
+        return _Spec(prune, found.found_run_name(prune, penalty, ratio), "arch", budget, prune,
+                     ratio=ratio, penalty=penalty)
+    _check_sparsity(subnet, prune, sparsity)
+    method = prune or budget
+    if sparsity is None:
+        return _Spec(method, run_name(method, subnet), subnet, budget, prune)
+    name = run_name(f"weight{sparsity:g}" if prune == "weight" else f"{method}-weight{sparsity:g}", subnet)
+    return _Spec(method, name, subnet, budget, prune, sparsity)
+
+
+def _check_sparsity(subnet: Subnet, prune: str | None, sparsity: float | None) -> None:
     if prune == "weight" and (subnet != "largest" or sparsity is None):
         raise UserError("--prune weight keeps the largest route's shape and zeroes a fraction of its weights: "
                          "give --static-subnet largest and --sparsity S (e.g. 0.5)")
@@ -233,28 +293,23 @@ def _method_dir(subnet: Subnet, budget: str, prune: str | None, sparsity: float 
                         "give --static-subnet largest")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity must be a fraction in [0, 1) of the weights to prune, got {sparsity}")
-    if finetune_epochs < 1:
-        raise UserError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
-    method = prune or budget
-    if method not in METHODS:
-        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
-    if sparsity is None:
-        return method, run_name(method, subnet)
-    return method, run_name(f"weight{sparsity:g}" if prune == "weight" else f"{method}-weight{sparsity:g}", subnet)
 
 
-def _pruned(method: str, supernet: DSNet, large: DenseNet, subnet: Subnet, calib, cfg: Config, sparsity,
-            device: torch.device, size) -> tuple[nn.Module, dict, dict | None]:
+def _pruned(spec: _Spec, supernet: DSNet, large: DenseNet, calib, cfg: Config, device: torch.device,
+            size) -> tuple[nn.Module, dict, dict | None, Architecture | None]:
     """(the pruned plain model, what its baseline record adds, the weight masks fine-tuning keeps
-    or None) of ``large``, the trained largest route."""
-    if method == "weight":
-        return _sparse(large, large, sparsity, supernet, size)
+    or None, the architecture found or None) of ``large``, the trained largest route."""
+    if spec.prune == "weight":
+        return (*_sparse(large, large, spec.sparsity, supernet, size), None)
+    if spec.prune in found.FINDERS:
+        arch, model, record = found.find(spec.prune, supernet, large, spec.ratio, size)
+        return _tag(model, supernet), {**record, "penalty": spec.penalty}, None, arch
     net = implant(supernet, large)
-    if method == "l1":
-        return _tag(l1_prune(net, subnet), supernet), {}, None
+    if spec.prune == "l1":
+        return _tag(l1_prune(net, spec.subnet), supernet), {}, None, None
     batches = [x for x, _ in itertools.islice(calib, cfg.train.recalibrate_batches)]
-    pruned = reconstruct_prune(net.to(device), subnet, method, batches, cfg.train.seed)
-    return _tag(pruned, supernet), {"calib_images": sum(len(x) for x in batches)}, None
+    pruned = reconstruct_prune(net.to(device), spec.subnet, spec.prune, batches, cfg.train.seed)
+    return _tag(pruned, supernet), {"calib_images": sum(len(x) for x in batches)}, None, None
 
 
 def _sparse(model: DenseNet, large: DenseNet, sparsity: float, supernet: DSNet,
@@ -268,24 +323,28 @@ def _sparse(model: DenseNet, large: DenseNet, sparsity: float, supernet: DSNet,
     return model, {"sparsity": sparsity, "madds_sparse": sparse_madds(model, dense, size)}, masks
 
 
-def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: str | None = None,
+def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", prune: str | None = None,
                  finetune_epochs: int | None = None, finetune_lr: float | None = None,
                  prune_from: str | None = None, sparsity: float | None = None,
-                 cap_epochs: int | None = None) -> Path:
-    """Train one baseline (module docs); returns its run directory."""
+                 cap_epochs: int | None = None, *, ratio: float | None = None, static_arch: str | None = None,
+                 slimming_sparsity: float | None = None, sss_gamma: float | None = None,
+                 penalty_training: tuple[str, float] | None = None) -> Path:
+    """Train one baseline (module docs and ``dsnet.found``); returns its run directory.
+    ``penalty_training`` (kind, penalty) trains the largest route with slimming's or SSS's
+    penalty, the run ``--prune slimming|sss`` starts from."""
     finetune_epochs = finetune_epochs_default(cfg) if finetune_epochs is None else finetune_epochs
-    method, name = _method_dir(subnet, budget, prune, sparsity, finetune_epochs)
+    spec = _spec(subnet, budget, prune, sparsity, finetune_epochs, ratio, static_arch,
+                 {"slimming": slimming_sparsity, "sss": sss_gamma}, penalty_training)
     if prune and cap_epochs is not None:
         raise UserError("--budget-cap-epochs caps a scratch-b budget; a pruned model fine-tunes for --finetune-epochs")
     base = Path(cfg.output.dir)
-    check_subnet(build_model(cfg, cfg.model.num_classes or 2), subnet)  # before any training
+    _check_model(cfg, spec)  # before any training
     needs_large = prune or sparsity is not None  # the trained largest route: to prune, or for its weight masks
-    start = _prune_source(cfg, base, prune_from, cfg.model.name) if needs_large else None
-    cfg = replace(cfg, **{"output.dir": str(base / name)})
+    start = _prune_source(cfg, base, prune_from, spec) if needs_large else None
+    cfg = replace(cfg, **{"output.dir": str(base / spec.name)})
     setup = open_stage(cfg)
     supernet = build_model(cfg, len(setup.data.classes))
-    plan = _plan(cfg, setup, supernet, method, subnet, start, prune is not None, sparsity, finetune_epochs,
-                 finetune_lr, cap_epochs)
+    plan = _plan(cfg, setup, supernet, spec, start, finetune_epochs, finetune_lr, cap_epochs)
     model = plan.model.to(setup.runtime.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -293,14 +352,19 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
     optimizer = build_optimizer(model, **{**optimizer_kwargs(cfg, setup.runtime), "lr": plan.lr})
     if plan.masks is not None:
         keep_masks(model, plan.masks, optimizer)
+    if plan.attach is not None:
+        plan.attach(optimizer)
     scheduler = build_scheduler(optimizer, **{**scheduler_kwargs(cfg), **plan.schedule})
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(setup.data.classes))
-    cost = supernet.route_cost(supernet.routes.resolve(subnet), input_shape(cfg, supernet))
+    arch_record = plan.arch.to_dict() if plan.arch is not None else None
+    cost = static_cost({"architecture": arch_record, "subnet": spec.subnet}, supernet, input_shape(cfg, supernet))
+    if plan.arch is not None and setup.runtime.is_main:
+        save_architecture(plan.arch, Path(cfg.output.dir) / "architecture.json")
 
     def evaluate(epoch: int | None = None) -> Evaluation:
         acc = evaluate_plain(model, setup.data.val, setup.runtime.device, setup.autocast,
                              channels_last=cfg.train.channels_last)
-        return Evaluation(baseline_report(subnet, cost, acc), {"top1": acc["top1"]}, acc["top1"])
+        return Evaluation(baseline_report(spec.subnet, cost, acc), {"top1": acc["top1"]}, acc["top1"])
 
     def begin(loop: Loop, resumed: dict | None) -> None:
         before = (resumed or {}).get("baseline", {}).get("top1_before_finetune")
@@ -310,7 +374,7 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         if before is not None:
             plan.info["top1_before_finetune"] = before
         if setup.runtime.is_main:
-            logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", name,
+            logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", spec.name,
                         supernet.model_name, plan.steps, plan.steps / plan.per_epoch, plan.ratio, plan.lr)
 
     return run_stage(
@@ -318,8 +382,19 @@ def train_static(cfg: Config, subnet: Subnet, budget: str = "scratch-e", prune: 
         step=StaticStep(train_model, build_criterion(cfg, mixup), setup.autocast), evaluate=evaluate,
         epochs=math.ceil(plan.steps / plan.per_epoch), mixup=mixup, clip_grad=cfg.train.clip_grad,
         total_steps=plan.steps, start=begin, report={"baseline": plan.info},
-        extra_state={"classes": setup.data.classes, "subnet": subnet, "total_steps": plan.steps,
-                     "baseline": plan.info})
+        extra_state={"classes": setup.data.classes, "subnet": spec.subnet, "total_steps": plan.steps,
+                     "baseline": plan.info, "architecture": arch_record})
+
+
+def _check_model(cfg: Config, spec: _Spec) -> None:
+    """Refuse a subnet or architecture the config's supernet does not have, before any training."""
+    supernet = build_model(cfg, cfg.model.num_classes or 2)
+    if spec.arch is None:
+        return None if spec.subnet == "arch" else check_subnet(supernet, spec.subnet)  # "arch": found later
+    if spec.arch.model != supernet.model_name:
+        raise UserError(f"--static-arch {spec.arch_file} is an architecture of {spec.arch.model}; the config "
+                         f"trains {supernet.model_name}")
+    check_architecture(spec.arch, supernet, f"--static-arch {spec.arch_file}")
 
 
 @dataclass
@@ -334,41 +409,64 @@ class _Plan:
     lr: float
     schedule: dict
     info: dict          # the ``baseline`` record of its checkpoints and eval.json
+    arch: Architecture | None = None  # an architecture's plain model: stored with its checkpoints
+    attach: Callable[[torch.optim.Optimizer], Any] | None = None  # a penalty's optimizer hooks
 
 
-def _plan(cfg: Config, setup: Setup, supernet: DSNet, method: str, subnet: Subnet, start: tuple[dict, Path] | None,
-          prune: bool, sparsity: float | None, finetune_epochs: int, finetune_lr: float | None,
-          cap_epochs: int | None) -> _Plan:
+def _plan(cfg: Config, setup: Setup, supernet: DSNet, spec: _Spec, start: tuple[dict, Path] | None,
+          finetune_epochs: int, finetune_lr: float | None, cap_epochs: int | None) -> _Plan:
     """A model pruned from ``start`` (the trained largest route's (state, path)) fine-tuned at a
-    constant lr for ``finetune_epochs``, or the plain subnet trained from scratch on its budget's
-    steps (with ``sparsity``: the zeros of ``start``'s weight masks, fresh weights)."""
+    constant lr for ``finetune_epochs``, or a model trained from scratch on its budget's steps:
+    a static subnet, an architecture, the zeros of ``start``'s weight masks (``spec.sparsity``)
+    or the largest route under a penalty."""
     data, size = setup.data, input_shape(cfg, supernet)
     per_epoch = updates_per_epoch(data.train, cfg)
     lr = optimizer_kwargs(cfg, setup.runtime)["lr"]
-    info: dict[str, Any] = {"method": method, "subnet": subnet}
+    info: dict[str, Any] = {"method": spec.method, "subnet": spec.subnet}
     if start is not None and list(start[0].get("classes") or data.classes) != data.classes:
         raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
-    if prune:
+    if spec.prune:
         state, path = start
-        model, record, masks = _pruned(method, supernet, load_static(state)[0], subnet, data.calib, cfg,
-                                       sparsity, setup.runtime.device, size)
-        info.update(record)
-        steps, ratio, sched, warmup = finetune_epochs * per_epoch, 1.0, "none", 0
+        model, record, masks, arch = _pruned(spec, supernet, load_static(state)[0], data.calib, cfg,
+                                             setup.runtime.device, size)
+        info.update(record, prune_from=str(path))
+        steps, ratio = finetune_epochs * per_epoch, 1.0
         lr = finetune_lr if finetune_lr is not None else lr / 100
-        info["prune_from"] = str(path)
-    else:
-        model, masks, madds = plain_subnet(supernet, subnet), None, None
-        if sparsity is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
-            model, record, masks = _sparse(model, load_static(start[0])[0], sparsity, supernet, size)
-            info.update(record, masks_from=str(start[1]))
-            madds = record["madds_sparse"]
-        steps, ratio = budget_steps(supernet, cfg, subnet, method, per_epoch, size, cap_epochs, madds)
-        sched, warmup = cfg.train.sched, round(cfg.train.warmup_epochs * per_epoch)
-        if cap_epochs is not None:
-            info["budget_cap_epochs"] = cap_epochs
-    info.update(steps=steps, epochs=round(steps / per_epoch, 3), budget_ratio=round(ratio, 4), lr=lr)
-    schedule = {"sched": sched, "epochs": steps, "updates_per_epoch": 1, "warmup_epochs": warmup}  # stepped per update
-    return _Plan(model, masks, steps, per_epoch, ratio, lr, schedule, info)
+        schedule = {"sched": "none", "epochs": steps, "updates_per_epoch": 1, "warmup_epochs": 0}
+        return _Plan(model, masks, steps, per_epoch, ratio, lr, schedule, _steps_info(info, steps, per_epoch, 1.0, lr),
+                     arch)
+    model, masks, madds, arch, attach = _scratch_model(spec, supernet, start, size, info)
+    steps, ratio = budget_steps(supernet, cfg, spec.subnet, spec.budget, per_epoch, size, cap_epochs, madds)
+    if cap_epochs is not None:
+        info["budget_cap_epochs"] = cap_epochs
+    schedule = {"sched": cfg.train.sched, "epochs": steps, "updates_per_epoch": 1,  # stepped per update
+                "warmup_epochs": round(cfg.train.warmup_epochs * per_epoch)}
+    return _Plan(model, masks, steps, per_epoch, ratio, lr, schedule, _steps_info(info, steps, per_epoch, ratio, lr),
+                 arch, attach)
+
+
+def _steps_info(info: dict, steps: int, per_epoch: int, ratio: float, lr: float) -> dict:
+    return {**info, "steps": steps, "epochs": round(steps / per_epoch, 3), "budget_ratio": round(ratio, 4), "lr": lr}
+
+
+def _scratch_model(spec: _Spec, supernet: DSNet, start: tuple[dict, Path] | None, size,
+                   info: dict) -> tuple[DenseNet, dict | None, float | None, Architecture | None, Callable | None]:
+    """(the freshly initialised model a scratch run trains, its weight masks, the MAdds its
+    Scratch-B budget prices (None: the subnet's), its architecture, its penalty's optimizer
+    hooks); ``info`` receives what the baseline record adds."""
+    if spec.arch is not None:
+        info.update(architecture_from=spec.arch_file)
+        return _tag(fresh_plain(supernet, spec.arch), supernet), None, arch_cost(supernet, spec.arch, size).madds, \
+            spec.arch, None
+    model = plain_subnet(supernet, spec.subnet)
+    if spec.sparsity is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
+        model, record, masks = _sparse(model, load_static(start[0])[0], spec.sparsity, supernet, size)
+        info.update(record, masks_from=str(start[1]))
+        return model, masks, record["madds_sparse"], None, None
+    if spec.penalty_training is not None:
+        info.update(penalty=spec.penalty)
+        return model, None, None, None, found.penalty_training(spec.penalty_training, model, supernet, spec.penalty)
+    return model, None, None, None, None
 
 
 def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root: str | None = None,

@@ -43,12 +43,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dsnet.runs import train_gate
 
         run_dir = train_gate(cfg, args.supernet)
-    elif args.static_subnet is not None:
+    elif args.static_subnet is not None or args.static_arch is not None:
         from dsnet.baselines import parse_subnet, train_static
 
-        run_dir = train_static(cfg, parse_subnet(args.static_subnet), args.budget, args.prune,
-                               args.finetune_epochs, args.finetune_lr, args.prune_from,
-                               sparsity=args.sparsity, cap_epochs=args.budget_cap_epochs)
+        subnet = parse_subnet(args.static_subnet) if args.static_subnet is not None else None
+        run_dir = train_static(cfg, subnet, args.budget, args.prune, args.finetune_epochs, args.finetune_lr,
+                               args.prune_from, sparsity=args.sparsity, cap_epochs=args.budget_cap_epochs,
+                               ratio=args.ratio, static_arch=args.static_arch,
+                               slimming_sparsity=args.slimming_sparsity, sss_gamma=args.sss_gamma)
     else:
         from dsnet.runs import train_supernet
 
@@ -157,9 +159,12 @@ class _DeprecatedPretrained(argparse.Action):
 
 def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     base = p.add_argument_group("static baselines (Liu et al. 2019; written to <output.dir>/<method>-<subnet>)")
-    base.add_argument("--static-subnet", metavar="I", required=required,
+    what = base.add_mutually_exclusive_group(required=required)
+    what.add_argument("--static-subnet", metavar="I",
                       help="train static subnet I (or 'largest') as a plain model" +
                            ("" if required else " instead of the supernet (as dsnet train-baseline does)"))
+    what.add_argument("--static-arch", metavar="FILE", help="train the architecture in FILE (a pruning run's "
+                      "architecture.json, e.g. of --prune slimming) from scratch, for --budget")
     from dsnet.baselines import BUDGETS, PRUNERS
 
     base.add_argument("--budget", choices=BUDGETS, default="scratch-e",
@@ -168,7 +173,14 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     base.add_argument("--budget-cap-epochs", type=int, metavar="N", help="stop a scratch-b budget at N epochs "
                       "(Liu et al.'s ImageNet scripts: twice the epochs)")
     base.add_argument("--prune", choices=PRUNERS, help="prune the trained largest route to subnet I (l1, thinet, "
-                      "regression) or zero its smallest weights (weight, with --static-subnet largest), then fine-tune")
+                      "regression), zero its smallest weights (weight) or find an architecture (slimming, sss; "
+                      "these two with --static-subnet largest), then fine-tune")
+    base.add_argument("--ratio", type=float, metavar="R", help="--prune slimming: the fraction of all channels "
+                      "to remove by one global threshold on the BN scales (e.g. 0.4)")
+    base.add_argument("--slimming-sparsity", type=float, metavar="S", help="--prune slimming: the L1 penalty on "
+                      "BN scales of the largest route's training (default 1e-4, the paper's)")
+    base.add_argument("--sss-gamma", type=float, metavar="G", help="--prune sss: the sparsity of the residual "
+                      "branch factors' APG updates (default 1e-2; larger removes more blocks)")
     base.add_argument("--sparsity", type=float, metavar="S", help="the fraction of the largest route's conv and "
                       "linear weights to zero (e.g. 0.5): with --prune weight, pruned and fine-tuned; with "
                       "--budget alone, the same zeros trained from scratch")
@@ -184,9 +196,9 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Baseline options without ``--static-subnet`` are a usage error."""
-    if args.stage != "gate" and args.static_subnet is None:
-        given = [f for f in ("prune", "prune_from", "finetune_epochs", "finetune_lr", "sparsity", "budget_cap_epochs")
-                 if getattr(args, f) is not None]
+    if args.stage != "gate" and args.static_subnet is None and args.static_arch is None:
+        given = [f for f in ("prune", "prune_from", "finetune_epochs", "finetune_lr", "sparsity", "budget_cap_epochs",
+                             "ratio", "slimming_sparsity", "sss_gamma") if getattr(args, f) is not None]
         if given or args.budget != "scratch-e":
             parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
 

@@ -167,7 +167,7 @@ def format_report(report: dict) -> str:
     """A readable table of an eval.json-shaped report."""
     lines = [f"{'route':>10} {'MAdds (M)':>10} {'top-1':>7} {'top-5':>7}"]
     for row in report["static"]:
-        name = "largest" if row["subnet"] == "largest" else f"subnet {row['subnet']}"
+        name = {"largest": "largest", "arch": "architecture"}.get(row["subnet"], f"subnet {row['subnet']}")
         lines.append(f"{name:>10} {row['madds'] / 1e6:>10.2f} "
                      f"{row['top1']:>7.2f} {row['top5']:>7.2f}")
     big = report.get("largest")

@@ -14,7 +14,8 @@ from typing import Sequence
 
 from dsnet.errors import UserError
 
-__all__ = ["SERIES", "collect", "compare_rows", "format_compare", "plot_compare", "compare_command"]
+__all__ = ["SERIES", "PRUNED", "collect", "compare_rows", "format_compare", "study_rows", "format_study",
+           "plot_compare", "compare_command"]
 
 # plot and table order; labels as the table prints them
 SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (shipped policy)",
@@ -23,7 +24,12 @@ SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dyn
           "l1": "L1-pruned + fine-tuned", "thinet": "ThiNet + fine-tuned",
           "regression": "regression-pruned + fine-tuned", "weight": "weight-pruned + fine-tuned",
           "scratch-e-sparse": "Scratch-E (weight-pruned's zeros)",
-          "scratch-b-sparse": "Scratch-B (weight-pruned's zeros)"}
+          "scratch-b-sparse": "Scratch-B (weight-pruned's zeros)",
+          "slimming-train": "large model, slimming's BN penalty", "sss-train": "large model, SSS's factors",
+          "slimming": "Network Slimming + fine-tuned", "sss": "SSS + fine-tuned",
+          "scratch-e-arch": "Scratch-E (found architecture)", "scratch-b-arch": "Scratch-B (found architecture)"}
+# the study's pruning methods, in Liu et al.'s order: predefined architectures, then found ones
+PRUNED = ("l1", "thinet", "regression", "weight", "slimming", "sss")
 
 
 def collect(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
@@ -74,8 +80,10 @@ def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
         if "baseline" in r:
             for row in r["static"]:
                 sparse = r["baseline"]["method"] != "weight" and r["baseline"].get("sparsity") is not None
-                rows.append({"method": r["baseline"]["method"] + ("-sparse" if sparse else ""), "run": run, **_row(row),
-                             "epochs": r["baseline"].get("epochs"), "madds_sparse": r["baseline"].get("madds_sparse")})
+                b = r["baseline"]
+                rows.append({"method": b["method"] + ("-sparse" if sparse else ""), "run": run, **_row(row),
+                             "epochs": b.get("epochs"), "madds_sparse": b.get("madds_sparse"),
+                             "sparsity": b.get("sparsity"), "architecture_from": b.get("architecture_from")})
             continue
         if r.get("dynamic") is None or not has_supernet:  # a gate run repeats its supernet's table
             rows += [{"method": "supernet", "run": run, **_row(row)} for row in r["static"]]
@@ -120,6 +128,47 @@ def format_compare(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _same_architecture(pruned: dict, scratch: dict) -> bool:
+    """Whether a scratch row trains the architecture of a pruned row."""
+    if pruned["method"] in ("slimming", "sss"):
+        source = scratch.get("architecture_from")
+        return source is not None and Path(source).resolve().parent == Path(pruned["run"]).resolve()
+    if pruned["method"] == "weight":
+        return scratch["method"].endswith("-sparse") and scratch.get("sparsity") == pruned.get("sparsity")
+    return not scratch["method"].endswith(("-sparse", "-arch")) and scratch["subnet"] == pruned["subnet"]
+
+
+def study_rows(rows: list[dict]) -> list[dict]:
+    """Liu et al.'s table: each pruned and fine-tuned model beside its architecture trained from
+    scratch (Scratch-E, Scratch-B; None where that run is missing)."""
+    study = []
+    for p in (r for m in PRUNED for r in rows if r["method"] == m):
+        twins = {}
+        for budget in ("scratch-e", "scratch-b"):
+            hits = [r for r in rows if r["method"].startswith(budget + "-") or r["method"] == budget]
+            hits = [r for r in hits if _same_architecture(p, r)]
+            twins[budget] = hits[0]["top1"] if hits else None
+        study.append({"method": p["method"], "run": p["run"], "madds": _cost(p), "params": p["params"],
+                      "fine_tuned": p["top1"], "scratch_e": twins["scratch-e"], "scratch_b": twins["scratch-b"]})
+    return study
+
+
+def format_study(study: list[dict]) -> str:
+    """The study's table: method x (fine-tuned, Scratch-E, Scratch-B) with MAdds (sparse for weight
+    pruning) and parameters."""
+    def cell(v):
+        return f"{v:>10.2f}" if v is not None else f"{'-':>10}"
+
+    lines = [f"{'pruned model (its run)':<44} {'MAdds (M)':>9} {'params (M)':>10} {'fine-tuned':>10} "
+             f"{'Scratch-E':>10} {'Scratch-B':>10}"]
+    for s in study:
+        params = f"{s['params'] / 1e6:>10.3f}" if s.get("params") is not None else f"{'-':>10}"
+        name = f"{SERIES[s['method']].removesuffix(' + fine-tuned')} ({Path(s['run']).name})"
+        lines.append(f"{name:<44} {s['madds'] / 1e6:>9.2f} {params} {cell(s['fine_tuned'])} {cell(s['scratch_e'])} "
+                     f"{cell(s['scratch_b'])}")
+    return "\n".join(lines)
+
+
 def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     """Accuracy vs MAdds (sparse MAdds for weight-pruned models), one series per method."""
     try:
@@ -130,7 +179,8 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
         raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
     styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
               "scratch-b": "^--", "scratch-b-supernet": "v--", "l1": "D:", "thinet": "P:", "regression": "X:",
-              "weight": "h:", "scratch-e-sparse": "s", "scratch-b-sparse": "^"}
+              "weight": "h:", "scratch-e-sparse": "s", "scratch-b-sparse": "^", "slimming": "d", "sss": "p",
+              "scratch-e-arch": "s", "scratch-b-arch": "^", "slimming-train": "o", "sss-train": "o"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     supernets = {r["run"] for r in rows if r["method"] == "supernet"}
     # a baseline series gathers its runs; each supernet (and its gate) is a series of its own
@@ -155,10 +205,13 @@ def compare_command(paths: Sequence[str], json_path: str | None, plot_path: str 
     """What ``dsnet compare`` does; returns the table it prints."""
     reports = collect(paths)
     rows = compare_rows(reports)
+    study = study_rows(rows)
     if json_path:
-        out = {"rows": rows, "num_samples": reports[0][1]["num_samples"], "data": reports[0][1].get("data"),
+        out = {"rows": rows, "study": study, "num_samples": reports[0][1]["num_samples"], "data": reports[0][1].get("data"),
                "reports": [str(p) for p, _ in reports]}
         Path(json_path).write_text(json.dumps(out, indent=2))
     if plot_path:
         plot_compare(rows, plot_path, title="accuracy vs MAdds")
-    return format_compare(rows)
+    table = format_compare(rows)
+    return table + ("\n\nLiu et al.'s study: each pruned model against its architecture trained from scratch (top-1)\n"
+                    + format_study(study) if study else "")

@@ -32,8 +32,12 @@ budget with the zeros held; Scratch-B prices the model at its sparse MAdds; it w
 (default ``train.epochs / 4``) at ``--finetune-lr`` (default ``train.lr / 100``): Liu et al.
 fine-tune 40 epochs at 0.001 after 160 at 0.1.
 
+``--prune slimming|sss`` and ``--static-arch FILE`` (architectures found by pruning, trained
+from scratch) are described in ``dsnet.found``.
+
 Each run lives in ``<output.dir>/<method>-<subnet>`` (``scratch-b-subnet0``, ``l1-subnet2``,
-``scratch-e-largest``), so baselines sit beside the supernet run that shares their config; its
+``scratch-e-largest``; ``dsnet.baseline_spec`` names them and checks the options, ``dsnet.budgets``
+counts the steps), so baselines sit beside the supernet run that shares their config; its
 checkpoints are stage ``static`` and its ``eval.json`` has one row plus a ``baseline`` record.
 """
 from __future__ import annotations
@@ -56,83 +60,21 @@ from dsnet.engine import Evaluation, Loop, autocast_factory
 from dsnet.errors import UserError
 from dsnet.evaluate import evaluate_plain, format_report
 from dsnet import found
-from dsnet.arch import (Architecture, arch_cost, check_architecture, fresh_plain, load_arch_state, load_architecture,
-                        save_architecture)
+from dsnet.arch import Architecture, arch_cost, check_architecture, fresh_plain, load_arch_state, save_architecture
+from dsnet.baseline_spec import BaselineSpec, baseline_spec, check_subnet, run_name
+from dsnet.budgets import Subnet, budget_steps, finetune_epochs_default
 from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
 from dsnet.prune import implant, l1_prune
-from dsnet.reconstruct import METHODS as RECONSTRUCTIONS, reconstruct_prune
+from dsnet.reconstruct import reconstruct_prune
 from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
 from dsnet.runs import (Setup, build_criterion, build_model, build_optimizer, build_scheduler, build_val_loader,
                         data_signature, input_shape, open_stage, optimizer_kwargs, run_stage, scheduler_kwargs,
                         updates_per_epoch, wrap_ddp, write_eval)
 
-__all__ = ["BUDGETS", "PRUNERS", "METHODS", "FINETUNE_FRACTION", "finetune_epochs_default", "Subnet", "sandwich_madds", "budget_steps", "run_name", "check_subnet",
-           "plain_subnet", "load_static", "static_cost", "baseline_report", "StaticStep", "train_static", "evaluate_baseline"]
+__all__ = ["plain_subnet", "load_static", "static_cost", "baseline_report", "StaticStep", "train_static",
+           "evaluate_baseline"]
 
 logger = logging.getLogger(__name__)
-BUDGETS = ("scratch-e", "scratch-b", "scratch-b-supernet")
-PRUNERS = ("l1", *RECONSTRUCTIONS, "weight", *found.FINDERS)
-METHODS = (*BUDGETS, *PRUNERS)
-FINETUNE_FRACTION = 0.25  # fine-tuning epochs per training epoch by default: Liu et al.'s 40 after 160
-Subnet = int | str  # a static subnet index, "largest", or "arch" (an Architecture's plain model)
-
-
-def sandwich_madds(model: DSNet, num_random: int, teacher: str, input_size) -> float:
-    """Training MAdds per image of one stage-one (IEB) step: ``C_super`` in the module docs."""
-    static = [model.route_cost(r, input_size).madds for r in model.routes.static_routes]
-    largest = model.route_cost(model.routes.largest, input_size).madds
-    pool = static[min(1, len(static) - 1):]  # what IEB draws its random routes from
-    randoms = num_random * sum(pool) / len(pool)
-    teacher_madds = {"ensemble": largest + randoms, "ema": largest}.get(teacher, 0)
-    return 3 * (largest + randoms + static[0]) + teacher_madds
-
-
-def budget_steps(model: DSNet, cfg: Config, subnet: Subnet, budget: str, steps_per_epoch: int,
-                 input_size, cap_epochs: int | None = None, madds: float | None = None) -> tuple[int, float]:
-    """(optimizer steps, MAdds ratio) of a Scratch-E run (ratio 1), a Scratch-B run (ratio
-    M_largest / M_I) or a Scratch-B-supernet run (ratio C_super / C_I); a Scratch-B run of either
-    kind stops at ``cap_epochs`` epochs when that is given. ``madds`` replaces M_I (a sparse
-    model's MAdds: non-zero weights x output positions)."""
-    if budget not in BUDGETS:
-        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
-    if cap_epochs is not None and (budget == "scratch-e" or cap_epochs < 1):
-        raise UserError(f"--budget-cap-epochs takes a positive number of epochs and caps a scratch-b or "
-                         f"scratch-b-supernet budget, got {cap_epochs} with --budget {budget}")
-    steps_e = cfg.train.epochs * steps_per_epoch
-    if budget == "scratch-e":
-        return steps_e, 1.0
-    small = madds if madds is not None else model.route_cost(model.routes.resolve(subnet), input_size).madds
-    if budget == "scratch-b":
-        ratio = model.route_cost(model.routes.largest, input_size).madds / small
-    else:
-        ratio = sandwich_madds(model, cfg.ieb.num_random, cfg.ieb.teacher, input_size) / (3 * small)
-    steps = max(1, round(steps_e * ratio))
-    return (steps if cap_epochs is None else min(steps, cap_epochs * steps_per_epoch)), ratio
-
-
-def finetune_epochs_default(cfg: Config) -> int:
-    """Fine-tuning epochs when ``--finetune-epochs`` is not given: ``train.epochs / 4``, at least 1."""
-    return max(1, round(cfg.train.epochs * FINETUNE_FRACTION))
-
-
-def run_name(method: str, subnet: Subnet) -> str:
-    return f"{method}-{'largest' if subnet == 'largest' else f'subnet{subnet}'}"
-
-
-def parse_subnet(text: str | int) -> Subnet:
-    """``--static-subnet`` value: an index or ``largest``."""
-    if text == "largest" or isinstance(text, int):
-        return text
-    if not str(text).isdigit():
-        raise UserError(f"--static-subnet must be a subnet index (0 = slimmest) or 'largest', got '{text}'")
-    return int(text)
-
-
-def check_subnet(supernet: DSNet, subnet: Subnet) -> None:
-    """Refuse a ``--static-subnet`` that ``supernet`` does not have."""
-    if subnet != "largest" and not 0 <= subnet < supernet.num_subnets:
-        raise UserError(f"--static-subnet {subnet} is out of range: {supernet.model_name} has "
-                         f"{supernet.num_subnets} static subnets (0..{supernet.num_subnets - 1}) and 'largest'")
 
 
 def plain_subnet(supernet: DSNet, subnet: Subnet) -> DenseNet:
@@ -199,7 +141,7 @@ class StaticStep:
         return {"loss": loss.detach(), "losses": {"ce": loss.detach()}}
 
 
-def _prune_source(cfg: Config, base: Path, path: str | None, spec: "_Spec") -> tuple[dict, Path]:
+def _prune_source(cfg: Config, base: Path, path: str | None, spec: "BaselineSpec") -> tuple[dict, Path]:
     """(state, path) of the finished run of the largest route that pruning starts from: its
     Scratch-E run, or for slimming and SSS its penalty-trained run (``dsnet.found``)."""
     kind = spec.prune if spec.prune in found.FINDERS else None
@@ -224,78 +166,7 @@ def _prune_source(cfg: Config, base: Path, path: str | None, spec: "_Spec") -> t
     return state, path
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """What one baseline run trains, checked: its method (``compare``'s series), run directory
-    name and options (``train_static``'s arguments)."""
-
-    method: str
-    name: str
-    subnet: Subnet
-    budget: str
-    prune: str | None = None
-    sparsity: float | None = None
-    ratio: float | None = None
-    penalty: float | None = None        # slimming's s or SSS's gamma
-    penalty_training: str | None = None  # "slimming" / "sss": the penalty-trained largest route
-    arch: Architecture | None = None     # --static-arch
-    arch_file: str | None = None
-
-
-def _spec(subnet: Subnet | None, budget: str, prune: str | None, sparsity: float | None, finetune_epochs: int,
-          ratio: float | None, static_arch: str | None, penalties: dict[str, float | None],
-          penalty_training: tuple[str, float] | None) -> _Spec:
-    """The run's ``_Spec``; UserError naming a bad combination of options."""
-    if prune is not None and prune not in PRUNERS:
-        raise UserError(f"--prune must be one of {', '.join(PRUNERS)}, got '{prune}'")
-    if budget not in BUDGETS:
-        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
-    if finetune_epochs < 1:
-        raise UserError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
-    if static_arch is not None:
-        if subnet is not None or prune is not None or sparsity is not None:
-            raise UserError("--static-arch trains that architecture from scratch: give it with --budget alone, "
-                            "without --static-subnet, --prune or --sparsity")
-        arch = load_architecture(static_arch)[0]
-        return _Spec(f"{budget}-arch", f"{budget}-{found.arch_label(static_arch)}", "arch", budget,
-                     arch=arch, arch_file=str(static_arch))
-    if subnet is None:
-        raise UserError("a baseline needs --static-subnet I (or 'largest') or --static-arch FILE")
-    penalty = found.check_finder(prune, subnet, ratio, penalties)
-    if penalty_training is not None:
-        kind, penalty = penalty_training
-        return _Spec(f"{kind}-train", found.train_run_name(kind, penalty), "largest", budget,
-                     penalty=penalty, penalty_training=kind)
-    if penalty is not None:
-        if sparsity is not None:
-            raise UserError(f"--sparsity goes with --prune weight; --prune {prune} finds its own architecture")
-        return _Spec(prune, found.found_run_name(prune, penalty, ratio), "arch", budget, prune,
-                     ratio=ratio, penalty=penalty)
-    _check_sparsity(subnet, prune, sparsity)
-    method = prune or budget
-    if sparsity is None:
-        return _Spec(method, run_name(method, subnet), subnet, budget, prune)
-    name = run_name(f"weight{sparsity:g}" if prune == "weight" else f"{method}-weight{sparsity:g}", subnet)
-    return _Spec(method, name, subnet, budget, prune, sparsity)
-
-
-def _check_sparsity(subnet: Subnet, prune: str | None, sparsity: float | None) -> None:
-    if prune == "weight" and (subnet != "largest" or sparsity is None):
-        raise UserError("--prune weight keeps the largest route's shape and zeroes a fraction of its weights: "
-                         "give --static-subnet largest and --sparsity S (e.g. 0.5)")
-    if prune not in (None, "weight") and subnet == "largest":
-        raise UserError(f"--prune {prune} needs --static-subnet I, the subnet whose width to prune to")
-    if sparsity is not None and prune not in (None, "weight"):
-        raise UserError("--sparsity sets the fraction of weights --prune weight zeroes; it goes with --prune weight "
-                        "or, to train that sparse structure from scratch, with --budget alone")
-    if sparsity is not None and subnet != "largest":
-        raise UserError("--sparsity keeps the largest route's shape with a fraction of its weights zero: "
-                        "give --static-subnet largest")
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise UserError(f"--sparsity must be a fraction in [0, 1) of the weights to prune, got {sparsity}")
-
-
-def _pruned(spec: _Spec, supernet: DSNet, large: DenseNet, calib, cfg: Config, device: torch.device,
+def _pruned(spec: BaselineSpec, supernet: DSNet, large: DenseNet, calib, cfg: Config, device: torch.device,
             size) -> tuple[nn.Module, dict, dict | None, Architecture | None]:
     """(the pruned plain model, what its baseline record adds, the weight masks fine-tuning keeps
     or None, the architecture found or None) of ``large``, the trained largest route."""
@@ -333,7 +204,7 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
     ``penalty_training`` (kind, penalty) trains the largest route with slimming's or SSS's
     penalty, the run ``--prune slimming|sss`` starts from."""
     finetune_epochs = finetune_epochs_default(cfg) if finetune_epochs is None else finetune_epochs
-    spec = _spec(subnet, budget, prune, sparsity, finetune_epochs, ratio, static_arch,
+    spec = baseline_spec(subnet, budget, prune, sparsity, finetune_epochs, ratio, static_arch,
                  {"slimming": slimming_sparsity, "sss": sss_gamma}, penalty_training)
     if prune and cap_epochs is not None:
         raise UserError("--budget-cap-epochs caps a scratch-b budget; a pruned model fine-tunes for --finetune-epochs")
@@ -386,7 +257,7 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
                      "baseline": plan.info, "architecture": arch_record})
 
 
-def _check_model(cfg: Config, spec: _Spec) -> None:
+def _check_model(cfg: Config, spec: BaselineSpec) -> None:
     """Refuse a subnet or architecture the config's supernet does not have, before any training."""
     supernet = build_model(cfg, cfg.model.num_classes or 2)
     if spec.arch is None:
@@ -413,7 +284,7 @@ class _Plan:
     attach: Callable[[torch.optim.Optimizer], Any] | None = None  # a penalty's optimizer hooks
 
 
-def _plan(cfg: Config, setup: Setup, supernet: DSNet, spec: _Spec, start: tuple[dict, Path] | None,
+def _plan(cfg: Config, setup: Setup, supernet: DSNet, spec: BaselineSpec, start: tuple[dict, Path] | None,
           finetune_epochs: int, finetune_lr: float | None, cap_epochs: int | None) -> _Plan:
     """A model pruned from ``start`` (the trained largest route's (state, path)) fine-tuned at a
     constant lr for ``finetune_epochs``, or a model trained from scratch on its budget's steps:
@@ -449,7 +320,7 @@ def _steps_info(info: dict, steps: int, per_epoch: int, ratio: float, lr: float)
     return {**info, "steps": steps, "epochs": round(steps / per_epoch, 3), "budget_ratio": round(ratio, 4), "lr": lr}
 
 
-def _scratch_model(spec: _Spec, supernet: DSNet, start: tuple[dict, Path] | None, size,
+def _scratch_model(spec: BaselineSpec, supernet: DSNet, start: tuple[dict, Path] | None, size,
                    info: dict) -> tuple[DenseNet, dict | None, float | None, Architecture | None, Callable | None]:
     """(the freshly initialised model a scratch run trains, its weight masks, the MAdds its
     Scratch-B budget prices (None: the subnet's), its architecture, its penalty's optimizer

@@ -44,7 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         run_dir = train_gate(cfg, args.supernet)
     elif args.static_subnet is not None or args.static_arch is not None:
-        from dsnet.baselines import parse_subnet, train_static
+        from dsnet.baseline_spec import parse_subnet
+        from dsnet.baselines import train_static
 
         subnet = parse_subnet(args.static_subnet) if args.static_subnet is not None else None
         run_dir = train_static(cfg, subnet, args.budget, args.prune, args.finetune_epochs, args.finetune_lr,
@@ -165,7 +166,8 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                            ("" if required else " instead of the supernet (as dsnet train-baseline does)"))
     what.add_argument("--static-arch", metavar="FILE", help="train the architecture in FILE (a pruning run's "
                       "architecture.json, e.g. of --prune slimming) from scratch, for --budget")
-    from dsnet.baselines import BUDGETS, PRUNERS
+    from dsnet.baseline_spec import PRUNERS
+    from dsnet.budgets import BUDGETS
 
     base.add_argument("--budget", choices=BUDGETS, default="scratch-e",
                       help="scratch-e: train.epochs; scratch-b: epochs x MAdds(largest) / MAdds(I) (Liu et al.); "

@@ -6,7 +6,8 @@ import timm
 import torch
 
 import dsnet
-from dsnet.baselines import budget_steps, finetune_epochs_default, sandwich_madds, train_static
+from dsnet.baselines import train_static
+from dsnet.budgets import budget_steps, finetune_epochs_default, sandwich_madds
 from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main, train_supernet_main
 from dsnet.compare import collect, compare_rows

@@ -1,7 +1,6 @@
 """Safe checkpoints: atomic writes, refusal of unsafe / broken / foreign files, NaN stops."""
 import errno
 import os
-import pickle
 
 import pytest
 import torch

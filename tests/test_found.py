@@ -7,7 +7,8 @@ import torch
 
 import dsnet
 from dsnet.arch import Architecture, arch_cost, build_plain, full_architecture, removable_blocks
-from dsnet.baselines import budget_steps, load_static, train_static
+from dsnet.baselines import load_static, train_static
+from dsnet.budgets import budget_steps
 from dsnet.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main, train_supernet_main
 from dsnet.slimming import slimming_prune

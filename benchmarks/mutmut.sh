@@ -50,7 +50,7 @@ CFG
 cd "$work"
 export OMP_NUM_THREADS=1
 [ $# -gt 0 ] || set -- 'dsnet.ieb.*' 'dsnet.sgs.*' 'dsnet.routes.*' 'dsnet.madds.x_count_madds*' \
-    'dsnet.madds.x__route*' 'dsnet.evaluate.x_topk_correct*' 'dsnet.policy.x_cost_bias*' \
+    'dsnet.evaluate.x_topk_correct*' 'dsnet.policy.x_cost_bias*' \
     'dsnet.evaluate.x_static_curve*' 'dsnet.layers.xǁDSBatchNorm2dǁforward*' \
     'dsnet.layers.xǁDSBatchNorm2dǁrow*' 'dsnet.layers.xǁDSBatchNorm2dǁ_slices*' \
     'dsnet.layers.xǁDSBatchNorm2dǁreset_running_stats*' 'dsnet.layers.xǁDSBatchNorm2dǁchoice_index*'

@@ -170,10 +170,12 @@ def load_static(state: dict) -> tuple[DenseNet, DSNet]:
 
 
 def static_cost(state: dict, supernet: DSNet, size) -> RouteCost:
-    """MAdds of one ``size`` (C, H, W) sample and parameters of a static checkpoint's plain model."""
+    """MAdds of one ``size`` (C, H, W) sample and parameters of a static checkpoint's plain model
+    (SSS's branch factors are parameters; their products are not MAdds, as BN's are not)."""
     if state.get("architecture") is not None:
         return arch_cost(supernet, Architecture.from_dict(state["architecture"]), size)
-    return supernet.route_cost(supernet.routes.resolve(state["subnet"]), size)
+    cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]), size)
+    return cost._replace(params=cost.params + sum(k.endswith(".scale") for k in state["model"]))
 
 
 def baseline_report(subnet: Subnet, cost, acc: dict) -> dict:

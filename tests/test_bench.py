@@ -120,3 +120,28 @@ def test_bench_dynamic_reports_batches_and_a_single_image_stream(tmp_path):
     for row in report["results"]:
         assert row["dynamic_over_dense_limit"] == row["dynamic_ms"] / row["dense_limit_ms"]
         assert row["masked_over_dynamic"] == row["masked_ms"] / row["dynamic_ms"]
+
+
+def test_bench_of_a_static_checkpoint_times_its_plain_model_against_the_dense_largest_route(tmp_path, capsys):
+    from dsnet.arch import Architecture, arch_cost
+    from dsnet.checkpoint import read_checkpoint
+    from tests.test_export import KWARGS, static_checkpoints
+
+    path = static_checkpoints(tmp_path)["arch"][0]
+    out = tmp_path / "bench.json"
+    report = bench_command(path, [1, 3], str(out), repeats=2, threads=1, warmup=1, min_ms=1.0)
+    assert json.loads(out.read_text()) == report and set(report) == {"device", "threads", "results"}
+    supernet = timm.create_model("ds_resnet20", **KWARGS)
+    arch = Architecture.from_dict(read_checkpoint(path, "static")["architecture"])
+    madds = arch_cost(supernet, arch, (3, 32, 32)).madds
+    largest = supernet.route_cost(supernet.routes.largest, (3, 32, 32)).madds
+    assert [r["batch_size"] for r in report["results"]] == [1, 3]
+    for row in report["results"]:
+        assert set(row) == {"batch_size", "static_ms", "largest_ms", "static_madds", "largest_madds",
+                            "theoretical_speedup", "realized_speedup"}
+        assert (row["static_madds"], row["largest_madds"]) == (madds, largest) and madds < largest
+        assert row["theoretical_speedup"] == largest / madds
+        assert row["static_ms"] > 0 and row["largest_ms"] > 0
+        assert row["realized_speedup"] == row["largest_ms"] / row["static_ms"]
+    printed = capsys.readouterr().out
+    assert "static model" in printed and "dense largest route" in printed and "realized" in printed

@@ -93,9 +93,9 @@ def test_profile_of_a_static_checkpoint_or_architecture_is_what_flop_counter_and
                       "subnet": {"subnet": 1, "sss": "largest"}.get(kind, "arch"),
                       "madds": counter.get_total_flops() // 2 // 2 + _pool_adds(plain, x[:1]),
                       "params": sum(p.numel() for p in plain.parameters())}
-    assert main(["profile", path]) == 0
+    assert main(["profile", path, "--input-size", "3", "40", "32"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("ds_resnet20 ") and "3x32x32" in lines[0]
+    assert lines[0].startswith("ds_resnet20 ") and path in lines[0] and "3x40x32" in lines[0]
     assert lines[1].startswith(f"MAdds {report['madds'] / 1e6:.3f} M, params {report['params'] / 1e6:.4f} M")
 
 

@@ -400,3 +400,20 @@ def test_a_supernet_checkpoint_still_needs_a_route(checkpoint, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give exactly one of --subnet I (a static subnet) or --dynamic" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_written_file_that_differs_from_the_model_is_refused_and_removed(statics, tmp_path, monkeypatch):
+    import dsnet.export
+
+    def perturbed(module, path):
+        wrong = copy.deepcopy(module)
+        with torch.no_grad():
+            wrong.fc.bias += 1.0
+        save_torchscript(wrong, path)
+
+    save_torchscript = dsnet.export.save_torchscript
+    monkeypatch.setattr(dsnet.export, "save_torchscript", perturbed)
+    with pytest.raises(ValueError, match=r"the exported torchscript file gives outputs 1 away from dsnet's; "
+                                         r"this is a dsnet bug"):
+        export_command(statics["sss"][0], None, False, "torchscript", str(tmp_path / "m.pt"))
+    assert list(tmp_path.iterdir()) == []

@@ -277,19 +277,19 @@ def build_supernet(arch: Architecture, source: str = "the architecture") -> DSNe
         raise UserError(f"{source}: {arch.model}({arch.model_kwargs}) cannot be built: {err}") from None
 
 
-def load_architecture(path: str | os.PathLike) -> tuple[Architecture, DSNet]:
+def load_architecture(path: str | os.PathLike, source: str | None = None) -> tuple[Architecture, DSNet]:
     """Read a ``--static-arch`` file: (the architecture, its supernet). UserError naming the file
-    when it is missing, not JSON, not an architecture, or does not fit its supernet."""
+    (as ``source``, default ``--static-arch PATH``) when it is missing, not JSON, not an
+    architecture, or does not fit its supernet."""
     path = Path(path)
+    source = source or f"--static-arch {path}"
     if not path.is_file():
-        raise UserError(f"--static-arch {path} does not exist" if not path.exists()
-                        else f"--static-arch {path} is not a file")
+        raise UserError(f"{source} does not exist" if not path.exists() else f"{source} is not a file")
     try:
         record = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--static-arch {path} is not JSON ({err}); write it with dsnet "
+        raise UserError(f"{source} is not JSON ({err}); write it with dsnet "
                         f"(dsnet.arch.save_architecture) or as its docs describe") from None
-    source = f"--static-arch {path}"
     arch = Architecture.from_dict(record, source)
     supernet = build_supernet(arch, source)
     check_architecture(arch, supernet, source)

@@ -113,10 +113,12 @@ def load_static(state: dict) -> tuple[DenseNet, DSNet]:
 
 
 def static_cost(state: dict, supernet: DSNet, size) -> RouteCost:
-    """MAdds of one ``size`` (C, H, W) sample and parameters of a static checkpoint's plain model."""
+    """MAdds of one ``size`` (C, H, W) sample and parameters of a static checkpoint's plain model
+    (SSS's branch factors are parameters; their products are not MAdds, as BN's are not)."""
     if state.get("architecture") is not None:
         return arch_cost(supernet, Architecture.from_dict(state["architecture"]), size)
-    return supernet.route_cost(supernet.routes.resolve(state["subnet"]), size)
+    cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]), size)
+    return cost._replace(params=cost.params + sum(k.endswith(".scale") for k in state["model"]))
 
 
 def baseline_report(subnet: Subnet, cost, acc: dict) -> dict:
@@ -228,7 +230,8 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
     scheduler = build_scheduler(optimizer, **{**scheduler_kwargs(cfg), **plan.schedule})
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(setup.data.classes))
     arch_record = plan.arch.to_dict() if plan.arch is not None else None
-    cost = static_cost({"architecture": arch_record, "subnet": spec.subnet}, supernet, input_shape(cfg, supernet))
+    cost = static_cost({"architecture": arch_record, "subnet": spec.subnet, "model": model.state_dict()}, supernet,
+                       input_shape(cfg, supernet))
     if plan.arch is not None and setup.runtime.is_main:
         save_architecture(plan.arch, Path(cfg.output.dir) / "architecture.json")
 

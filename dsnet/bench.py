@@ -10,6 +10,10 @@ goes first; medians reported):
 - the dense limit: the dense pre-gate part + gate of ``extract_dynamic`` on the batch plus, for
   each group of samples the gate formed, that route's dense post-gate part on the group, summed.
 
+A static baseline checkpoint (``dsnet train-baseline``: a static subnet, an architecture, SSS's
+scaled largest route) has no gate: its plain model is timed against the dense largest route of the
+supernet it was cut from (``supernet.extract(supernet.routes.largest)``), interleaved the same way.
+
 A checkpoint runs on batches of its run's validation images (random inputs if the data is not
 there); a model name runs at random init with a hand-set gate that spreads samples over routes.
 """
@@ -20,17 +24,18 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dsnet.errors import UserError
 from dsnet.export import extract_dynamic, extract_subnet
 from dsnet.models.net import DSNet
 
-__all__ = ["bench_command", "bench_batch", "time_interleaved", "spread_gate", "dense_limit_fns",
+__all__ = ["bench_command", "bench_batch", "bench_static_batch", "StaticPair", "static_pair", "time_interleaved", "spread_gate", "dense_limit_fns",
            "gate_choice", "format_table"]
 
 logger = logging.getLogger(__name__)
@@ -154,6 +159,18 @@ def bench_batch(model: DSNet, x: Tensor, input_size: Sequence[int], repeats: int
     return row
 
 
+@torch.inference_mode()
+def bench_static_batch(pair: StaticPair, x: Tensor, repeats: int, warmup: int = 2, min_ms: float = 20.0,
+                       clock: Callable[[], float] = time.perf_counter) -> dict:
+    """One ``results`` row of ``dsnet bench --json`` for a static checkpoint on batch x [B, C, H, W]:
+    its plain model against the dense largest route of its supernet, timed interleaved."""
+    ms = time_interleaved({"static": lambda: pair.model(x), "largest": lambda: pair.largest(x)}, repeats, warmup,
+                          min_ms, x.device, clock)
+    return {"batch_size": int(x.shape[0]), "static_ms": ms["static"], "largest_ms": ms["largest"],
+            "static_madds": pair.madds, "largest_madds": pair.largest_madds,
+            "theoretical_speedup": pair.largest_madds / pair.madds, "realized_speedup": ms["largest"] / ms["static"]}
+
+
 # ---- inputs ----------------------------------------------------------------------------------
 
 def _random_inputs(n: int, input_size: Sequence[int], device: torch.device) -> Tensor:
@@ -180,19 +197,53 @@ def _val_images(cfg, runtime, n: int) -> Tensor:
     return x[:n].to(runtime.device)
 
 
-def _load_target(target: str, n: int, overrides: Sequence[str] = ()) -> tuple[DSNet, Tensor, tuple[int, int, int], str]:
-    """(model in eval mode, n inputs, input size, what the inputs are) for a checkpoint (its
-    config with ``section.key=value`` ``overrides`` applied) or a model name."""
+@dataclass
+class StaticPair:
+    """A static baseline's plain model and the dense largest route of the supernet it was cut from
+    (``supernet.extract(supernet.routes.largest)``), both in eval mode, with their MAdds at
+    ``input_size`` (C, H, W)."""
+
+    model: nn.Module
+    largest: nn.Module
+    madds: int
+    largest_madds: int
+    input_size: tuple[int, int, int]
+
+
+def static_pair(state: dict, side: int, device: torch.device) -> StaticPair:
+    """The ``StaticPair`` of a static checkpoint ``state`` at side x side inputs, on ``device``."""
+    from dsnet.baselines import load_static, static_cost
+
+    model, supernet = load_static(state)
+    size = (supernet.in_chans, side, side)
+    largest = supernet.extract(supernet.routes.largest).to(device).eval()
+    return StaticPair(model.to(device).eval(), largest, static_cost(state, supernet, size).madds,
+                      supernet.route_cost(supernet.routes.largest, size).madds, size)
+
+
+def _load_target(target: str, n: int, overrides: Sequence[str] = ()
+                 ) -> tuple[DSNet | StaticPair, Tensor, tuple[int, int, int], str]:
+    """(model in eval mode, or a static checkpoint's ``StaticPair``; n inputs; input size; what the
+    inputs are) for a checkpoint (its config with ``section.key=value`` ``overrides`` applied) or a
+    model name."""
     import timm
 
     import dsnet
 
     if Path(target).exists():
-        from dsnet.engine import load_run
+        from dsnet.checkpoint import build_model, read_checkpoint
+        from dsnet.engine import checkpoint_run
 
-        state, model, cfg, runtime = load_run(target, overrides)
-        size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
-        if state.get("stage") != "gate":
+        state = read_checkpoint(target, ("supernet", "gate", "static"))
+        cfg, runtime = checkpoint_run(state, overrides)
+        side = cfg.data.input_size
+        if state["stage"] == "static":
+            model = static_pair(state, side, runtime.device)
+            size = model.input_size
+        else:
+            model = build_model(state).to(runtime.device).eval()
+            size = (model.in_chans, side, side)
+        if state["stage"] == "supernet":
             logger.warning("%s is a stage-one checkpoint: its gate is untrained and may send every "
                            "sample along one route; bench a train_gate.py checkpoint", target)
         try:
@@ -235,6 +286,12 @@ def format_table(report: dict) -> str:
     """The readable form of a ``dsnet bench`` report."""
     lines = [f"device {report['device']}, {report['threads']} threads"]
     for row in report["results"]:
+        if "static_ms" in row:
+            lines += [f"\nbatch {row['batch_size']}: static model {row['static_ms']:.3f} ms, dense largest route "
+                      f"{row['largest_ms']:.3f} ms",
+                      f"  MAdds static {row['static_madds'] / 1e6:.2f} M, largest {row['largest_madds'] / 1e6:.2f} M; "
+                      f"speedup theoretical {row['theoretical_speedup']:.2f}x, realized {row['realized_speedup']:.2f}x"]
+            continue
         lines += [f"\nbatch {row['batch_size']}: largest {row['largest_ms']:.3f} ms, "
                   f"dynamic {row['dynamic_ms']:.3f} ms, dense limit {row['dense_limit_ms']:.3f} ms",
                   f"  MAdds largest {row['largest_madds'] / 1e6:.2f} M, "
@@ -251,7 +308,9 @@ def bench_command(target: str, batch_sizes: list[int], json_path: str | None, re
                   threads: int | None, warmup: int = 2, min_ms: float = 20.0, overrides: Sequence[str] = ()) -> dict:
     """``dsnet bench``: latency of the largest route, the dynamic model, every static subnet
     (supernet and dense) and the dense limit, per batch size; prints a table, writes
-    ``json_path`` if given, returns the ``dsnet bench --json`` dict.
+    ``json_path`` if given, returns the ``dsnet bench --json`` dict. A static baseline
+    checkpoint's rows time its plain model against the dense largest route instead
+    (``bench_static_batch``).
 
     ``target`` is a checkpoint path (``overrides`` apply to its config: ``train.device``,
     ``data.root``, ...) or a dsnet model name. Raises UserError naming a bad target, override,
@@ -266,6 +325,9 @@ def bench_command(target: str, batch_sizes: list[int], json_path: str | None, re
         print(f"dsnet bench {target}: {source}, input {'x'.join(map(str, size))}", flush=True)
         results = []
         for b in batch_sizes:
+            if isinstance(model, StaticPair):
+                results.append(bench_static_batch(model, images[:b], repeats, warmup, min_ms))
+                continue
             row = bench_batch(model, images[:b], size, repeats, warmup=warmup, min_ms=min_ms)
             routing = row.pop("routing")
             logger.info("batch %d: samples per route %s", b, routing)

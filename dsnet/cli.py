@@ -223,9 +223,12 @@ def _checkpoint_arguments(p: argparse.ArgumentParser, dest: str, help_text: str)
 
 
 def _add_profile(sub) -> None:
-    p = _command(sub, "profile", cmd_profile, "MAdds and parameters of every static subnet",
-                 "Print every static subnet's and the largest route's MAdds and parameters (no weights needed).")
-    p.add_argument("model", metavar="MODEL", help="a dsnet model name, e.g. ds_mobilenet_v1")
+    p = _command(sub, "profile", cmd_profile, "MAdds and parameters of every static subnet, or of one baseline model",
+                 "Print every static subnet's and the largest route's MAdds and parameters (no weights needed), "
+                 "or those of the plain model of a baseline checkpoint or an architecture file, checked against "
+                 "torch's FlopCounterMode and the module's parameter count.")
+    p.add_argument("model", metavar="MODEL", help="a dsnet model name (e.g. ds_mobilenet_v1), a static baseline "
+                   "checkpoint or an architecture JSON file")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: the model's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -264,11 +267,12 @@ def _add_export(sub) -> None:
     from dsnet.onnx_export import ONNX_EXPORTERS
 
     p = _command(sub, "export", cmd_export, "a static subnet or the gated model as TorchScript, ONNX or safetensors",
-                 "Export a static subnet or the gated model of a checkpoint as a file that runs without dsnet; "
-                 "the written file is run once and checked against dsnet's outputs.")
+                 "Export a static subnet or the gated model of a checkpoint, or a baseline checkpoint's model, as a "
+                 "file that runs without dsnet; the written file is run once and checked against dsnet's outputs.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a stage-one or stage-two checkpoint (--dynamic wants stage two's)")
-    route = p.add_mutually_exclusive_group(required=True)
+                   help="a stage-one or stage-two checkpoint (--dynamic wants stage two's), or a baseline "
+                        "checkpoint (dsnet train-baseline; no --subnet or --dynamic)")
+    route = p.add_mutually_exclusive_group()
     route.add_argument("--subnet", type=int, metavar="I", help="static subnet I (0 = slimmest)")
     route.add_argument("--dynamic", action="store_true",
                        help="the gated model: each sample takes the route its gate picks")
@@ -289,8 +293,9 @@ def _add_bench(sub) -> None:
     p = _command(sub, "bench", cmd_bench, "latency: dynamic model vs largest route, static subnets and the dense limit",
                  "Time the dynamic model against the largest route, every static subnet (on the supernet and "
                  "extracted dense) and the dense limit, per batch size.")
-    _checkpoint_arguments(p, "target", "a checkpoint (its gate, validation images) or a dsnet model name "
-                          "(random init, hand-set gate)")
+    _checkpoint_arguments(p, "target", "a checkpoint (its gate, validation images), a baseline checkpoint (its "
+                          "plain model against the dense largest route) or a dsnet model name (random init, "
+                          "hand-set gate)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="B", help="batch sizes (default 1 32)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--repeats", type=int, default=10, metavar="N", help="interleaved timed rounds per path (medians)")

@@ -15,6 +15,12 @@ What ``dsnet export`` writes:
   ``routed(x)`` also returns each sample's route index and the gate's logits.
 - ``--format onnx``: one graph for ``--subnet I``, a folder of graphs for ``--dynamic``
   (``dsnet.onnx_export`` says which, and through which exporter).
+- ``--format safetensors``: weights only (``dsnet.safetensors_export``).
+- a static baseline checkpoint (``dsnet train-baseline``: a static subnet, an architecture, SSS's
+  scaled largest route), without ``--subnet`` or ``--dynamic``: its plain model, in any format.
+
+Every file is written beside its destination, run once on a random batch (a weights file: loaded
+back into the module) and compared with dsnet's outputs before it takes its name.
 
 TorchScript (``torch.jit.script`` / ``save`` / ``load``) is deprecated upstream and still works in
 torch 2.14; dsnet silences the deprecation warnings around its own calls, since a user who asked
@@ -29,6 +35,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, List, Sequence, Tuple
 
@@ -44,7 +51,7 @@ from dsnet.policy import confidence
 from dsnet.routes import fixed_route as _route
 
 __all__ = ["extract_subnet", "extract_dynamic", "DynamicNet", "save_torchscript", "quiet_deprecations",
-           "export_command", "FORMATS"]
+           "export_command", "input_size_of", "FORMATS"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,31 +177,46 @@ def save_torchscript(module: nn.Module, path: str | os.PathLike) -> None:
 
 # ---- dsnet export ----------------------------------------------------------------------------
 
+@dataclass
+class _Export:
+    """What ``dsnet export`` writes: ``module`` (eval mode), an ``example`` input [B, C, H, W], the
+    outputs [B, K] dsnet computes on it (the written file must give them), the weights file's
+    metadata, and the module's name in the summary line."""
+
+    module: nn.Module
+    example: Tensor
+    expected: Tensor
+    meta: dict[str, str]
+    what: str
+
+
 def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str, output: str,
                    input_size: tuple[int, int, int] | None = None, policy: Any = None,
                    onnx_exporter: str = "dynamo") -> str:
     """``dsnet export``: write static subnet ``subnet`` or the gated model (``dynamic``) of a
-    checkpoint as ``fmt``, check the file against dsnet on a random batch, return a summary line.
+    supernet checkpoint, or the plain model of a static baseline checkpoint (neither given), as
+    ``fmt``; check the file against dsnet on a random batch, return a summary line.
 
     ``input_size`` (C, H, W) sets the example input (default: the run's ``data.input_size``, else
     the model's); ONNX graphs keep its H and W, TorchScript takes any size. ``policy``
     (``dsnet.policy.Policy``) replaces the checkpoint's deployment policy; ``onnx_exporter`` picks
     ``save_onnx``'s exporter. Raises UserError naming the bad value (format, exporter, subnet,
-    existing output, missing ONNX packages).
+    route options that do not fit the checkpoint, existing output, missing packages).
     """
-    from dsnet.checkpoint import build_model, read_checkpoint
+    from dsnet.checkpoint import read_checkpoint
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dynamic == (subnet is not None):
+    state = read_checkpoint(checkpoint, ("supernet", "gate", "static"))
+    static = state["stage"] == "static"
+    if static and (subnet is not None or dynamic or policy is not None):
+        raise UserError(f"{checkpoint} is a static baseline checkpoint holding one plain model; export it "
+                        "without --subnet, --dynamic or --target-madds")
+    if not static and dynamic == (subnet is not None):
         raise UserError("give exactly one of --subnet I (a static subnet) or --dynamic (the gated model)")
     out = Path(output)
     if out.exists() or out.is_symlink():
         raise UserError(f"{out} exists; dsnet export never overwrites, choose another -o")
-    if fmt == "safetensors":  # weights only: --dynamic means the whole supernet
-        from dsnet.safetensors_export import export_safetensors
-
-        return export_safetensors(checkpoint, subnet, out)
     if fmt == "onnx" and dynamic and out.suffix == ".onnx":
         raise UserError(f"--dynamic --format onnx writes a folder (gate.onnx, route_R.onnx, dynamic.json); "
                          f"give -o a folder name such as {out.with_suffix('')}, not {out}")
@@ -202,39 +224,90 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
         from dsnet.onnx_export import require_onnx
 
         require_onnx(onnx_exporter)
-    state = read_checkpoint(checkpoint, ("supernet", "gate"))
+    if fmt == "safetensors":
+        from dsnet.safetensors_export import require_safetensors
+
+        require_safetensors()
+    job = _static_export(state, input_size) if static else \
+        _supernet_export(checkpoint, state, subnet, dynamic, fmt, input_size, policy)
+    with _fresh_output(out) as tmp:
+        check = _verify(fmt, _write(job, fmt, tmp, onnx_exporter), job.example, job.expected)
+    how = f"onnx ({onnx_exporter} exporter)" if fmt == "onnx" else fmt
+    return f"exported {job.what} of {checkpoint} as {how} -> {out} ({check})"
+
+
+def _example(model: DSNet, state: dict, input_size: Sequence[int] | None) -> Tensor:
+    return torch.randn(2, *input_size_of(model, state, input_size), generator=torch.Generator().manual_seed(0))
+
+
+def _supernet_export(checkpoint: str, state: dict, subnet: int | None, dynamic: bool, fmt: str,
+                     input_size: Sequence[int] | None, policy: Any) -> _Export:
+    """Static subnet ``subnet`` or the gated model of a supernet checkpoint; as safetensors,
+    ``dynamic`` means the whole supernet's weights (checked along its largest route)."""
+    from dsnet.checkpoint import build_model
+    from dsnet.safetensors_export import weights_meta
+
     model = build_model(state).eval()
     if policy is not None:
         model.set_policy(policy)
     if subnet is not None and not 0 <= subnet < model.num_subnets:
         raise UserError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
                          f"static subnets (0..{model.num_subnets - 1})")
-    if dynamic and state.get("stage") != "gate":
+    weights = dynamic and fmt == "safetensors"
+    if dynamic and not weights and state.get("stage") != "gate":
         logger.warning("%s is a stage-one checkpoint: its gate's width head is untrained (stage two trains "
                        "it), so the exported dynamic model may send every sample along one route; export "
                        "a train_gate.py checkpoint to ship a trained gate", checkpoint)
-    example = torch.randn(2, *_input_size(model, state, input_size), generator=torch.Generator().manual_seed(0))
-    module = extract_dynamic(model) if dynamic else extract_subnet(model, subnet).eval()
+    example = _example(model, state, input_size)
+    if weights:
+        module, route, what = model, None, "supernet weights"
+    elif dynamic:
+        module, route = extract_dynamic(model), "dynamic"
+        what = (f"dynamic model (routes = subnets {', '.join(map(str, model.routing_space))}; "
+                f"{model.policy.describe(model.routing_space)})")
+    else:
+        module, route, what = extract_subnet(model, subnet).eval(), subnet, f"subnet {subnet}"
     with torch.no_grad():
-        expected = model(example, subnet="dynamic" if dynamic else subnet)
-    with _fresh_output(out) as tmp:
-        if fmt == "torchscript":
-            save_torchscript(module, tmp)
-            with torch.no_grad(), quiet_deprecations():
-                got = torch.jit.load(str(tmp))(example).numpy()
-        else:
-            from dsnet.onnx_export import run_onnx, write_onnx
-
-            write_onnx(module, example, tmp, onnx_exporter)
-            got = run_onnx(tmp, example.numpy())
-        check = _verify(fmt, got, example, expected)
-    what = (f"dynamic model (routes = subnets {', '.join(map(str, model.routing_space))}; "
-            f"{model.policy.describe(model.routing_space)})" if dynamic else f"subnet {subnet}")
-    how = f"onnx ({onnx_exporter} exporter)" if fmt == "onnx" else fmt
-    return f"exported {what} of {checkpoint} as {how} -> {out} ({check})"
+        expected = model(example, subnet=route)
+    return _Export(module, example, expected, weights_meta(state, "supernet" if subnet is None else str(subnet)), what)
 
 
-def _input_size(model: DSNet, state: dict, input_size: Sequence[int] | None) -> tuple[int, int, int]:
+def _static_export(state: dict, input_size: Sequence[int] | None) -> _Export:
+    """The plain model of a static baseline checkpoint (``dsnet.baselines.load_static``)."""
+    from dsnet.baselines import load_static
+    from dsnet.safetensors_export import weights_meta
+
+    model, supernet = load_static(state)
+    example = _example(supernet, state, input_size)
+    with torch.no_grad():
+        expected = model(example)
+    kind = {"arch": "an architecture", "largest": "the largest route"}.get(state["subnet"], f"subnet {state['subnet']}")
+    scaled = " with SSS branch factors" if any(k.endswith(".scale") for k in state["model"]) else ""
+    return _Export(model, example, expected, weights_meta(state, str(state["subnet"])),
+                   f"the baseline model ({kind} of {supernet.model_name}{scaled})")
+
+
+def _write(job: _Export, fmt: str, path: Path, onnx_exporter: str) -> np.ndarray | None:
+    """Write ``job.module`` as ``fmt`` to ``path`` and return what the written file computes on
+    ``job.example`` (None: no runtime to run it)."""
+    if fmt == "torchscript":
+        save_torchscript(job.module, path)
+        with torch.no_grad(), quiet_deprecations():
+            return torch.jit.load(str(path))(job.example).numpy()
+    if fmt == "onnx":
+        from dsnet.onnx_export import run_onnx, write_onnx
+
+        write_onnx(job.module, job.example, path, onnx_exporter)
+        return run_onnx(path, job.example.numpy())
+    from dsnet.safetensors_export import run_safetensors, save_safetensors
+
+    save_safetensors(job.module, path, job.meta)
+    return run_safetensors(job.module, path, job.example).numpy()
+
+
+def input_size_of(model: DSNet, state: dict, input_size: Sequence[int] | None) -> tuple[int, int, int]:
+    """The (C, H, W) a command runs ``model`` (a supernet) at: ``input_size`` (``--input-size``,
+    checked), else the checkpoint ``state``'s ``data.input_size``, else the model's default."""
     if input_size is None:
         side = ((state.get("config") or {}).get("data") or {}).get("input_size")
         return (model.in_chans, side, side) if isinstance(side, int) else tuple(model.default_input_size)

@@ -1,49 +1,65 @@
-"""``dsnet export --format safetensors``: a route's or the supernet's weights as safetensors.
+"""``dsnet export --format safetensors``: a model's weights as safetensors.
 
 - ``--subnet I``: the extracted static subnet's state dict (``dsnet.extract_subnet``; plain
   torch.nn names), loadable into that extracted module;
 - ``--dynamic``: the whole supernet's state dict (the gated model runs on all of it), loadable
-  into ``timm.create_model(model_name, **model_kwargs)`` after ``import dsnet``.
+  into ``timm.create_model(model_name, **model_kwargs)`` after ``import dsnet``;
+- a static baseline checkpoint: its plain model's state dict, loadable into the model
+  ``dsnet.baselines.load_static`` rebuilds (``subnet`` "arch": ``dsnet.arch.build_plain`` of the
+  ``architecture`` record; keys ending ``.scale``: SSS's branch factors, ``dsnet.sss.add_scales``).
 
 The file's metadata (strings, as safetensors stores them) names the model, its constructor
-arguments and the route, so the weights can be matched to their architecture without dsnet's
-checkpoint.
+arguments, the route and, for an architecture, its record, so the weights can be matched to their
+architecture without dsnet's checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import json
-from pathlib import Path
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
 
 from dsnet.errors import UserError
 
-__all__ = ["export_safetensors"]
+__all__ = ["require_safetensors", "weights_meta", "save_safetensors", "run_safetensors"]
 
 
-def export_safetensors(checkpoint: str, subnet: int | None, out: Path) -> str:
-    """Write static subnet ``subnet``'s (None: the supernet's) weights of ``checkpoint`` to
-    ``out`` (which must not exist); returns a summary line."""
+def require_safetensors() -> None:
+    """Refuse ``--format safetensors`` before any work when the package is missing."""
     try:
-        from safetensors.torch import save_file
+        import safetensors.torch  # noqa: F401
     except ImportError:
         raise UserError("--format safetensors needs the safetensors package: pip install safetensors") from None
-    from dsnet.checkpoint import build_model, read_checkpoint
-    from dsnet.export import extract_subnet
 
-    state = read_checkpoint(checkpoint, ("supernet", "gate"))
-    model = build_model(state).eval()
-    if subnet is not None and not 0 <= subnet < model.num_subnets:
-        raise UserError(f"--subnet {subnet} is out of range: {state['model_name']} has {model.num_subnets} "
-                         f"static subnets (0..{model.num_subnets - 1})")
-    module = extract_subnet(model, subnet) if subnet is not None else model
+
+def weights_meta(state: dict[str, Any], subnet: str) -> dict[str, str]:
+    """The metadata of a weights file cut from checkpoint ``state``: format, model, stage,
+    constructor kwargs (JSON), ``subnet`` and, for an architecture, its record (JSON)."""
+    meta = {"format": "dsnet-weights", "model_name": str(state["model_name"]), "stage": str(state.get("stage")),
+            "model_kwargs": json.dumps(dict(state.get("model_kwargs") or {}), default=list), "subnet": subnet}
+    if state.get("architecture") is not None:
+        meta["architecture"] = json.dumps(state["architecture"])
+    return meta
+
+
+def save_safetensors(module: nn.Module, path: str | os.PathLike, meta: dict[str, str]) -> int:
+    """Write ``module``'s state dict with ``meta`` to ``path``; returns the number of tensors."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    meta = {"format": "dsnet-weights", "model_name": state["model_name"], "stage": str(state.get("stage")),
-            "model_kwargs": json.dumps(dict(state["model_kwargs"]), default=list),
-            "subnet": "supernet" if subnet is None else str(subnet)}
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    what = "supernet" if subnet is None else f"subnet {subnet}"
-    return f"exported the {what} weights of {checkpoint} as safetensors -> {out} ({len(tensors)} tensors)"
+    save_file(tensors, str(path), metadata=meta)
+    return len(tensors)
+
+
+@torch.no_grad()
+def run_safetensors(module: nn.Module, path: str | os.PathLike, x: Tensor) -> Tensor:
+    """x: [B, C, H, W] -> ``module``'s outputs with every weight read back from ``path`` (into a
+    copy of ``module``, strictly: no key missing or left over)."""
+    from safetensors.torch import load_file
+
+    fresh = copy.deepcopy(module).eval()
+    fresh.load_state_dict(load_file(str(path)))
+    return fresh(x)

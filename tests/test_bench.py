@@ -1,5 +1,7 @@
-"""dsnet bench: the JSON contract, and the masking baseline of benchmarks/bench_dynamic.py computes
-exactly what the routed dynamic model computes (so the comparison is fair)."""
+"""dsnet bench: the JSON contract (of a supernet, and of a static baseline checkpoint, whose timed
+paths are its plain model and the dense largest route), and the masking baseline of
+benchmarks/bench_dynamic.py computes exactly what the routed dynamic model computes (so the
+comparison is fair)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 import timm
 import torch
 from torch.testing import assert_close
+from torch.utils.flop_counter import FlopCounterMode
 
 import dsnet  # noqa: F401
 from dsnet.bench import bench_command, bench_threads, spread_gate
@@ -120,3 +123,65 @@ def test_bench_dynamic_reports_batches_and_a_single_image_stream(tmp_path):
     for row in report["results"]:
         assert row["dynamic_over_dense_limit"] == row["dynamic_ms"] / row["dense_limit_ms"]
         assert row["masked_over_dynamic"] == row["masked_ms"] / row["dynamic_ms"]
+
+
+@pytest.fixture(scope="module")
+def arch_checkpoint(tmp_path_factory):
+    """(path, plain model) of a static checkpoint holding an architecture (tests/test_export.py)."""
+    from tests.test_export import static_checkpoints
+
+    return static_checkpoints(tmp_path_factory.mktemp("static"))["arch"]
+
+
+def test_bench_of_a_static_checkpoint_times_its_plain_model_against_the_dense_largest_route(arch_checkpoint, tmp_path,
+                                                                                            capsys):
+    from dsnet.arch import Architecture, arch_cost
+    from dsnet.checkpoint import read_checkpoint
+    from tests.test_export import KWARGS
+
+    path = arch_checkpoint[0]
+    out = tmp_path / "bench.json"
+    report = bench_command(path, [1, 3], str(out), repeats=2, threads=1, warmup=1, min_ms=1.0)
+    assert json.loads(out.read_text()) == report and set(report) == {"device", "threads", "results"}
+    supernet = timm.create_model("ds_resnet20", **KWARGS)
+    arch = Architecture.from_dict(read_checkpoint(path, "static")["architecture"])
+    madds = arch_cost(supernet, arch, (3, 32, 32)).madds
+    largest = supernet.route_cost(supernet.routes.largest, (3, 32, 32)).madds
+    assert [r["batch_size"] for r in report["results"]] == [1, 3]
+    for row in report["results"]:
+        assert set(row) == {"batch_size", "static_ms", "largest_ms", "static_madds", "largest_madds",
+                            "theoretical_speedup", "realized_speedup"}
+        assert (row["static_madds"], row["largest_madds"]) == (madds, largest) and madds < largest
+        assert row["theoretical_speedup"] == largest / madds
+        assert row["static_ms"] > 0 and row["largest_ms"] > 0
+        assert row["realized_speedup"] == row["largest_ms"] / row["static_ms"]
+    printed = capsys.readouterr().out
+    assert "static model" in printed and "dense largest route" in printed and "realized" in printed
+
+
+def test_bench_of_a_static_checkpoint_times_the_plain_model_and_the_largest_route(arch_checkpoint, monkeypatch):
+    """What each timed path computes, counted by FlopCounterMode in place of the clock."""
+    import dsnet.bench
+    from tests.test_export import KWARGS
+
+    path, plain = arch_checkpoint
+    counted, batch = {}, []
+
+    def count(fns, *args, **kwargs):
+        for name, fn in fns.items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            counted[name] = counter.get_total_flops()
+        return {"static": 1.0, "largest": 3.0}
+
+    monkeypatch.setattr(dsnet.bench, "time_interleaved", count)
+    monkeypatch.setattr(dsnet.bench, "_val_images", lambda cfg, runtime, n: batch.append(n) or torch.randn(n, 3, 32, 32))
+    row = bench_command(path, [2], None, repeats=1, threads=1)["results"][0]
+    assert batch == [2] and row["realized_speedup"] == 3.0
+    supernet = timm.create_model("ds_resnet20", **KWARGS)
+    expected = {}
+    for name, model in (("static", plain), ("largest", supernet.extract(supernet.routes.largest).eval())):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(2, 3, 32, 32))
+        expected[name] = counter.get_total_flops()
+    assert counted == expected and expected["static"] < expected["largest"]

@@ -1,7 +1,8 @@
 """Export: the extracted dynamic model equals the routed supernet; TorchScript files run where dsnet
 cannot be imported; ONNX files (static, and the dynamic folder through its runner; the dynamo
-exporter by default, the TorchScript-based one on request) equal dsnet's outputs; ``export_command``
-refuses bad input with one sentence naming the value."""
+exporter by default, the TorchScript-based one on request) equal dsnet's outputs; a static baseline
+checkpoint (a subnet, an architecture, SSS's scaled largest route) exports its plain model in every
+format; ``export_command`` refuses bad input with one sentence naming the value."""
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,7 @@ from torch.testing import assert_close
 
 import dsnet
 from dsnet.checkpoint import save_checkpoint
-from dsnet.export import export_command, extract_dynamic
+from dsnet.export import export_command, extract_dynamic, quiet_deprecations
 from dsnet.onnx_export import DynamicOnnxRunner, run_dynamic_onnx
 from tests.conftest import randomize_bn_
 
@@ -292,3 +293,127 @@ def test_dynamic_export_of_a_stage_one_checkpoint_warns(model, tmp_path, caplog)
         summary = export_command(ckpt, None, True, "torchscript", str(tmp_path / "dynamic.pt"))
     assert "stage-one checkpoint" in caplog.text and "width head is untrained" in caplog.text
     assert (tmp_path / "dynamic.pt").is_file() and summary.startswith("exported dynamic model")
+
+
+# ---- static baseline checkpoints: the plain model, in every format ------------------------------
+
+STATIC_KINDS = ("subnet", "arch", "sss")
+
+
+def static_checkpoints(folder) -> dict[str, tuple[str, torch.nn.Module]]:
+    """kind -> (path, the plain model it holds, eval mode): stage-``static`` checkpoints as
+    ``dsnet train-baseline`` writes them (model name and kwargs, the plain model's weights, its
+    ``subnet``, the run's config), made without training from a tiny ds_resnet20 with random BN:
+
+    - ``subnet``: static subnet 1;
+    - ``arch``: an architecture with odd widths (about half of each space) and block 2 removed;
+    - ``sss``: the largest route with SSS's branch factors, one of them zero.
+    """
+    from dsnet.arch import architecture, build_plain, full_architecture
+    from dsnet.sss import add_scales
+
+    g = torch.Generator().manual_seed(5)
+    supernet = timm.create_model("ds_resnet20", **KWARGS)
+    randomize_bn_(supernet, g, torch.randn(16, 3, 32, 32, generator=g))
+    full = full_architecture(supernet, [2])
+    arch = architecture(supernet, {n: (w // 2) | 1 for n, w in full.widths.items()}, [2])
+    sss = supernet.extract(supernet.routes.largest)
+    scales = add_scales(sss, supernet)
+    with torch.no_grad():
+        for scale, value in zip(scales, torch.rand(len(scales), generator=g) * 2):
+            scale.fill_(value)
+        scales[1].zero_()
+    models = {"subnet": (1, supernet.extract(supernet.routes.static(1)), {}),
+              "arch": ("arch", build_plain(supernet, arch), {"architecture": arch.to_dict()}),
+              "sss": ("largest", sss, {})}
+    out = {}
+    for kind, (subnet, plain, extra) in models.items():
+        path = folder / f"{kind}.pth"
+        save_checkpoint({"stage": "static", "model_name": "ds_resnet20", "model_kwargs": KWARGS,
+                         "model": plain.state_dict(), "subnet": subnet, "config": {"data": {"input_size": 32}},
+                         **extra}, path)
+        out[kind] = (str(path), plain.eval())
+    return out
+
+
+@pytest.fixture(scope="module")
+def statics(tmp_path_factory, one_thread):
+    return static_checkpoints(tmp_path_factory.mktemp("static"))
+
+
+def _from_weights(path) -> torch.nn.Module:
+    """The plain model rebuilt from a safetensors file and its metadata alone (no checkpoint)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dsnet.arch import Architecture, build_plain
+    from dsnet.sss import add_scales
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    supernet = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"]))
+    if meta["subnet"] == "arch":
+        model = build_plain(supernet, Architecture.from_dict(json.loads(meta["architecture"])))
+    else:
+        model = supernet.extract(supernet.routes.resolve(meta["subnet"] if meta["subnet"] == "largest"
+                                                         else int(meta["subnet"])))
+    weights = load_file(str(path))
+    if any(k.endswith(".scale") for k in weights):
+        add_scales(model, supernet)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", STATIC_KINDS)
+def test_a_static_checkpoint_exports_its_plain_model_in_every_format(statics, kind, x, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+
+    path, plain = statics[kind]
+    for fmt, name in (("torchscript", "m.pt"), ("onnx", "m.onnx"), ("safetensors", "m.safetensors")):
+        summary = export_command(path, None, False, fmt, str(tmp_path / name), onnx_exporter="torchscript")
+        assert summary.startswith("exported the baseline model (") and "max |diff| vs dsnet" in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt", "m.safetensors"]
+    with torch.no_grad(), quiet_deprecations():
+        expected = plain(x)
+        assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), expected, **TOL)
+        assert_close(_from_weights(tmp_path / "m.safetensors")(x), expected, rtol=0, atol=0)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert_close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), expected, **TOL)
+
+
+def test_route_options_with_a_static_checkpoint_are_one_sentence(statics, tmp_path, capsys):
+    from dsnet.cli import main
+
+    path = statics["arch"][0]
+    for route in (["--subnet", "0"], ["--dynamic"]):
+        assert main(["export", path, *route, "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"dsnet export: error: {path} is a static baseline checkpoint holding one plain model; "
+                       "export it without --subnet, --dynamic or --target-madds"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_supernet_checkpoint_still_needs_a_route(checkpoint, tmp_path, capsys):
+    from dsnet.cli import main
+
+    assert main(["export", checkpoint, "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give exactly one of --subnet I (a static subnet) or --dynamic" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_written_file_that_differs_from_the_model_is_refused_and_removed(statics, tmp_path, monkeypatch):
+    import dsnet.export
+
+    def perturbed(module, path):
+        wrong = copy.deepcopy(module)
+        with torch.no_grad():
+            wrong.fc.bias += 1.0
+        save_torchscript(wrong, path)
+
+    save_torchscript = dsnet.export.save_torchscript
+    monkeypatch.setattr(dsnet.export, "save_torchscript", perturbed)
+    with pytest.raises(ValueError, match=r"the exported torchscript file gives outputs 1 away from dsnet's; "
+                                         r"this is a dsnet bug"):
+        export_command(statics["sss"][0], None, False, "torchscript", str(tmp_path / "m.pt"))
+    assert list(tmp_path.iterdir()) == []

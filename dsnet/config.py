@@ -34,7 +34,8 @@ from dsnet.packaged import packaged_config, packaged_names
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
            "save_config", "config_yaml", "apply_overrides", "replace", "BEST_METRICS", "TEACHERS",
-           "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS"]
+           "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS",
+           "DATASETS", "INTERPOLATIONS"]
 
 
 _log = logging.getLogger(__name__)
@@ -201,11 +202,13 @@ HEADS = ("fc", "mlp")                              # gate.head (dsnet.heads)
 DEPLOYS = ("auto", "gate", "cascade")              # gate.deploy (dsnet.policy)
 MEASURES = ("margin", "max")                       # gate.cascade_measure (dsnet.policy)
 COST_UNITS = ("fraction", "gmadds")                # gate.cost_unit (dsnet.runs)
+DATASETS = ("synthetic", "folder", "cifar10", "cifar100")  # data.name (dsnet.data)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")        # data.interpolation (dsnet.data)
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
                "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("synthetic", "folder", "cifar10", "cifar100"),
-    "data.interpolation": ("bilinear", "bicubic", "nearest"),
+    "data.name": DATASETS,
+    "data.interpolation": INTERPOLATIONS,
     "train.opt": _OPTIMIZERS,
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),

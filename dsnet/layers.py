@@ -265,8 +265,10 @@ class SqueezeExciteDense(nn.Module):
         self.reduce, self.expand = reduce, expand
 
     def attend(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """x: [B, C, H, W] -> (x scaled per channel, hidden features [B, hidden, 1, 1])."""
-        return channel_attention(x, self.reduce, self.expand)
+        """x: [B, C, H, W] -> (x scaled per channel, hidden features [B, hidden, 1, 1]).
+        ``channel_attention`` written out: TorchScript (the export) cannot script a function argument."""
+        hidden = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        return x * torch.sigmoid(self.expand(hidden)), hidden
 
     def forward(self, x: Tensor) -> Tensor:
         return self.attend(x)[0]
@@ -283,7 +285,8 @@ class DenseGate(SqueezeExciteDense):
 
     def forward_gate(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """x: [B, C, H, W] -> (attended x [B, C, H, W], route logits [B, R])."""
-        return gate_forward(x, self.reduce, self.expand, self.width_head)
+        attended, hidden = self.attend(x)
+        return attended, self.width_head(hidden.flatten(1))
 
 
 class DSGate(SqueezeExcite):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -28,11 +29,16 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from dsnet.errors import UserError
+from dsnet.packaged import packaged_config, packaged_names
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
            "save_config", "config_yaml", "apply_overrides", "replace", "BEST_METRICS", "TEACHERS",
-           "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS"]
+           "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS",
+           "DATASETS", "INTERPOLATIONS"]
+
+
+_log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -196,11 +202,13 @@ HEADS = ("fc", "mlp")                              # gate.head (dsnet.heads)
 DEPLOYS = ("auto", "gate", "cascade")              # gate.deploy (dsnet.policy)
 MEASURES = ("margin", "max")                       # gate.cascade_measure (dsnet.policy)
 COST_UNITS = ("fraction", "gmadds")                # gate.cost_unit (dsnet.runs)
+DATASETS = ("synthetic", "folder", "cifar10", "cifar100")  # data.name (dsnet.data)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")        # data.interpolation (dsnet.data)
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
                "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("synthetic", "folder", "cifar10", "cifar100"),
-    "data.interpolation": ("bilinear", "bicubic", "nearest"),
+    "data.name": DATASETS,
+    "data.interpolation": INTERPOLATIONS,
     "train.opt": _OPTIMIZERS,
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
@@ -414,14 +422,15 @@ def _apply_override(d: dict, override: str) -> None:
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Read the YAML file at ``path`` (None: all defaults), apply ``section.key=value`` overrides
-    in order (values parsed as YAML: ``3``, ``[0, 1]``, ``null``), validate, return a Config."""
+    in order (values parsed as YAML: ``3``, ``[0, 1]``, ``null``), validate, return a Config.
+    A missing ``path`` that names a shipped config (``configs/quickstart.yml``, ``quickstart.yml``,
+    ``quickstart``) reads the one installed with dsnet; a path that exists always wins."""
     d: Any = {}
     if path is not None:
+        path = _existing(path)
         try:
             with open(path, encoding="utf-8") as f:
                 d = _parse_yaml(f.read())
-        except FileNotFoundError:
-            raise ConfigError(f"config file '{path}' does not exist (pass the path of a YAML file)") from None
         except OSError as e:
             raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
         except yaml.YAMLError as e:
@@ -434,6 +443,18 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file '{path}' must hold a mapping of sections "
                               f"({_ACCEPTED_SECTIONS}), got {type(d).__name__}")
     return config_from_dict(_overridden(d, overrides))
+
+
+def _existing(path: str | os.PathLike) -> str | os.PathLike:
+    """``path`` when it exists (it always wins), else the shipped config it names (see dsnet.packaged)."""
+    if os.path.lexists(path):
+        return path
+    shipped = packaged_config(path)
+    if shipped is None:
+        raise ConfigError(f"config file '{path}' does not exist and names no config shipped with dsnet "
+                          f"(pass the path of a YAML file or one of: {', '.join(packaged_names()) or 'none'})")
+    _log.info("config file '%s' is not in %s; using the one shipped with dsnet: %s", path, os.getcwd(), shipped)
+    return shipped
 
 
 def _overridden(d: dict, overrides: Sequence[str]) -> dict:

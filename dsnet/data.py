@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from dsnet.config import DATASETS, INTERPOLATIONS
 from dsnet.errors import UserError
 
 __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CIFAR10_MEAN",
@@ -38,9 +39,7 @@ __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CI
 
 _logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "folder", "cifar10", "cifar100")
 SPLITS = ("train", "val")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # Inputs up to this size are small natural images (CIFAR, synthetic): see build_transforms.

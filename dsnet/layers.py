@@ -11,7 +11,8 @@ and why), and ``DSNet`` runs routes as inference plans over the same cache (``ds
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from functools import partial
+from typing import Callable, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from dsnet.heads import width_head
 
 # clear_slice_caches lives in dsnet.fastpath; it stays importable from here for existing callers
 __all__ = ["DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "DenseGate", "SqueezeExcite", "SqueezeExciteDense",
-           "check_choices", "clear_slice_caches"]
+           "channel_attention", "gate_forward", "check_choices", "clear_slice_caches"]
 
 
 def check_choices(choices: Sequence[int], what: str) -> tuple[int, ...]:
@@ -203,6 +204,25 @@ class DSLinear(SliceCached, nn.Linear):
         return lin.to(self.weight.device, self.weight.dtype)
 
 
+_Fn = Callable[[Tensor], Tensor]
+
+
+def channel_attention(x: Tensor, reduce: _Fn, expand: _Fn) -> tuple[Tensor, Tensor]:
+    """The squeeze-excite formula, written once for the slice-able, the plain and the planned forms
+    (``dsnet.plans``): x [B, C, H, W] -> (x * sigmoid(expand(hidden)) [B, C, H, W], hidden), where
+    hidden = relu(reduce(x averaged over H, W)) [B, hidden, 1, 1]; ``reduce`` and ``expand`` are
+    the 1x1 convolutions at x's width."""
+    hidden = torch.relu(reduce(x.mean((2, 3), keepdim=True)))
+    return x * torch.sigmoid(expand(hidden)), hidden
+
+
+def gate_forward(x: Tensor, reduce: _Fn, expand: _Fn, width_head: _Fn) -> tuple[Tensor, Tensor]:
+    """The double-headed gate, written once: x [B, C, H, W] -> (the channel attention's output
+    [B, C, H, W], route logits [B, R] from ``width_head`` on the same hidden features [B, hidden])."""
+    attended, hidden = channel_attention(x, reduce, expand)
+    return attended, width_head(hidden.flatten(1))
+
+
 class SqueezeExcite(nn.Module):
     """Channel attention over a slice-able width: pool -> FC -> ReLU -> FC -> sigmoid -> scale.
 
@@ -217,14 +237,17 @@ class SqueezeExcite(nn.Module):
         self.reduce = DSConv2d(self.choices, (self.hidden,), 1, bias=True)
         self.expand = DSConv2d((self.hidden,), self.choices, 1, bias=True)
 
+    def expand_at(self, width: int) -> _Fn:
+        """``expand`` producing ``width`` channels: hidden [B, hidden, 1, 1] -> [B, width, 1, 1]."""
+        return partial(self.expand, k=self.choices.index(width))
+
     def squeeze(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> shared hidden features [B, hidden, 1, 1] (after ReLU)."""
-        return F.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        return self.attend(x)[1]
 
     def attend(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, C, H, W] -> (x scaled per channel, same shape; hidden features [B, hidden, 1, 1])."""
-        hidden = self.squeeze(x)
-        return x * torch.sigmoid(self.expand(hidden, self.choices.index(x.shape[1]))), hidden
+        return channel_attention(x, self.reduce, self.expand_at(x.shape[1]))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> x scaled per channel, same shape."""
@@ -242,7 +265,8 @@ class SqueezeExciteDense(nn.Module):
         self.reduce, self.expand = reduce, expand
 
     def attend(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """x: [B, C, H, W] -> (x scaled per channel, hidden features [B, hidden, 1, 1])."""
+        """x: [B, C, H, W] -> (x scaled per channel, hidden features [B, hidden, 1, 1]).
+        ``channel_attention`` written out: TorchScript (the export) cannot script a function argument."""
         hidden = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
         return x * torch.sigmoid(self.expand(hidden)), hidden
 
@@ -278,5 +302,4 @@ class DSGate(SqueezeExcite):
 
     def forward_gate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, C, H, W] -> (attended x [B, C, H, W], route logits [B, num_routes])."""
-        attended, hidden = self.attend(x)
-        return attended, self.width_head(hidden.flatten(1))
+        return gate_forward(x, self.reduce, self.expand_at(x.shape[1]), self.width_head)

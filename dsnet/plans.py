@@ -24,7 +24,8 @@ from torch.nn.modules import module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
 from dsnet.fastpath import Cache, bn_slices, conv_slices, is_compiling, linear_slice, pointwise_strided, tensor_version
-from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, DSLinear, SqueezeExcite
+from dsnet.layers import (DSBatchNorm2d, DSConv2d, DSGate, DSLinear, SqueezeExcite, channel_attention,
+                          gate_forward)
 from dsnet.models.blocks import ConvBNAct, GateUnit, Residual, SEUnit, Unit
 
 if TYPE_CHECKING:
@@ -73,31 +74,25 @@ def linear_step(linear: DSLinear, in_f: int) -> Step:
 
 
 def _attention_parts(se: SqueezeExcite, c: int, watch: list[Tensor] | None) -> tuple[Step, Step]:
-    """(squeeze, expand) of ``se`` at width ``c``: x -> hidden [B, hidden, 1, 1] -> attention logits."""
-    reduce = conv_step(se.reduce, c, 0, watch)
-    expand = conv_step(se.expand, se.hidden, se.choices.index(c), watch)
-    return (lambda x: torch.relu_(reduce(x.mean((2, 3), keepdim=True)))), expand
+    """(reduce, expand) of ``se`` at width ``c``: the 1x1 convolutions of ``channel_attention``."""
+    return conv_step(se.reduce, c, 0, watch), conv_step(se.expand, se.hidden, se.choices.index(c), watch)
 
 
 def attention_step(se: SqueezeExcite, c: int, watch: list[Tensor] | None = None) -> Step:
     """``se(x)`` (a squeeze-excite or the gate's channel attention) at width ``c``."""
-    squeeze, expand = _attention_parts(se, c, watch)
-    return lambda x: x * torch.sigmoid(expand(squeeze(x)))
+    reduce, expand = _attention_parts(se, c, watch)
+    return lambda x: channel_attention(x, reduce, expand)[0]
 
 
 def gate_step(gate: DSGate, c: int, watch: list[Tensor] | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``gate.forward_gate(x)`` at width ``c``. The width head is read through views, so training
     it in place needs no rebuild; replacing the head module does (``Plans.gate`` keys by the head)."""
-    squeeze, expand = _attention_parts(gate, c, watch)
+    reduce, expand = _attention_parts(gate, c, watch)
     head = gate.width_head
     if isinstance(head, nn.Linear):
         head_w, head_b = head.weight.detach(), head.bias.detach()
         head = lambda h: F.linear(h, head_w, head_b)  # noqa: E731
-
-    def step(x: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = squeeze(x)
-        return x * torch.sigmoid(expand(hidden)), head(hidden.flatten(1))
-    return step
+    return lambda x: gate_forward(x, reduce, expand, head)
 
 
 # ---- units ----------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from dsnet.config import ConfigError, config_to_dict, load_config
 from dsnet.convert import ConvertError
 from dsnet.data import DataError
 from dsnet.errors import UserError
-from tests.test_runs import TINY
+from dsnet.checkpoint import read_checkpoint
+from tests.test_runs import TINY, assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yml")
@@ -102,6 +103,21 @@ def test_print_config_prints_every_key_after_overrides_and_feeds_back(tmp_path, 
     (tmp_path / "printed.yml").write_text(text)
     assert load_config(tmp_path / "printed.yml") == expected
     assert expected.train.epochs == 3 and expected.gate.routing_space == (0, 2)
+
+
+def test_print_config_fed_back_as_the_config_reproduces_the_run(tmp_path, capsys):
+    """Run A: the quickstart config plus overrides. Run B: only the YAML that --print-config gave
+    for A (output.dir aside). Deterministic runs of one config end on the same weights."""
+    overrides = [*TINY, "train.epochs=1", "train.max_steps_per_epoch=3", "train.lr=0.05", "ieb.ema_decay=0.5"]
+    assert main(["train-supernet", "-c", QUICKSTART, *overrides, "--print-config"]) == 0
+    printed = tmp_path / "printed.yml"
+    printed.write_text(capsys.readouterr().out)
+    assert main(["train-supernet", "-c", QUICKSTART, *overrides, f"output.dir={tmp_path / 'a'}"]) == 0
+    assert main(["train-supernet", "-c", str(printed), f"output.dir={tmp_path / 'b'}"]) == 0
+    a, b = (read_checkpoint(tmp_path / run / "checkpoints" / "last.pth") for run in "ab")
+    assert a["ema"] is not None and a["step"] == 3
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["ema"], b["ema"])
 
 
 def test_print_config_of_train_gate_holds_the_target_madds(capsys):

@@ -1,14 +1,17 @@
 """Strict config: defaults round-trip, overrides parse by type, every bad input names its key."""
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from dsnet.config import (Config, ConfigError, GateConfig, TrainConfig, config_from_dict,
                           config_to_dict, load_config, replace, save_config)
+from dsnet.packaged import packaged_names
 
 
 def _write(tmp_path, text: str) -> str:
@@ -169,7 +172,56 @@ def test_trainer_overrides_may_sit_before_and_after_the_options(tmp_path, capsys
     assert not any(tmp_path.iterdir())
 
 
-SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yml"))
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.yml"))
+SHIPPED_NAMES = ("cifar10_ds_resnet20, cifar10_ds_resnet20_g2_12ep, cifar10_ds_resnet20_g2_6ep, "
+                 "imagenet_ds_mobilenet_v1, imagenet_ds_mobilenet_v1_release, quickstart")
+
+
+@pytest.mark.parametrize("spelling", ["configs/quickstart.yml", "quickstart.yml", "quickstart"])
+def test_a_missing_path_that_names_a_shipped_config_reads_the_shipped_file(tmp_path, monkeypatch, caplog, spelling):
+    monkeypatch.chdir(tmp_path)  # an empty directory: no configs/ here
+    with caplog.at_level(logging.INFO, logger="dsnet.config"):
+        cfg = load_config(spelling, ["train.epochs=2"])
+    assert cfg == load_config(str(ROOT / "configs" / "quickstart.yml"), ["train.epochs=2"])
+    assert cfg.model.name == "ds_resnet20" and cfg.output.dir == "runs/quickstart"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"config file '{spelling}' is not in {tmp_path}; using the one shipped with dsnet: "
+        f"{ROOT / 'configs' / 'quickstart.yml'}"]
+
+
+@pytest.mark.parametrize("spelling", ["configs/quickstart.yml", "quickstart.yml", "quickstart"])
+def test_a_path_that_exists_wins_over_the_shipped_config(tmp_path, monkeypatch, caplog, spelling):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / spelling).write_text("train:\n  epochs: 7\n")
+    with caplog.at_level(logging.INFO, logger="dsnet.config"):
+        assert load_config(spelling).train.epochs == 7
+    assert load_config(str(ROOT / "configs" / "quickstart.yml")).train.epochs != 7
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("path", ["configs/nope.yml", "nope", "elsewhere/quickstart.yml", "{tmp}/configs/quickstart.yml"])
+def test_a_missing_config_that_is_not_shipped_is_refused_naming_the_shipped_ones(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    path = path.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"config file '{path}' does not exist and names no config shipped with dsnet "
+                               f"(pass the path of a YAML file or one of: {SHIPPED_NAMES})")
+    assert not any(tmp_path.iterdir())
+
+
+def test_setup_cfg_installs_every_package_and_the_configs():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    options = setup["options"]
+    listed = {p.strip() for p in options["packages"].split(",")}
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "dsnet").rglob("__init__.py")}
+    assert listed == on_disk | {"dsnet.configs"}
+    assert options["package_dir"].split() == ["dsnet.configs", "=", "configs"]
+    assert setup["options.package_data"]["dsnet.configs"].strip() == "*.yml"
+    assert packaged_names() == [p.stem for p in SHIPPED] and len(SHIPPED) == 6
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

@@ -152,13 +152,17 @@ class DSNet(nn.Module):
         """Images [B, C, H, W] -> (gate-attended features at the gate, route logits [B, R])."""
         if self.plans.usable(self):
             return self.plans.gate(self)(x)
-        x = self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index)
-        return self.gate.forward_gate(x)
+        return self.gate.forward_gate(self.forward_to_gate(x))
+
+    def forward_to_gate(self, x: Tensor) -> Tensor:
+        """Images [B, C, H, W] -> the features the gate reads: the units before it, which every
+        route of the routing space shares (run at the first's widths)."""
+        return self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index)
 
     def gate_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images [B, C, H, W] -> (gate-attended features at the gate, the gate's hidden features
         [B, hidden], which its width head reads). What stage two trains the width head on."""
-        attended, hidden = self.gate.attend(self.forward_units(x, self.routes.dynamic_routes[0], 0, self.gate_index))
+        attended, hidden = self.gate.attend(self.forward_to_gate(x))
         return attended, hidden.flatten(1)
 
     def forward_from_gate(self, h: Tensor, route: Route) -> Tensor:

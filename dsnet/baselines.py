@@ -222,18 +222,12 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model = wrap_ddp(model, setup.runtime)
-    optimizer = build_optimizer(model, **{**optimizer_kwargs(cfg, setup.runtime), "lr": plan.lr})
-    if plan.masks is not None:
-        keep_masks(model, plan.masks, optimizer)
-    if plan.attach is not None:
-        plan.attach(optimizer)
+    optimizer = _optimizer(model, plan, cfg, setup)
     scheduler = build_scheduler(optimizer, **{**scheduler_kwargs(cfg), **plan.schedule})
     mixup = dsdata.build_mixup(cfg.data.mixup, cfg.data.cutmix, cfg.train.label_smoothing, len(setup.data.classes))
     arch_record = plan.arch.to_dict() if plan.arch is not None else None
     cost = static_cost({"architecture": arch_record, "subnet": spec.subnet, "model": model.state_dict()}, supernet,
                        input_shape(cfg, supernet))
-    if plan.arch is not None and setup.runtime.is_main:
-        save_architecture(plan.arch, Path(cfg.output.dir) / "architecture.json")
 
     def evaluate(epoch: int | None = None) -> Evaluation:
         acc = evaluate_plain(model, setup.data.val, setup.runtime.device, setup.autocast,
@@ -247,6 +241,8 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
             loop.log({"stage": "static", "epoch": 0, "pruned": True, "top1": before})
         if before is not None:
             plan.info["top1_before_finetune"] = before
+        if setup.runtime.is_main and plan.arch is not None:  # the run directory exists and is this run's now
+            save_architecture(plan.arch, Path(cfg.output.dir) / "architecture.json")
         if setup.runtime.is_main:
             logger.info("%s of %s: %d steps (%.2f epochs, MAdds ratio %.3f), lr %.4g", spec.name,
                         supernet.model_name, plan.steps, plan.steps / plan.per_epoch, plan.ratio, plan.lr)
@@ -258,6 +254,16 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
         total_steps=plan.steps, start=begin, report={"baseline": plan.info},
         extra_state={"classes": setup.data.classes, "subnet": spec.subnet, "total_steps": plan.steps,
                      "baseline": plan.info, "architecture": arch_record})
+
+
+def _optimizer(model: nn.Module, plan: "_Plan", cfg: Config, setup: Setup) -> torch.optim.Optimizer:
+    """The run's optimizer, holding the plan's weight masks and its penalty's hooks."""
+    optimizer = build_optimizer(model, **{**optimizer_kwargs(cfg, setup.runtime), "lr": plan.lr})
+    if plan.masks is not None:
+        keep_masks(model, plan.masks, optimizer)
+    if plan.attach is not None:
+        plan.attach(optimizer)
+    return optimizer
 
 
 def _check_model(cfg: Config, spec: BaselineSpec) -> None:

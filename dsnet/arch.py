@@ -264,17 +264,10 @@ def arch_cost(supernet: DSNet, arch: Architecture, input_size: Sequence[int] | N
 
 def build_supernet(arch: Architecture, source: str = "the architecture") -> DSNet:
     """The supernet ``arch`` names, built from its kwargs; UserError if dsnet cannot build it."""
-    import timm
+    import dsnet  # noqa: F401  (registers the models)
+    from dsnet.models.spec import create
 
-    import dsnet
-
-    if arch.model not in dsnet.MODELS:
-        raise UserError(f"{source} names model '{arch.model}', which is not a dsnet model "
-                        f"({', '.join(sorted(dsnet.MODELS))})")
-    try:
-        return timm.create_model(arch.model, **arch.model_kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{source}: {arch.model}({arch.model_kwargs}) cannot be built: {err}") from None
+    return create(arch.model, arch.model_kwargs, source)
 
 
 def load_architecture(path: str | os.PathLike, source: str | None = None) -> tuple[Architecture, DSNet]:

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -64,6 +63,7 @@ from dsnet.arch import Architecture, arch_cost, check_architecture, fresh_plain,
 from dsnet.baseline_spec import BaselineSpec, baseline_spec, check_subnet, run_name
 from dsnet.budgets import Subnet, budget_steps, finetune_epochs_default
 from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
+from dsnet.models.spec import create
 from dsnet.prune import implant, l1_prune
 from dsnet.reconstruct import reconstruct_prune
 from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
@@ -96,11 +96,7 @@ def load_static(state: dict) -> tuple[DenseNet, DSNet]:
     ``architecture`` record) or SSS's largest route with its branch factors."""
     if state.get("architecture") is not None:
         return load_arch_state(state)[:2]
-    name, kwargs = state["model_name"], dict(state["model_kwargs"])
-    try:
-        supernet = timm.create_model(name, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as err:  # timm: unknown model; dsnet: bad kwargs
-        raise CheckpointError(f"checkpoint model {name}({kwargs}) cannot be built: {err}") from None
+    supernet = create(state["model_name"], dict(state["model_kwargs"]), "the checkpoint", CheckpointError)
     model = plain_subnet(supernet, state["subnet"])
     if any(k.endswith(".scale") for k in state["model"]):
         found.add_scales_for("sss", model, supernet)

@@ -109,15 +109,11 @@ def read_checkpoint(path: str | os.PathLike, stage: str | tuple[str, ...] | None
 
 def build_model(state: dict[str, Any], use_ema: bool = False) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its (or its EMA's) weights."""
-    import timm
-
     import dsnet  # noqa: F401  (registers the models)
+    from dsnet.models.spec import create
 
     name, kwargs = state.get("model_name"), dict(state.get("model_kwargs") or {})
-    if name not in dsnet.MODELS:
-        raise CheckpointError(f"checkpoint model '{name}' is not a dsnet model "
-                              f"({', '.join(sorted(dsnet.MODELS))})")
-    model = timm.create_model(name, **kwargs)
+    model = create(name, kwargs, "the checkpoint", CheckpointError)
     weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
     try:
         model.load_state_dict(weights)

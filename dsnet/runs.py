@@ -31,6 +31,7 @@ from dsnet.checkpoint import init_from_checkpoint, read_checkpoint
 from dsnet.config import BEST_METRICS, EMA_TEACHERS, Config, save_config
 from dsnet.engine import Evaluation, Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, setup_runtime
 from dsnet.errors import UserError
+from dsnet.models.spec import create
 from dsnet.evaluate import evaluate_gated, evaluate_static, format_report
 from dsnet.ieb import IEBStep
 from dsnet.recalibrate import recalibrate_bn
@@ -113,15 +114,10 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """The supernet named by ``cfg.model`` with the dataset's number of classes."""
     m = cfg.model
-    if m.name not in dsnet.MODELS:
-        raise UserError(f"model.name '{m.name}' is not a dsnet model (accepted: {', '.join(sorted(dsnet.MODELS))})")
     if m.num_classes is not None and m.num_classes != num_classes:
         raise UserError(f"model.num_classes={m.num_classes} but the dataset has {num_classes} classes")
-    kwargs = {"num_classes": num_classes, "drop_rate": m.drop_rate, **m.kwargs}
-    try:
-        return timm.create_model(m.name, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"model.kwargs {m.kwargs} do not fit {m.name}: {err}") from None
+    return create(m.name, {"num_classes": num_classes, "drop_rate": m.drop_rate, **m.kwargs},
+                  "the config's model (model.name, model.kwargs)")
 
 
 def build_optimizer(model_or_params: Any, opt: str, lr: float, weight_decay: float, momentum: float,

@@ -217,7 +217,7 @@ def test_two_process_torchrun_draws_one_sandwich_per_step_and_syncs_gradients(tm
 
 
 def test_model_and_routing_space_errors_stop_before_a_run_directory_exists(tmp_path):
-    with pytest.raises(ValueError, match=r"model\.kwargs .* do not fit ds_resnet20: out_choices must be a non-empty"):
+    with pytest.raises(ValueError, match=r"model\.kwargs\): the kwargs .* do not fit ds_resnet20: out_choices must be a non-empty"):
         train_supernet(tiny(tmp_path / "a", "model.kwargs={width_mults: []}"))
     assert not (tmp_path / "a").exists()
     run = train_supernet(tiny(tmp_path / "b", "train.epochs=1", "train.recalibrate_bn=false"))

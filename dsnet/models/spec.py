@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import timm
 from timm.models import is_model, register_model
 
-__all__ = ["StageSpec", "register", "MODELS", "scale", "group_sizes"]
+from dsnet.errors import UserError
+
+__all__ = ["StageSpec", "register", "MODELS", "create", "scale", "group_sizes"]
 
 MODELS: dict[str, Callable[..., Any]] = {}
 
@@ -26,6 +29,18 @@ class StageSpec:
     kernel: int = 3
     gated: bool = False
     mid: tuple[int, ...] | None = None
+
+
+def create(name: str, kwargs: Mapping[str, Any], source: str, error: type[UserError] = UserError) -> Any:
+    """The dsnet supernet ``name`` from timm's registry with ``kwargs``, the one way dsnet builds
+    a model from a config, a checkpoint or an architecture record (``source`` names it in the
+    message); ``error`` when ``name`` is not a dsnet model or ``kwargs`` do not fit it."""
+    if name not in MODELS:
+        raise error(f"{source} names model '{name}', which is not a dsnet model ({', '.join(sorted(MODELS))})")
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise error(f"{source}: the kwargs {dict(kwargs)} do not fit {name}: {err}") from None
 
 
 def scale(width: int, mults: tuple[float, ...]) -> tuple[int, ...]:

@@ -66,6 +66,7 @@ from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
 from dsnet.models.spec import create
 from dsnet.prune import implant, l1_prune
 from dsnet.reconstruct import reconstruct_prune
+from dsnet.sss import add_scales, scale_keys
 from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
 from dsnet.runs import (Setup, build_criterion, build_model, build_optimizer, build_scheduler, build_val_loader,
                         data_signature, input_shape, open_stage, optimizer_kwargs, run_stage, scheduler_kwargs,
@@ -98,8 +99,8 @@ def load_static(state: dict) -> tuple[DenseNet, DSNet]:
         return load_arch_state(state)[:2]
     supernet = create(state["model_name"], dict(state["model_kwargs"]), "the checkpoint", CheckpointError)
     model = plain_subnet(supernet, state["subnet"])
-    if any(k.endswith(".scale") for k in state["model"]):
-        found.add_scales_for("sss", model, supernet)
+    if scale_keys(state["model"]):
+        add_scales(model, supernet)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -114,7 +115,7 @@ def static_cost(state: dict, supernet: DSNet, size) -> RouteCost:
     if state.get("architecture") is not None:
         return arch_cost(supernet, Architecture.from_dict(state["architecture"]), size)
     cost = supernet.route_cost(supernet.routes.resolve(state["subnet"]), size)
-    return cost._replace(params=cost.params + sum(k.endswith(".scale") for k in state["model"]))
+    return cost._replace(params=cost.params + len(scale_keys(state["model"])))
 
 
 def baseline_report(subnet: Subnet, cost, acc: dict) -> dict:

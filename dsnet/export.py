@@ -282,7 +282,9 @@ def _static_export(state: dict, input_size: Sequence[int] | None) -> _Export:
     with torch.no_grad():
         expected = model(example)
     kind = {"arch": "an architecture", "largest": "the largest route"}.get(state["subnet"], f"subnet {state['subnet']}")
-    scaled = " with SSS branch factors" if any(k.endswith(".scale") for k in state["model"]) else ""
+    from dsnet.sss import scale_keys
+
+    scaled = " with SSS branch factors" if scale_keys(state["model"]) else ""
     return _Export(model, example, expected, weights_meta(state, str(state["subnet"])),
                    f"the baseline model ({kind} of {supernet.model_name}{scaled})")
 

@@ -28,7 +28,7 @@ from dsnet.errors import UserError
 from dsnet.models.net import DenseNet, DSNet
 
 __all__ = ["FINDERS", "PENALTIES", "check_finder", "train_run_name", "found_run_name", "arch_label",
-           "penalty_training", "find", "add_scales_for"]
+           "penalty_training", "find"]
 
 FINDERS = ("slimming", "sss")
 PENALTIES = {"slimming": slimming.SPARSITY, "sss": sss.SPARSITY}
@@ -76,18 +76,13 @@ def arch_label(path: str | Path) -> str:
     return path.resolve().parent.name if path.name == "architecture.json" else path.stem
 
 
-def add_scales_for(kind: str, model: DenseNet, supernet: DSNet) -> list[torch.nn.Parameter]:
-    """SSS's branch factors on ``model`` (the largest route, plain), in place; none for slimming."""
-    return sss.add_scales(model, supernet) if kind == "sss" else []
-
-
 def penalty_training(kind: str, model: DenseNet, supernet: DSNet,
                      penalty: float) -> Callable[[torch.optim.Optimizer], Any]:
     """Prepare ``model`` (the freshly initialised largest route, plain) for ``kind``'s penalty
     training, in place; returns what attaches the penalty to the run's optimizer."""
     if kind == "slimming":
         return lambda optimizer: slimming.attach_bn_subgradient(optimizer, model, penalty)
-    scales = add_scales_for(kind, model, supernet)
+    scales = sss.add_scales(model, supernet)
     return lambda optimizer: sss.attach_apg(optimizer, scales, penalty)
 
 

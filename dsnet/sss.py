@@ -26,6 +26,8 @@ one of the architecture-finding methods of Liu et al. (ICLR 2019).
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -35,7 +37,7 @@ from dsnet.models.blocks import DenseBasicBlock
 from dsnet.models.net import DenseNet, DSNet
 from dsnet.prune import implant
 
-__all__ = ["SPARSITY", "MOMENTUM", "ScaledBlock", "add_scales", "soft_threshold", "apg_update", "attach_apg",
+__all__ = ["SPARSITY", "MOMENTUM", "ScaledBlock", "add_scales", "scale_keys", "soft_threshold", "apg_update", "attach_apg",
            "zero_blocks", "fold_scales", "sss_prune"]
 
 SPARSITY = 1e-2  # gamma; the paper's CIFAR runs use 1e-2 to 1e-1 (larger removes more blocks)
@@ -64,6 +66,12 @@ def add_scales(plain: DenseNet, supernet: DSNet) -> list[nn.Parameter]:
     for i in removable_blocks(supernet):
         plain.features[i] = ScaledBlock(plain.features[i])
     return [plain.features[i].scale for i in removable_blocks(supernet)]
+
+
+def scale_keys(weights: Mapping[str, Tensor]) -> list[str]:
+    """The keys of the branch factors in a plain model's state dict (``features.<i>.scale``; none
+    unless the model went through ``add_scales``)."""
+    return [k for k in weights if k.endswith(".scale")]
 
 
 def soft_threshold(x: Tensor, t: float) -> Tensor:

@@ -145,8 +145,8 @@ def study_rows(rows: list[dict]) -> list[dict]:
     for p in (r for m in PRUNED for r in rows if r["method"] == m):
         twins = {}
         for budget in ("scratch-e", "scratch-b"):
-            hits = [r for r in rows if r["method"].startswith(budget + "-") or r["method"] == budget]
-            hits = [r for r in hits if _same_architecture(p, r)]
+            hits = [r for r in rows if r["method"] in (budget, f"{budget}-sparse", f"{budget}-arch")
+                    and _same_architecture(p, r)]  # not scratch-b-supernet: another budget
             twins[budget] = hits[0]["top1"] if hits else None
         study.append({"method": p["method"], "run": p["run"], "madds": _cost(p), "params": p["params"],
                       "fine_tuned": p["top1"], "scratch_e": twins["scratch-e"], "scratch_b": twins["scratch-b"]})

@@ -146,3 +146,19 @@ def test_an_architecture_of_another_model_and_a_prune_source_without_the_penalty
                                          "slimming-train0.0001-largest run"):
         train_static(cfg, "largest", prune="slimming", ratio=0.4, prune_from=str(plain / "checkpoints" / "last.pth"))
     assert not (tmp_path / "slimming0.4-largest").exists()
+
+
+def test_the_study_matches_each_pruned_model_with_scratch_runs_of_its_architecture_and_budget_only():
+    from dsnet.compare import study_rows
+
+    def row(method, run, subnet, top1, **extra):
+        return {"method": method, "run": run, "subnet": subnet, "madds": 1e6, "params": 10, "top1": top1, **extra}
+
+    rows = [row("l1", "/r/l1-subnet0", 0, 40.0), row("scratch-e", "/r/scratch-e-subnet0", 0, 50.0),
+            row("scratch-b-supernet", "/r/scratch-b-supernet-subnet0", 0, 70.0),  # another budget
+            row("scratch-b", "/r/scratch-b-subnet1", 1, 60.0),  # another architecture
+            row("sss", "/r/sss0.01-largest", "arch", 45.0),
+            row("scratch-b-arch", "/r/scratch-b-sss0.01-largest", "arch", 55.0,
+                architecture_from="/r/sss0.01-largest/architecture.json")]
+    study = {s["method"]: (s["fine_tuned"], s["scratch_e"], s["scratch_b"]) for s in study_rows(rows)}
+    assert study == {"l1": (40.0, 50.0, None), "sss": (45.0, None, 55.0)}

@@ -11,10 +11,10 @@ shift that are zero beyond its width (one ``addcmul``, i.e. BN and mask fused, w
 than DS-Net's BN followed by a mask multiply). ``tests/test_bench.py`` holds its outputs equal to
 ``model(x, subnet="dynamic")``, so the timing compares the same function.
 
-All paths are timed in the same interleaved rounds (``dsnet.bench.time_interleaved``): dynamic,
+All paths are timed in the same interleaved rounds (``dsnet.deploy.bench.time_interleaved``): dynamic,
 masked, largest route and the pieces of the dense limit (dense gate + dense routes on the groups
 the gate formed, summed). Models run at random init with a hand-set gate spreading samples over
-the routes (``dsnet.bench.spread_gate``); ``--seed`` fixes the init, so runs route alike.
+the routes (``dsnet.deploy.bench.spread_gate``); ``--seed`` fixes the init, so runs route alike.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_dynamic.py --models ds_resnet20 ds_mobilenet_v1 \
         --batch-sizes 1 32 --repeats 7 --json dynamic.json
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 import dsnet  # noqa: F401  (registers the models)
-from dsnet.bench import bench_batch, bench_threads, spread_gate, time_interleaved
-from dsnet.export import extract_dynamic
+from dsnet.deploy.bench import bench_batch, bench_threads, spread_gate, time_interleaved
+from dsnet.deploy.extract import extract_dynamic
 from dsnet.layers import DSBatchNorm2d
 from dsnet.models.blocks import ConvBNAct, Residual
 from dsnet.models.net import DSNet

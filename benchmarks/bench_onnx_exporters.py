@@ -5,7 +5,7 @@ import os, time, sys
 os.makedirs("/tmp/onnxexp", exist_ok=True)
 t0 = time.time()
 import timm, torch, onnxscript, dsnet
-from dsnet.export import extract_subnet
+from dsnet.deploy.extract import extract_subnet
 torch.set_num_threads(1)
 print("imports", time.time() - t0)
 KW = {"num_classes": 4, "base_mults": (0.5, 1.0), "width_mults": (0.25, 0.5, 1.0)}

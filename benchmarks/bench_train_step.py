@@ -12,7 +12,7 @@ Both paths train the same sandwich of routes: the largest, ``--num-random`` rand
   plus the teacher forwards IEB makes (the dense extracted largest and random subnets of the EMA
   model, eval mode, ``no_grad``). Summed: what the sandwich would cost on ideal dense kernels.
 
-Optimizers are ``dsnet.runs.build_optimizer`` (SGD with momentum, as ``train_supernet``). After
+Optimizers are ``dsnet.train.runs.build_optimizer`` (SGD with momentum, as ``train_supernet``). After
 ``--warmup`` calls of each path, ``--repeats`` rounds time one call of each, alternating which goes
 first, at a fixed thread count. Reported: each path's median wall time, the ratio of the medians
 (target ieb / dense <= 1.15) and the median of the per-round ratios, which cancels load changes
@@ -47,9 +47,9 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import dsnet
-from dsnet.ieb import IEBStep
-from dsnet.routes import Route
-from dsnet.runs import build_optimizer
+from dsnet.train.ieb import IEBStep
+from dsnet.models.routes import Route
+from dsnet.train.runs import build_optimizer
 
 TARGET = 1.15
 SEED = 0
@@ -87,7 +87,7 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
 def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
     """Wall ms of one call of each of ``fns`` per round, over ``repeats`` rounds (order alternating)
-    after ``warmup`` calls each. Not ``dsnet.bench.time_interleaved``: that keeps only medians, and
+    after ``warmup`` calls each. Not ``dsnet.deploy.bench.time_interleaved``: that keeps only medians, and
     the per-round ratio needs the samples."""
     for _ in range(warmup):
         for fn in fns.values():

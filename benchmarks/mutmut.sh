@@ -25,7 +25,7 @@ fi
 # one intra-op thread: a forked mutant must not inherit a busy OpenMP pool
 sed -i 's/^torch.set_num_threads(2)$/torch.set_num_threads(1)/' "$work/tests/conftest.py"
 tests=""
-for t in test_ieb test_sgs test_layers test_recalibrate test_policy; do
+for t in test_ieb test_sgs test_layers test_recalibrate test_policy test_metrics; do
     [ -f "$work/tests/$t.py" ] && tests="$tests    tests/$t.py
 "
 done
@@ -34,14 +34,15 @@ cat >> "$work/setup.cfg" <<CFG
 [mutmut]
 source_paths = dsnet
 only_mutate =
-    dsnet/ieb.py
-    dsnet/sgs.py
-    dsnet/routes.py
-    dsnet/madds.py
-    dsnet/evaluate.py
-    dsnet/policy.py
-    dsnet/recalibrate.py
-    dsnet/layers.py
+    dsnet/train/ieb.py
+    dsnet/train/sgs.py
+    dsnet/models/routes.py
+    dsnet/models/madds.py
+    dsnet/train/metrics.py
+    dsnet/train/evaluate.py
+    dsnet/train/policy_select.py
+    dsnet/train/recalibrate.py
+    dsnet/layers/slimmable.py
 timeout_multiplier = 100.0
 timeout_constant = 120.0
 pytest_add_cli_args_test_selection =
@@ -49,10 +50,10 @@ $tests
 CFG
 cd "$work"
 export OMP_NUM_THREADS=1
-[ $# -gt 0 ] || set -- 'dsnet.ieb.*' 'dsnet.sgs.*' 'dsnet.routes.*' 'dsnet.madds.x_count_madds*' \
-    'dsnet.evaluate.x_topk_correct*' 'dsnet.policy.x_cost_bias*' \
-    'dsnet.evaluate.x_static_curve*' 'dsnet.layers.xǁDSBatchNorm2dǁforward*' \
-    'dsnet.layers.xǁDSBatchNorm2dǁrow*' 'dsnet.layers.xǁDSBatchNorm2dǁ_slices*' \
-    'dsnet.layers.xǁDSBatchNorm2dǁreset_running_stats*' 'dsnet.layers.xǁDSBatchNorm2dǁchoice_index*'
+[ $# -gt 0 ] || set -- 'dsnet.train.ieb.*' 'dsnet.train.sgs.*' 'dsnet.models.routes.*' 'dsnet.models.madds.x_count_madds*' \
+    'dsnet.train.metrics.x_topk_correct*' 'dsnet.train.policy_select.x_cost_bias*' \
+    'dsnet.train.evaluate.x_static_curve*' 'dsnet.layers.slimmable.xǁDSBatchNorm2dǁforward*' \
+    'dsnet.layers.slimmable.xǁDSBatchNorm2dǁrow*' 'dsnet.layers.slimmable.xǁDSBatchNorm2dǁ_slices*' \
+    'dsnet.layers.slimmable.xǁDSBatchNorm2dǁreset_running_stats*' 'dsnet.layers.slimmable.xǁDSBatchNorm2dǁchoice_index*'
 nice -n 10 mutmut run --max-children 1 "$@" || true
 mutmut results

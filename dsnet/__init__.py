@@ -7,10 +7,10 @@
     model(x, subnet="dynamic")    # each sample takes the route its gate picks
     model = dsnet.load_checkpoint("runs/quickstart/gate/checkpoints/last.pth")  # eval mode
 """
-from dsnet.checkpoint import load_checkpoint
-from dsnet.export import extract_subnet
-from dsnet.madds import count_madds, count_params
-from dsnet.models import DSNet, DenseNet, MODELS
+from dsnet.deploy.extract import extract_subnet
+from dsnet.models import MODELS, DenseNet, DSNet
+from dsnet.models.madds import count_madds, count_params
+from dsnet.train.checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
 __all__ = ["DSNet", "DenseNet", "MODELS", "count_madds", "count_params", "extract_subnet", "load_checkpoint", "__version__"]

@@ -15,8 +15,24 @@ import os
 import sys
 from typing import Callable, Sequence
 
-import dsnet
+import dsnet  # the package face, for dsnet.__version__ (--version)
+from dsnet.config import config_yaml, load_config
+from dsnet.deploy.bench import bench_command
+from dsnet.deploy.export import export_command, target_export_policy
+from dsnet.deploy.onnx_export import ONNX_EXPORTERS
 from dsnet.errors import UserError
+from dsnet.models.madds import parse_madds
+from dsnet.prune.baseline_spec import PRUNERS, parse_subnet
+from dsnet.prune.baselines import train_static
+from dsnet.prune.budgets import BUDGETS
+from dsnet.report.compare import compare_command
+from dsnet.report.evaluate import evaluate_command
+from dsnet.report.profile import profile_command
+from dsnet.train.convert import convert
+from dsnet.train.engine import TrainingError
+from dsnet.train.recalibrate import recalibrate_command
+from dsnet.train.stage_one import train_supernet
+from dsnet.train.stage_two import train_gate
 
 __all__ = ["main", "build_parser", "parse_args", "train_supernet_main", "train_gate_main", "UserError"]
 
@@ -29,9 +45,6 @@ OVERRIDES_HELP = ("config overrides applied to the checkpoint's stored config, e
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Stage one, stage two or a static baseline from ``-c CONFIG`` plus overrides."""
-    from dsnet.config import config_yaml, load_config
-    from dsnet.evaluate import parse_madds
-
     overrides = list(args.overrides)
     if getattr(args, "target_madds", None) is not None:
         overrides.append(f"gate.target_madds={parse_madds(args.target_madds)}")
@@ -40,36 +53,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config_yaml(cfg), end="")
         return 0
     if args.stage == "gate":
-        from dsnet.runs import train_gate
-
         run_dir = train_gate(cfg, args.supernet)
     elif args.static_subnet is not None or args.static_arch is not None:
-        from dsnet.baseline_spec import parse_subnet
-        from dsnet.baselines import train_static
-
         subnet = parse_subnet(args.static_subnet) if args.static_subnet is not None else None
         run_dir = train_static(cfg, subnet, args.budget, args.prune, args.finetune_epochs, args.finetune_lr,
                                args.prune_from, sparsity=args.sparsity, cap_epochs=args.budget_cap_epochs,
                                ratio=args.ratio, static_arch=args.static_arch,
                                slimming_sparsity=args.slimming_sparsity, sss_gamma=args.sss_gamma)
     else:
-        from dsnet.runs import train_supernet
-
         run_dir = train_supernet(cfg)
     print(f"run directory: {run_dir}")
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from dsnet.madds import profile_command
-
     print(profile_command(args.model, args.input_size, args.json))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dsnet.evaluate import evaluate_command
-
     evaluate_command(args.checkpoint, overrides=args.overrides, data_root=args.data, json_path=args.json,
                      plot=args.plot, sweep=args.sweep, max_batches=args.max_batches, ema=args.ema,
                      target_madds=args.target_madds, deploy=args.deploy, output=args.output)
@@ -77,54 +79,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from dsnet.recalibrate import recalibrate_command
-
     print(recalibrate_command(args.checkpoint, args.output, args.batches, args.data, args.overrides))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a static subnet or the gated model of a checkpoint as TorchScript, ONNX or safetensors."""
-    from dsnet.export import export_command
-
     policy = None
     if args.target_madds is not None:
-        from dsnet.engine import autocast_factory, load_run
-        from dsnet.evaluate import parse_madds, target_policy
-        from dsnet.policy import Policy
-        from dsnet.runs import build_val_loader
-
         if not args.dynamic:
             raise UserError("--target-madds sets the dynamic model's operating point: use it with --dynamic")
-        target = parse_madds(args.target_madds)
-        state, model, cfg, runtime = load_run(args.checkpoint, data_root=args.data, stages=("gate",))
-        loader, _ = build_val_loader(cfg, runtime)
-        record = target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
-                               autocast_factory(cfg.train.amp, runtime.device)[0], target, args.deploy)
-        policy = Policy.from_dict(record["policy"])
-        print(record["reason"])
+        policy, reason = target_export_policy(args.checkpoint, args.target_madds, args.deploy, args.data)
+        print(reason)
     print(export_command(args.checkpoint, args.subnet, args.dynamic, args.format, args.output, args.input_size,
                          policy, args.onnx_exporter))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dsnet.bench import bench_command
-
     bench_command(args.target, args.batch_sizes, args.json, args.repeats, args.threads, overrides=args.overrides)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dsnet.convert import convert
-
     print(convert(args.source, args.output, args.source_format, args.ema, args.data))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dsnet.compare import compare_command
-
     print(compare_command(args.runs, args.json, args.plot))
     return 0
 
@@ -166,9 +148,6 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                            ("" if required else " instead of the supernet (as dsnet train-baseline does)"))
     what.add_argument("--static-arch", metavar="FILE", help="train the architecture in FILE (a pruning run's "
                       "architecture.json, e.g. of --prune slimming) from scratch, for --budget")
-    from dsnet.baseline_spec import PRUNERS
-    from dsnet.budgets import BUDGETS
-
     base.add_argument("--budget", choices=BUDGETS, default="scratch-e",
                       help="scratch-e: train.epochs; scratch-b: epochs x MAdds(largest) / MAdds(I) (Liu et al.); "
                            "scratch-b-supernet: the supernet run's training MAdds (default scratch-e)")
@@ -264,8 +243,6 @@ def _add_recalibrate(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from dsnet.onnx_export import ONNX_EXPORTERS
-
     p = _command(sub, "export", cmd_export, "a static subnet or the gated model as TorchScript, ONNX or safetensors",
                  "Export a static subnet or the gated model of a checkpoint, or a baseline checkpoint's model, as a "
                  "file that runs without dsnet; the written file is run once and checked against dsnet's outputs.")
@@ -383,8 +360,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def guarded(prog: str, fn: Callable[[], int]) -> int:
     """Run ``fn``; a user or OS error becomes one line on stderr and exit 2 (DSNET_DEBUG=1
     re-raises), a training failure exit 1; other exceptions propagate with their traceback."""
-    from dsnet.engine import TrainingError
-
     try:
         return fn()
     except (UserError, OSError) as err:

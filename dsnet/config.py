@@ -153,7 +153,7 @@ class GateConfig(_Section):
     head_hidden: int = 64                       # mlp: hidden units
     head_dropout: float = 0.1                   # mlp: dropout before the last FC
     soft_targets: bool = False                  # SGS targets as probabilities from each route's p(label)
-    # deployment (dsnet.policy): after training, the policy the dynamic model ships is chosen on
+    # deployment (dsnet.train.policy_select): after training, the policy the dynamic model ships is chosen on
     # `holdout` of the training images, which the gate does not train on
     holdout: float = 0.1                        # fraction of the training set; 0: ship the gate as trained
     deploy: str = "auto"                        # auto: best of gate / cascade, else static fallback; gate; cascade
@@ -195,13 +195,13 @@ _ACCEPTED_SECTIONS = ", ".join(sorted(_SECTIONS))
 
 BEST_METRICS = ("top1_largest", "top1_slimmest", "top1_mean")  # checkpoint selection (runs.best_metric)
 # the allowed values of the keys below, declared once: the modules that act on them import them
-TEACHERS = ("ensemble", "ema", "inplace", "none")  # ieb.teacher (dsnet.ieb)
+TEACHERS = ("ensemble", "ema", "inplace", "none")  # ieb.teacher (dsnet.train.ieb)
 EMA_TEACHERS = ("ensemble", "ema")                # the teachers that keep an EMA of the supernet
-RULES = ("slimmest", "slimmest_largest", "cheapest")  # gate.rule (dsnet.sgs)
-HEADS = ("fc", "mlp")                              # gate.head (dsnet.heads)
-DEPLOYS = ("auto", "gate", "cascade")              # gate.deploy (dsnet.policy)
-MEASURES = ("margin", "max")                       # gate.cascade_measure (dsnet.policy)
-COST_UNITS = ("fraction", "gmadds")                # gate.cost_unit (dsnet.runs)
+RULES = ("slimmest", "slimmest_largest", "cheapest")  # gate.rule (dsnet.train.sgs)
+HEADS = ("fc", "mlp")                              # gate.head (dsnet.layers.heads)
+DEPLOYS = ("auto", "gate", "cascade")              # gate.deploy (dsnet.train.policy_select)
+MEASURES = ("margin", "max")                       # gate.cascade_measure (dsnet.train.policy_select)
+COST_UNITS = ("fraction", "gmadds")                # gate.cost_unit (dsnet.train.runs)
 DATASETS = ("synthetic", "folder", "cifar10", "cifar100")  # data.name (dsnet.data)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")        # data.interpolation (dsnet.data)
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_transform,
-                                    rand_augment_transform)
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
 from torch import Tensor

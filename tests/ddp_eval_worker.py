@@ -5,10 +5,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dsnet.baselines import train_static
+from dsnet.prune.baselines import train_static
 from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
-from dsnet.runs import train_gate, train_supernet
+from dsnet.train.stage_two import train_gate
+from dsnet.train.stage_one import train_supernet
 
 if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), sys.argv[2:]

@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.distributed as dist
 
-from dsnet.sgs import SGSStep
+from dsnet.train.sgs import SGSStep
 
 
 def gradients(model, x, y) -> dict:

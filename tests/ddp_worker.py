@@ -7,13 +7,13 @@ import torch
 import torch.distributed as dist
 
 from dsnet.config import load_config
-from dsnet.ieb import IEBStep
-from dsnet.runs import train_supernet
+from dsnet.train.ieb import IEBStep
+from dsnet.train.stage_one import train_supernet
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     captured = {"plans": []}
-    import dsnet.engine as engine
+    import dsnet.train.engine as engine
 
     original_run, original_plan = engine.Loop.run, IEBStep.plan
 

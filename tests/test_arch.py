@@ -9,12 +9,12 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsnet
-from dsnet.arch import (Architecture, arch_cost, build_plain, full_architecture, load_arch_state,
+from dsnet.prune.arch import (Architecture, arch_cost, build_plain, full_architecture, load_arch_state,
                         load_architecture, named_spaces, removable_blocks, save_architecture, subnet_architecture)
-from dsnet.checkpoint import read_checkpoint, save_checkpoint
+from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.errors import UserError
-from dsnet.export import save_torchscript
-from dsnet.onnx_export import save_onnx
+from dsnet.deploy.torchscript import save_torchscript
+from dsnet.deploy.onnx_export import save_onnx
 from dsnet.layers import SqueezeExciteDense
 from dsnet.models.resnet import build_resnet, resnet_stages
 from tests.test_baselines import SIZE, small_mobilenet, small_resnet, trained_large

@@ -6,14 +6,15 @@ import timm
 import torch
 
 import dsnet
-from dsnet.baselines import train_static
-from dsnet.budgets import budget_steps, finetune_epochs_default, sandwich_madds
-from dsnet.checkpoint import read_checkpoint
+from dsnet.prune.baselines import train_static
+from dsnet.prune.budgets import budget_steps, finetune_epochs_default, sandwich_madds
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main, train_supernet_main
-from dsnet.compare import collect, compare_rows
+from dsnet.report.compare import collect, compare_rows
 from dsnet.config import load_config, replace
-from dsnet.prune import channel_spaces, implant, l1_prune
-from dsnet.runs import train_gate, train_supernet
+from dsnet.prune.channels import channel_spaces, implant, l1_prune
+from dsnet.train.stage_two import train_gate
+from dsnet.train.stage_one import train_supernet
 from tests.conftest import randomize_bn_
 from tests.test_runs import TINY, assert_same_weights, interrupt_after_first_epoch
 

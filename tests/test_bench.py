@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsnet  # noqa: F401
-from dsnet.bench import bench_command, bench_threads, spread_gate
+from dsnet.deploy.bench import bench_command, bench_threads, spread_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,8 +135,8 @@ def arch_checkpoint(tmp_path_factory):
 
 def test_bench_of_a_static_checkpoint_times_its_plain_model_against_the_dense_largest_route(arch_checkpoint, tmp_path,
                                                                                             capsys):
-    from dsnet.arch import Architecture, arch_cost
-    from dsnet.checkpoint import read_checkpoint
+    from dsnet.prune.arch import Architecture, arch_cost
+    from dsnet.train.checkpoint import read_checkpoint
     from tests.test_export import KWARGS
 
     path = arch_checkpoint[0]
@@ -161,7 +161,7 @@ def test_bench_of_a_static_checkpoint_times_its_plain_model_against_the_dense_la
 
 def test_bench_of_a_static_checkpoint_times_the_plain_model_and_the_largest_route(arch_checkpoint, monkeypatch):
     """What each timed path computes, counted by FlopCounterMode in place of the clock."""
-    import dsnet.bench
+    import dsnet.deploy.bench
     from tests.test_export import KWARGS
 
     path, plain = arch_checkpoint
@@ -174,8 +174,8 @@ def test_bench_of_a_static_checkpoint_times_the_plain_model_and_the_largest_rout
             counted[name] = counter.get_total_flops()
         return {"static": 1.0, "largest": 3.0}
 
-    monkeypatch.setattr(dsnet.bench, "time_interleaved", count)
-    monkeypatch.setattr(dsnet.bench, "_val_images", lambda cfg, runtime, n: batch.append(n) or torch.randn(n, 3, 32, 32))
+    monkeypatch.setattr(dsnet.deploy.bench, "time_interleaved", count)
+    monkeypatch.setattr(dsnet.deploy.bench, "_val_images", lambda cfg, runtime, n: batch.append(n) or torch.randn(n, 3, 32, 32))
     row = bench_command(path, [2], None, repeats=1, threads=1)["results"][0]
     assert batch == [2] and row["realized_speedup"] == 3.0
     supernet = timm.create_model("ds_resnet20", **KWARGS)

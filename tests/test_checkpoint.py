@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from dsnet import checkpoint as ckpt
-from dsnet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from dsnet.train import checkpoint as ckpt
+from dsnet.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from dsnet.cli import main as dsnet_main
 
 
@@ -73,10 +73,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_non_finite_loss_stops_naming_step_and_subnet_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    from dsnet import ieb
+    from dsnet.train import ieb
     from dsnet.config import replace
-    from dsnet.engine import TrainingError
-    from dsnet.runs import train_supernet
+    from dsnet.train.engine import TrainingError
+    from dsnet.train.stage_one import train_supernet
     from tests.test_runs import tiny
 
     cfg = tiny(tmp_path, "train.epochs=1", "train.recalibrate_bn=false")

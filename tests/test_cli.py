@@ -15,13 +15,13 @@ import yaml
 
 import dsnet
 from dsnet import cli
-from dsnet.checkpoint import CheckpointError
+from dsnet.train.checkpoint import CheckpointError
 from dsnet.cli import main, train_gate_main, train_supernet_main
 from dsnet.config import ConfigError, config_to_dict, load_config
-from dsnet.convert import ConvertError
+from dsnet.train.convert import ConvertError
 from dsnet.data import DataError
 from dsnet.errors import UserError
-from dsnet.checkpoint import read_checkpoint
+from dsnet.train.checkpoint import read_checkpoint
 from tests.test_runs import TINY, assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,12 +211,10 @@ def test_user_errors_share_one_base_class():
 
 
 def test_a_user_error_is_one_line_and_any_other_exception_keeps_its_traceback(monkeypatch, capsys):
-    import dsnet.madds
-
-    monkeypatch.setattr(dsnet.madds, "profile_command", lambda *a: (_ for _ in ()).throw(DataError("no images")))
+    monkeypatch.setattr(cli, "profile_command", lambda *a: (_ for _ in ()).throw(DataError("no images")))
     assert main(["profile", "ds_resnet20"]) == 2
     assert one_error_line(capsys, "dsnet profile") == "dsnet profile: error: no images"
-    monkeypatch.setattr(dsnet.madds, "profile_command", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(cli, "profile_command", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         main(["profile", "ds_resnet20"])
 

@@ -7,10 +7,10 @@ import torch
 import torchvision
 
 import dsnet
-from dsnet.checkpoint import init_from_checkpoint, read_checkpoint
+from dsnet.train.checkpoint import init_from_checkpoint, read_checkpoint
 from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
-from dsnet.runs import train_supernet
+from dsnet.train.stage_one import train_supernet
 from tests.test_runs import TINY
 
 

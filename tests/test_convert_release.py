@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.checkpoint import read_checkpoint
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main
 from tests.release_fixture import fixture_input, load_fixture, release_state_dict
 from tests.test_convert import refused

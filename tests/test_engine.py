@@ -1,4 +1,4 @@
-"""``dsnet.engine``: the loop's settings from the config (``loop_kwargs``), and the typed
+"""``dsnet.train.engine``: the loop's settings from the config (``loop_kwargs``), and the typed
 evaluation that decides ``best.pth`` and what the epoch record holds."""
 import dataclasses
 import json
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dsnet.config import Config, load_config
-from dsnet.engine import Evaluation, Loop, Runtime, loop_kwargs
+from dsnet.train.engine import Evaluation, Loop, Runtime, loop_kwargs
 
 
 def test_loop_kwargs_carry_every_loop_setting_from_the_train_and_output_sections():

@@ -21,9 +21,11 @@ import torch
 from torch.testing import assert_close
 
 import dsnet
-from dsnet.checkpoint import save_checkpoint
-from dsnet.export import export_command, extract_dynamic, quiet_deprecations
-from dsnet.onnx_export import DynamicOnnxRunner, run_dynamic_onnx
+from dsnet.train.checkpoint import save_checkpoint
+from dsnet.deploy.export import export_command
+from dsnet.deploy.extract import extract_dynamic
+from dsnet.deploy.torchscript import quiet_deprecations
+from dsnet.deploy.onnx_export import DynamicOnnxRunner, run_dynamic_onnx
 from tests.conftest import randomize_bn_
 
 KWARGS = {"num_classes": 4, "base_mults": (0.5, 1.0), "width_mults": (0.25, 0.5, 1.0)}
@@ -289,7 +291,7 @@ def test_dynamic_export_of_a_stage_one_checkpoint_warns(model, tmp_path, caplog)
         model.gate.width_head.weight.zero_()
         model.gate.width_head.bias.zero_()
     ckpt = _checkpoint(model, tmp_path / "last.pth", stage="supernet")
-    with caplog.at_level(logging.WARNING, logger="dsnet.export"):
+    with caplog.at_level(logging.WARNING, logger="dsnet.deploy.export"):
         summary = export_command(ckpt, None, True, "torchscript", str(tmp_path / "dynamic.pt"))
     assert "stage-one checkpoint" in caplog.text and "width head is untrained" in caplog.text
     assert (tmp_path / "dynamic.pt").is_file() and summary.startswith("exported dynamic model")
@@ -309,8 +311,8 @@ def static_checkpoints(folder) -> dict[str, tuple[str, torch.nn.Module]]:
     - ``arch``: an architecture with odd widths (about half of each space) and block 2 removed;
     - ``sss``: the largest route with SSS's branch factors, one of them zero.
     """
-    from dsnet.arch import architecture, build_plain, full_architecture
-    from dsnet.sss import add_scales
+    from dsnet.prune.arch import architecture, build_plain, full_architecture
+    from dsnet.prune.sss import add_scales
 
     g = torch.Generator().manual_seed(5)
     supernet = timm.create_model("ds_resnet20", **KWARGS)
@@ -346,8 +348,8 @@ def _from_weights(path) -> torch.nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from dsnet.arch import Architecture, build_plain
-    from dsnet.sss import add_scales
+    from dsnet.prune.arch import Architecture, build_plain
+    from dsnet.prune.sss import add_scales
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -403,7 +405,7 @@ def test_a_supernet_checkpoint_still_needs_a_route(checkpoint, tmp_path, capsys)
 
 
 def test_a_written_file_that_differs_from_the_model_is_refused_and_removed(statics, tmp_path, monkeypatch):
-    import dsnet.export
+    import dsnet.deploy.export
 
     def perturbed(module, path):
         wrong = copy.deepcopy(module)
@@ -411,8 +413,8 @@ def test_a_written_file_that_differs_from_the_model_is_refused_and_removed(stati
             wrong.fc.bias += 1.0
         save_torchscript(wrong, path)
 
-    save_torchscript = dsnet.export.save_torchscript
-    monkeypatch.setattr(dsnet.export, "save_torchscript", perturbed)
+    save_torchscript = dsnet.deploy.export.save_torchscript
+    monkeypatch.setattr(dsnet.deploy.export, "save_torchscript", perturbed)
     with pytest.raises(ValueError, match=r"the exported torchscript file gives outputs 1 away from dsnet's; "
                                          r"this is a dsnet bug"):
         export_command(statics["sss"][0], None, False, "torchscript", str(tmp_path / "m.pt"))

@@ -1,4 +1,4 @@
-"""The slice cache (dsnet.fastpath): cached slices follow every way a layer's weights change
+"""The slice cache (dsnet.layers.fastpath): cached slices follow every way a layer's weights change
 (in-place edits, optimizer steps, new storage, copies, dtype moves), and a strided kxk slice is
 copied once, not per call."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from dsnet.fastpath import clear_slice_caches
+from dsnet.layers.fastpath import clear_slice_caches
 from dsnet.layers import DSBatchNorm2d, DSLinear
 from tests.test_layers import IN, OUT, ds_conv, plain_bn, plain_conv, randn_on
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsnet.checkpoint import read_checkpoint
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.config import load_config, save_config
 from tests.test_runs import ROOT, TINY, assert_same_weights
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.arch import Architecture, arch_cost, build_plain, full_architecture, removable_blocks
-from dsnet.baselines import load_static, train_static
-from dsnet.budgets import budget_steps
-from dsnet.checkpoint import read_checkpoint
+from dsnet.prune.arch import Architecture, arch_cost, build_plain, full_architecture, removable_blocks
+from dsnet.prune.static import load_static
+from dsnet.prune.baselines import train_static
+from dsnet.prune.budgets import budget_steps
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main, train_supernet_main
-from dsnet.slimming import slimming_prune
+from dsnet.prune.slimming import slimming_prune
 from tests.test_baselines import SIZE, small_resnet, tiny
 
 PER_EPOCH = 96 // 16  # tiny(): 96 training images, batches of 16
@@ -149,7 +150,7 @@ def test_an_architecture_of_another_model_and_a_prune_source_without_the_penalty
 
 
 def test_the_study_matches_each_pruned_model_with_scratch_runs_of_its_architecture_and_budget_only():
-    from dsnet.compare import study_rows
+    from dsnet.report.compare import study_rows
 
     def row(method, run, subnet, top1, **extra):
         return {"method": method, "run": run, "subnet": subnet, "madds": 1e6, "params": 10, "top1": top1, **extra}

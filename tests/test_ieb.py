@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from dsnet.ieb import IEBStep, ensemble_probs, sandwich_targets, soft_cross_entropy
-from dsnet.routes import RouteTable
+from dsnet.train.ieb import IEBStep, ensemble_probs, sandwich_targets, soft_cross_entropy
+from dsnet.models.routes import RouteTable
 
 LARGEST = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 RANDOM = torch.tensor([[0.0, 3.0, 0.0], [1.0, 1.0, 1.0]])

@@ -8,7 +8,7 @@ import sys
 import types
 
 from dsnet.cli import main
-from dsnet.logs import RunLog, append_summary
+from dsnet.train.logs import RunLog, append_summary
 from tests.test_cli import QUICKSTART, one_error_line
 from tests.test_runs import TINY, interrupt_after_first_epoch
 

@@ -1,4 +1,4 @@
-"""``dsnet profile`` (``dsnet.madds.profile_command``): the JSON contract of DESIGN.md, the table,
+"""``dsnet profile`` (``dsnet.report.profile.profile_command``): the JSON contract of DESIGN.md, the table,
 one plain model (a static baseline checkpoint or an architecture file) costing exactly what
 FlopCounterMode and the module count, and one-line errors with exit status 2."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsnet
-from dsnet.arch import Architecture
-from dsnet.checkpoint import read_checkpoint
+from dsnet.prune.arch import Architecture
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.cli import main
-from dsnet.madds import static_profile
+from dsnet.report.profile import static_profile
 from tests.test_arch import _pool_adds
 
 
@@ -70,7 +70,7 @@ def test_profile_bad_input_is_one_line_and_exit_2(capsys, argv, names):
 
 @pytest.fixture(scope="module")
 def statics(tmp_path_factory):
-    from dsnet.arch import save_architecture
+    from dsnet.prune.arch import save_architecture
     from tests.test_export import static_checkpoints
 
     folder = tmp_path_factory.mktemp("static")
@@ -100,10 +100,10 @@ def test_profile_of_a_static_checkpoint_or_architecture_is_what_flop_counter_and
 
 
 def test_a_static_cost_that_is_not_the_measured_one_is_a_bug(statics, monkeypatch):
-    import dsnet.baselines
+    import dsnet.report.profile
 
-    real = dsnet.baselines.static_cost
-    monkeypatch.setattr(dsnet.baselines, "static_cost", lambda *a: real(*a)._replace(params=real(*a).params + 1))
+    real = dsnet.prune.static.static_cost
+    monkeypatch.setattr(dsnet.report.profile, "static_cost", lambda *a: real(*a)._replace(params=real(*a).params + 1))
     with pytest.raises(ValueError, match=r"dsnet's analytic \(MAdds, params\) .* differ from the model's measured .*"
                                          r"this is a dsnet bug"):
         static_profile(statics["subnet"][0])

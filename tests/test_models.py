@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dsnet
 from dsnet.models.blocks import GateUnit
 from dsnet.models.spec import register
-from dsnet.routes import RouteTable
+from dsnet.models.routes import RouteTable
 
 MODEL_NAMES = ("ds_mobilenet_v1", "ds_resnet20", "ds_resnet56", "ds_resnet50")
 TEST_SIZE = {"ds_mobilenet_v1": 64, "ds_resnet20": 32, "ds_resnet56": 32, "ds_resnet50": 64}

@@ -1,4 +1,4 @@
-"""Inference plans (dsnet.plans): a route run as plain functions over cached slices returns the
+"""Inference plans (dsnet.models.plans): a route run as plain functions over cached slices returns the
 module path's logits bit for bit, follows every way the weights change, and steps aside for hooks,
 training and autograd."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import dsnet
-from dsnet.fastpath import clear_slice_caches
+from dsnet.layers.fastpath import clear_slice_caches
 from tests.test_models import MODEL_NAMES, TEST_SIZE, all_routes, force_routes, images, supernet
 
 

@@ -7,11 +7,11 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsnet
-from dsnet.evaluate import evaluate_dynamic
-from dsnet.export import extract_dynamic
-from dsnet.heads import head_output
-from dsnet.policy import (Outcomes, Policy, cascade_policy, choose_policy, collect_outcomes, gate_policy,
-                          policy_at_madds, score, static_policy)
+from dsnet.train.evaluate import evaluate_dynamic
+from dsnet.deploy.extract import extract_dynamic
+from dsnet.layers.heads import head_output
+from dsnet.train.policy_select import Outcomes, cascade_policy, choose_policy, collect_outcomes, gate_policy, policy_at_madds, score, static_policy
+from dsnet.models.policy import Policy
 
 SIZE = (3, 32, 32)
 
@@ -169,8 +169,8 @@ def test_target_madds_lands_within_two_percent(randomize_bn, kind):
 @pytest.mark.parametrize("head, kind, measure", [("fc", "gate", "margin"), ("mlp", "gate", "margin"),
                                                  ("fc", "cascade", "margin"), ("fc", "cascade", "max")])
 def test_exported_dynamic_models_route_with_the_policy(randomize_bn, tmp_path, head, kind, measure):
-    from dsnet.export import save_torchscript
-    from dsnet.onnx_export import DynamicOnnxRunner, save_dynamic_onnx
+    from dsnet.deploy.torchscript import save_torchscript
+    from dsnet.deploy.onnx_export import DynamicOnnxRunner, save_dynamic_onnx
 
     model, loader = _model(randomize_bn, head), _loader(n=64)
     outcomes = collect_outcomes(model, loader, torch.device("cpu"), SIZE)
@@ -195,7 +195,7 @@ def test_exported_dynamic_models_route_with_the_policy(randomize_bn, tmp_path, h
 
 
 def test_policy_survives_the_checkpoint(randomize_bn, tmp_path):
-    from dsnet.checkpoint import build_model
+    from dsnet.train.checkpoint import build_model
 
     model = _model(randomize_bn, "mlp")
     policy = cascade_policy(0.37)
@@ -230,9 +230,10 @@ def _noise_folder(root, classes=4, per_class=(24, 10), size=32, seed=0):
 def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(tmp_path):
     import json
 
-    from dsnet.checkpoint import load_checkpoint
+    from dsnet.train.checkpoint import load_checkpoint
     from dsnet.config import load_config
-    from dsnet.runs import train_gate, train_supernet
+    from dsnet.train.stage_two import train_gate
+    from dsnet.train.stage_one import train_supernet
 
     data = _noise_folder(tmp_path / "noise", per_class=(24, 25))
     cfg = load_config(None, [
@@ -278,7 +279,7 @@ def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(
 
 
 def test_bench_times_and_prices_the_cascade_it_ships(randomize_bn):
-    from dsnet.bench import bench_batch, dense_limit_fns
+    from dsnet.deploy.bench import bench_batch, dense_limit_fns
 
     model = _model(randomize_bn)
     x = torch.cat([b[0] for b in _loader(n=32)])

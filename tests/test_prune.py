@@ -6,7 +6,7 @@ import timm
 import torch
 
 from dsnet.layers import DSConv2d
-from dsnet.prune import channel_spaces
+from dsnet.prune.channels import channel_spaces
 
 
 @pytest.mark.parametrize("name", ("ds_resnet20", "ds_mobilenet_v1"))

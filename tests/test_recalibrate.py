@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 import dsnet  # noqa: F401  (registers the models)
 from dsnet.layers import DSBatchNorm2d
-from dsnet.recalibrate import recalibrate_bn
+from dsnet.train.recalibrate import recalibrate_bn
 
 
 def _plain_statistics(model, route, batches):

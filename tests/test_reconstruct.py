@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import dsnet
-from dsnet import reconstruct
-from dsnet.prune import channel_spaces
-from dsnet.reconstruct import contribution_gram, lasso_select, reconstruct_prune, thinet_select
+from dsnet.prune import reconstruct
+from dsnet.prune.channels import channel_spaces
+from dsnet.prune.reconstruct import contribution_gram, lasso_select, reconstruct_prune, thinet_select
 from tests.conftest import randomize_bn_
 from tests.test_baselines import SIZE, small_mobilenet, small_resnet
 

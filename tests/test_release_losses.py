@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import dsnet
 from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
-from dsnet.stage_two import build_sgs_step
-from dsnet.runs import build_ieb_step
+from dsnet.train.stage_two import build_sgs_step
+from dsnet.train.runs import build_ieb_step
 from tests.release_fixture import load_fixture, load_losses, loss_batch, loss_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,9 +129,9 @@ def test_stage_two_losses_equal_the_release_with_its_gumbel_sample(recorded, con
 def test_stage_two_takes_a_converted_release_under_the_release_config(converted, cfg):
     """The converted checkpoint was not built with ``init=timm``; how weights were initialised
     does not matter once they are loaded, while a different architecture is still refused."""
-    from dsnet.checkpoint import read_checkpoint
+    from dsnet.train.checkpoint import read_checkpoint
     from dsnet.config import replace
-    from dsnet.stage_two import check_supernet
+    from dsnet.train.stage_two import check_supernet
 
     state = read_checkpoint(converted, "supernet")
     assert "init" not in state["model_kwargs"] and cfg.model.kwargs["init"] == "timm"

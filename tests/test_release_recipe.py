@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import dsnet
-import dsnet.sgs
-from dsnet.checkpoint import read_checkpoint
+import dsnet.train.sgs
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main
-from dsnet.runs import build_model, train_gate, train_supernet
-from dsnet.sgs import SGSStep, frozen_forward, route_targets
+from dsnet.train.runs import build_model
+from dsnet.train.stage_two import train_gate
+from dsnet.train.stage_one import train_supernet
+from dsnet.train.sgs import SGSStep, frozen_forward, route_targets
 from tests.test_runs import tiny
 
 SMALL = {"base_mults": [0.25, 0.5], "width_mults": [0.125, 0.25, 0.5]}
@@ -47,12 +49,12 @@ def test_an_unknown_init_is_refused_naming_the_choices(tmp_path):
 
 def _spy_sgs_step(monkeypatch):
     seen = {}
-    original = dsnet.sgs.SGSStep
+    original = dsnet.train.sgs.SGSStep
 
     def spy(*args, **kwargs):
         seen["step"] = original(*args, **kwargs)
         return seen["step"]
-    monkeypatch.setattr(dsnet.sgs, "SGSStep", spy)
+    monkeypatch.setattr(dsnet.train.sgs, "SGSStep", spy)
     return seen
 
 
@@ -130,7 +132,7 @@ def test_eval_ema_without_an_ema_stops_before_a_run_directory_exists(tmp_path):
 
 @pytest.mark.parametrize("momentum", [None, 0.5])
 def test_recalibration_averages_batches_equally_or_with_a_momentum(momentum):
-    from dsnet.recalibrate import recalibrate_bn
+    from dsnet.train.recalibrate import recalibrate_bn
 
     torch.manual_seed(0)
     model = timm.create_model("ds_resnet20", num_classes=4, **SMALL)

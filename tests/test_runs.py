@@ -1,4 +1,4 @@
-"""``dsnet.runs`` (and ``dsnet.stage_two``) in short real runs of both stages: teacher modes,
+"""``dsnet.train.runs`` (and ``dsnet.train.stage_two``) in short real runs of both stages: teacher modes,
 checkpoints, exact resume, DDP, stage-two freeze, and the BN treatment of best.pth and last.pth
 (stage two never trains a gate on a supernet whose BN statistics were not recalibrated)."""
 import json
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import dsnet
-import dsnet.stage_two
-from dsnet.checkpoint import load_checkpoint, read_checkpoint
+import dsnet.train.stage_two
+from dsnet.train.checkpoint import load_checkpoint, read_checkpoint
 from dsnet.config import load_config, replace
-from dsnet.stage_two import bn_recalibrated
-from dsnet.runs import train_gate, train_supernet
+from dsnet.train.stage_two import bn_recalibrated, train_gate
+from dsnet.train.stage_one import train_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -70,7 +70,7 @@ def test_stage_one_trains_the_supernet_but_not_the_width_head(tmp_path):
 
 def interrupt_after_first_epoch(monkeypatch):
     """Make the step raise KeyboardInterrupt once epoch 2 starts (after epoch 1's checkpoint)."""
-    from dsnet import engine
+    from dsnet.train import engine
 
     original = engine.Loop.train_epoch
 
@@ -142,8 +142,8 @@ def test_stage_two_changes_only_the_width_head_bit_for_bit(tmp_path):
 def _gate_report(model, cfg):
     """Routing, gate accuracy (against the published SGS rule) and mean MAdds of the gated model,
     recomputed from plain static forwards and the gate's argmax over the validation set."""
-    from dsnet.engine import setup_runtime
-    from dsnet.runs import build_val_loader
+    from dsnet.train.engine import setup_runtime
+    from dsnet.train.runs import build_val_loader
 
     loader, _ = build_val_loader(cfg, setup_runtime("cpu", 0, False))
     space, choices, targets = model.routing_space, [], []
@@ -180,7 +180,7 @@ class _Stop(Exception):
 
 def _single_process_sandwiches(out, monkeypatch):
     """The sandwiches of one process's first epoch with the DDP run's global batch (16)."""
-    from dsnet.ieb import IEBStep
+    from dsnet.train.ieb import IEBStep
 
     plans, original = [], IEBStep.plan
 
@@ -192,7 +192,7 @@ def _single_process_sandwiches(out, monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(IEBStep, "plan", plan)
-    monkeypatch.setattr("dsnet.runs.evaluate_static", stop)
+    monkeypatch.setattr("dsnet.train.stage_one.evaluate_static", stop)
     with pytest.raises(_Stop):
         train_supernet(tiny(out, "train.epochs=1", "train.recalibrate_bn=false"))
     assert len(plans) == 96 // 16 and len(set(map(tuple, plans))) > 1
@@ -227,8 +227,8 @@ def test_model_and_routing_space_errors_stop_before_a_run_directory_exists(tmp_p
 
 
 def test_recalibration_reads_training_images_with_the_training_transform(tmp_path):
-    from dsnet.engine import setup_runtime
-    from dsnet.runs import build_data
+    from dsnet.train.engine import setup_runtime
+    from dsnet.train.runs import build_data
 
     data = build_data(tiny(tmp_path), setup_runtime("cpu", 0, False))
     assert data.calib.dataset is data.train.dataset  # augmented, as training saw them
@@ -249,8 +249,8 @@ def test_stage_two_recalibrates_a_supernet_saved_before_recalibration(tmp_path, 
     state = read_checkpoint(plain / "checkpoints" / "last.pth")
     assert state["bn_recalibrated"] is False and not bn_recalibrated(state)
     calls = []
-    original = dsnet.stage_two.recalibrate_bn
-    monkeypatch.setattr(dsnet.stage_two, "recalibrate_bn",
+    original = dsnet.train.stage_two.recalibrate_bn
+    monkeypatch.setattr(dsnet.train.stage_two, "recalibrate_bn",
                         lambda model, *a, **k: (calls.append(model), original(model, *a, **k)))
     gate = train_gate(tiny(tmp_path / "g"), plain / "checkpoints" / "last.pth")
     ckpt = read_checkpoint(gate / "checkpoints" / "last.pth")

@@ -5,9 +5,9 @@ import torch
 from torch.testing import assert_close
 
 import dsnet
-from dsnet.evaluate import evaluate_dynamic, evaluate_gated
-from dsnet.policy import cost_bias
-from dsnet.sgs import SGSStep, complexity_penalty, sgs_targets
+from dsnet.train.evaluate import evaluate_dynamic, evaluate_gated
+from dsnet.train.policy_select import cost_bias
+from dsnet.train.sgs import SGSStep, complexity_penalty, sgs_targets
 
 # Correctness of four routes (rows, slimmest first) on five samples (columns).
 CORRECT = torch.tensor([[1, 0, 1, 0, 0],
@@ -38,7 +38,7 @@ def test_unknown_rule_names_the_key():
 
 
 def test_balanced_weights_give_each_present_target_equal_total_weight():
-    from dsnet.sgs import balanced_weights
+    from dsnet.train.sgs import balanced_weights
 
     targets = torch.tensor([0, 0, 0, 3])
     w = balanced_weights(targets, 4)
@@ -49,7 +49,7 @@ def test_balanced_weights_give_each_present_target_equal_total_weight():
 
 
 def test_soft_targets_are_the_rules_outcome_probabilities():
-    from dsnet.sgs import route_targets, soft_sgs_targets
+    from dsnet.train.sgs import route_targets, soft_sgs_targets
 
     for rule in ("slimmest", "slimmest_largest", "cheapest"):  # 0/1 probabilities: the one-hot rules
         soft = soft_sgs_targets(CORRECT.float(), rule)
@@ -72,7 +72,7 @@ def test_soft_targets_are_the_rules_outcome_probabilities():
 
 
 def test_balanced_weights_count_soft_targets_by_their_mass():
-    from dsnet.sgs import balanced_weights
+    from dsnet.train.sgs import balanced_weights
 
     soft = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])  # masses 1.5, 1.0, 0.5
     assert balanced_weights(soft, 3).tolist() == pytest.approx([1 / 1.5, 1 / 1.0, 1 / 0.5])
@@ -80,7 +80,7 @@ def test_balanced_weights_count_soft_targets_by_their_mass():
 
 
 def test_balanced_weights_cover_every_route_when_the_widest_is_absent():
-    from dsnet.sgs import balanced_weights
+    from dsnet.train.sgs import balanced_weights
 
     w = balanced_weights(torch.tensor([0, 0, 1]), 4)
     assert w.tolist() == pytest.approx([0.75, 1.5, 0.0, 0.0])  # 3 samples / 2 present targets / count
@@ -107,7 +107,7 @@ SPACES = {"all": ((0, 1, 2), (0.25, 0.5, 1.0)), "gapped": ((1, 3), (0.25, 0.5, 0
 
 def _spread_gate(model, loader):
     """A hand-set width head whose argmax varies across the loader's inputs (``bench.spread_gate``)."""
-    from dsnet.bench import spread_gate
+    from dsnet.deploy.bench import spread_gate
 
     with torch.no_grad():
         spread_gate(model, torch.cat([x for x, _ in loader]))
@@ -190,7 +190,7 @@ def test_sweep_at_zero_strength_equals_the_routed_evaluation_and_trades_cost_mon
 
 
 def test_report_places_the_dynamic_model_and_sweep_points_against_the_static_curve():
-    from dsnet.evaluate import format_report, format_sweep_row, static_curve
+    from dsnet.train.evaluate import format_report, format_sweep_row, static_curve
 
     report = {"static": [{"subnet": 1, "madds": 30, "params": 1, "top1": 70.0, "top5": 90.0},
                          {"subnet": 0, "madds": 10, "params": 1, "top1": 50.0, "top5": 80.0},
@@ -233,7 +233,7 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
         calls.append((tau, hard))
         return F.one_hot(choice, logits.shape[1]).float() + 0 * logits
 
-    monkeypatch.setattr("dsnet.sgs.F.gumbel_softmax", one_hot_sample)
+    monkeypatch.setattr("dsnet.train.sgs.F.gumbel_softmax", one_hot_sample)
     costs = torch.tensor([0.25, 1.0])
     step = SGSStep(model, costs, rule="slimmest", **dict(zip(("sgs_weight", "task_weight", "complexity_weight"), weights)),
                    complexity_target=0.3, gumbel_tau=0.7, balance=balance, label_smoothing=smoothing)
@@ -261,7 +261,7 @@ def test_sgs_step_with_a_fixed_sample_gives_the_chosen_routes_task_loss_and_cost
 def test_sgs_step_with_soft_targets_fits_the_gate_to_the_rules_probabilities():
     import torch.nn.functional as F
 
-    from dsnet.sgs import soft_sgs_targets
+    from dsnet.train.sgs import soft_sgs_targets
 
     model, g = _tiny(), torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 4, (5,), generator=g)
@@ -319,7 +319,7 @@ def test_sgs_kwargs_feed_the_step_every_loss_setting_of_the_gate_section():
     import dataclasses
 
     from dsnet.config import GateConfig, load_config
-    from dsnet.sgs import sgs_kwargs
+    from dsnet.train.sgs import sgs_kwargs
 
     gate = load_config(None, ["gate.rule=cheapest", "gate.sgs_weight=2", "gate.task_weight=3", "gate.complexity_weight=4",
                               "gate.complexity_target=0.25", "gate.gumbel_tau=0.5", "gate.balance=false",

@@ -7,9 +7,9 @@ from torch import nn
 from torch.testing import assert_close
 
 import dsnet
-from dsnet.arch import arch_cost, build_plain, named_spaces
+from dsnet.prune.arch import arch_cost, build_plain, named_spaces
 from dsnet.errors import UserError
-from dsnet.slimming import add_bn_subgradient, attach_bn_subgradient, global_keep, slimming_prune
+from dsnet.prune.slimming import add_bn_subgradient, attach_bn_subgradient, global_keep, slimming_prune
 from tests.test_arch import tagged_mobilenet
 from tests.test_baselines import SIZE, small_resnet, trained_large
 

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsnet
-from dsnet.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds, weight_madds
+from dsnet.prune.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds, weight_madds
 from tests.test_baselines import SIZE, small_resnet
 
 

@@ -6,9 +6,9 @@ import torch
 from torch.testing import assert_close
 
 import dsnet
-from dsnet.arch import build_plain, removable_blocks
+from dsnet.prune.arch import build_plain, removable_blocks
 from dsnet.models.blocks import DenseBasicBlock
-from dsnet.sss import ScaledBlock, add_scales, apg_update, attach_apg, soft_threshold, sss_prune, zero_blocks
+from dsnet.prune.sss import ScaledBlock, add_scales, apg_update, attach_apg, soft_threshold, sss_prune, zero_blocks
 from tests.test_arch import small_bottleneck
 from tests.test_baselines import SIZE, small_resnet, trained_large
 

@@ -9,11 +9,11 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
 import dsnet
-from dsnet.checkpoint import read_checkpoint
+from dsnet.train.checkpoint import read_checkpoint
 from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
 from dsnet.data import CIFAR10_MEAN, CIFAR10_STD
-from dsnet.runs import train_supernet
+from dsnet.train.stage_one import train_supernet
 from tests.test_runs import TINY
 
 

@@ -5,7 +5,7 @@ index of the width group that sets its output (ignored by width-preserving units
 selects the largest route's own BN statistics. Each unit also
 reports, as pure arithmetic, its output width, multiply-adds and parameter count at a given
 input width and choice, and builds its dense twin (``dense``) from torch.nn layers only.
-(``dsnet.plans`` turns a unit into a plain function for inference plans.)
+(``dsnet.models.plans`` turns a unit into a plain function for inference plans.)
 
 MAdds follow the DS-Net convention: convolutions and linear layers, plus one add per input
 element for average pooling; batch norm (foldable), activations and max pooling count 0.
@@ -18,9 +18,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from dsnet.heads import head_cost
 from dsnet.layers import DSBatchNorm2d, DSConv2d, DSGate, SqueezeExcite, check_choices
-from dsnet.routes import walk
+from dsnet.layers.heads import head_cost
+from dsnet.models.routes import walk
 
 __all__ = ["Unit", "ConvBNAct", "SEUnit", "GateUnit", "MaxPoolUnit", "Residual", "BasicBlock", "Bottleneck",
            "DenseBasicBlock", "DenseBottleneck", "conv_madds", "conv_params"]

@@ -7,7 +7,7 @@ the outputs back in input order.
 
 Costs, extraction and inference plans walk a route the same way: ``route_walk`` yields each unit
 with its input width and choice index. In eval mode without autograd a route runs as an
-inference plan (``dsnet.plans``: plain functions over cached slices, no module calls); set
+inference plan (``dsnet.models.plans``: plain functions over cached slices, no module calls); set
 ``model.inference_plans = False`` to always take the module path.
 """
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsnet.heads import width_head
+from dsnet.data import default_normalization
 from dsnet.layers import DSLinear
+from dsnet.layers.heads import width_head
 from dsnet.models.blocks import GateUnit, Unit
-from dsnet.plans import Plans
-from dsnet.policy import Policy, confidence
-from dsnet.routes import Route, RouteTable, walk, width_after
+from dsnet.models.plans import Plans
+from dsnet.models.policy import Policy, confidence
+from dsnet.models.routes import Route, RouteTable, walk, width_after
 
 __all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "INITS", "apply_init", "init_weights"]
 
@@ -61,7 +62,7 @@ class DSNet(nn.Module):
         self._unit_list = list(self.units)  # plain list: ModuleList indexing costs per call
         self._choice_cache: dict[Route, list[int]] = {}
         self.inference_plans = True
-        self.plans = Plans()  # dsnet.plans: routes as plain functions, without autograd
+        self.plans = Plans()  # dsnet.models.plans: routes as plain functions, without autograd
         self._cost_cache: dict[tuple, RouteCost] = {}
         self.set_policy(Policy())
         self.num_features = self.width_at(self.routes.largest)
@@ -92,7 +93,7 @@ class DSNet(nn.Module):
         self.set_policy(Policy())
 
     def set_width_head(self, kind: str, hidden: int = 64, dropout: float = 0.0) -> None:
-        """Replace the gate's width head by a fresh one (``dsnet.heads.width_head``): ``fc`` or
+        """Replace the gate's width head by a fresh one (``dsnet.layers.heads.width_head``): ``fc`` or
         ``mlp`` with ``hidden`` units; it starts at zero logits."""
         old = self.gate.width_head
         self.gate.width_head = width_head(kind, old.in_features, len(self.routing_space), hidden,
@@ -100,7 +101,7 @@ class DSNet(nn.Module):
 
     # ---- deployment policy: what ``subnet="dynamic"`` runs --------------------------------------
     def set_policy(self, policy: Policy) -> None:
-        """Make ``policy`` (``dsnet.policy.Policy``) the dynamic model: the gate with a per-route
+        """Make ``policy`` (``dsnet.models.policy.Policy``) the dynamic model: the gate with a per-route
         logit bias (``gate``; ``static`` is a bias that always picks one route) or the confidence
         cascade. ``dsnet.load_checkpoint`` applies the policy a run chose."""
         policy.check(len(self.routing_space))
@@ -199,7 +200,7 @@ class DSNet(nn.Module):
 
     def forward_cascade(self, x: Tensor, threshold: float, measure: str = "margin") -> DynamicOutput:
         """The confidence cascade: every sample takes the slimmest route of the routing space;
-        those whose confidence (``dsnet.policy.confidence``: the top-two softmax margin, or with
+        those whose confidence (``dsnet.models.policy.confidence``: the top-two softmax margin, or with
         ``measure="max"`` the top probability) is under ``threshold`` also take the widest, whose
         logits replace the slimmest's. The units up to the gate run once. ``choice`` is 0 or R-1."""
         routes = self.routes.dynamic_routes
@@ -278,7 +279,7 @@ class DSNet(nn.Module):
     def _init_weights(self) -> None:
         init_weights(self, self.classifier)
 
-    # ---- plans and copies follow the weights (dsnet.plans) ---------------------------------
+    # ---- plans and copies follow the weights (dsnet.models.plans) ---------------------------------
     def _apply(self, fn, recurse=True):  # plans hold views of the old tensors
         self.plans.clear()
         return super()._apply(fn, recurse)
@@ -299,8 +300,6 @@ class DSNet(nn.Module):
     def pretrained_cfg(self) -> dict:
         """What ``timm.data.resolve_data_config({}, model=m)`` reads: dsnet's own data settings for
         this model (CIFAR-10 statistics and no crop up to 64 px, ImageNet's and 0.875 above)."""
-        from dsnet.data import default_normalization
-
         size = tuple(self.default_input_size)
         mean, std = default_normalization(size[-1])
         small = (mean, std) == default_normalization(1)

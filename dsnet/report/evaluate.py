@@ -1,0 +1,107 @@
+"""``dsnet evaluate``: a checkpoint's accuracy and MAdds on its run's validation data.
+
+A supernet checkpoint gets every static subnet and the largest route, a stage-two checkpoint also
+the dynamic model and its operating-point sweeps (``dsnet.train.evaluate``, the library training
+calls every epoch); ``--target-madds`` writes a checkpoint shipping another operating point. A
+static baseline checkpoint (``dsnet train-baseline``) gets its one row.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from dsnet.errors import UserError
+from dsnet.models.madds import parse_madds
+from dsnet.models.policy import Policy
+from dsnet.prune.static import baseline_report, load_static, static_cost
+from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
+from dsnet.train.engine import autocast_factory, checkpoint_run, load_run
+from dsnet.train.evaluate import (evaluate_gated, evaluate_plain, evaluate_static, format_report, format_sweep_row,
+                                  plot_report)
+from dsnet.train.policy_select import target_policy
+from dsnet.train.runs import build_val_loader, data_signature, write_eval
+
+__all__ = ["check_classes", "evaluate_command", "evaluate_baseline"]
+
+
+def check_classes(state: dict, classes: list[str]) -> None:
+    """Refuse evaluation data whose classes are not those the checkpoint was trained on."""
+    if state.get("classes") is not None and list(state["classes"]) != classes:
+        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
+                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
+
+
+def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_root: str | None = None,
+                     json_path: str | None = None, plot: str | None = None, sweep: int = 0,
+                     max_batches: int | None = None, ema: bool = False, target_madds: str | None = None,
+                     deploy: str = "gate", output: str | None = None) -> None:
+    """``dsnet evaluate``: every static subnet, the largest route and (stage two) the dynamic
+    model of ``checkpoint`` on its run's validation data (``data_root`` and ``overrides`` applied
+    to its config). Prints the report; writes ``json_path`` (eval.json format) and ``plot``; with
+    ``target_madds`` writes a checkpoint shipping that operating point to ``output``."""
+    if read_checkpoint(checkpoint).get("stage") == "static":
+        if sweep or plot or ema:
+            raise UserError(f"{checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
+        return evaluate_baseline(checkpoint, overrides, data_root, json_path, max_batches)
+    state, model, cfg, runtime = load_run(checkpoint, overrides, data_root, ema)
+    if state["stage"] != "gate" and (sweep or target_madds):
+        raise UserError(f"--sweep and --target-madds need a gate: {checkpoint} is a stage-one checkpoint "
+                        "(run train_gate.py first)")
+    out = None
+    if target_madds is not None:
+        target = parse_madds(target_madds)
+        out = Path(output or Path(checkpoint).with_name(f"{Path(checkpoint).stem}-{target_madds}.pth"))
+        if out.exists():
+            raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
+    loader, classes = build_val_loader(cfg, runtime)
+    check_classes(state, classes)
+    size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
+    autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
+    report = evaluate_static(model, loader, runtime.device, size, autocast, max_batches)
+    report["data"], report["dynamic"] = data_signature(cfg, classes), None
+    if state["stage"] == "gate":
+        record = state.get("deploy")
+        if out is not None:
+            record = target_policy(model, loader, cfg, runtime, size, autocast, target, deploy, max_batches)
+            model.set_policy(Policy.from_dict(record["policy"]))
+        report.update(evaluate_gated(model, loader, runtime.device, size, cfg.gate.rule, autocast,
+                                     max_batches, sweep or 9, cfg.gate.cascade_measure))
+        if record:
+            report["selection"] = record
+    if not runtime.is_main:  # under torchrun every rank holds the whole set's figures
+        return
+    print(format_report(report))
+    for row in report.get("sweep", []) + report.get("cascade", []):
+        print(format_sweep_row(report, row))
+    if out is not None:
+        save_checkpoint({**{k: v for k, v in state.items() if k not in ("format", "version")}, "deploy": record}, out)
+        print(f"checkpoint with this operating point -> {out}")
+    _write_outputs(report, json_path, plot, f"{state['model_name']} ({Path(checkpoint).name})")
+
+
+def _write_outputs(report: dict, json_path: str | None, plot: str | None, title: str) -> None:
+    if json_path:
+        write_eval(Path(json_path), report)
+    if plot:
+        plot_report(report, plot, title=title)
+
+
+def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root: str | None = None,
+                      json_path: str | None = None, max_batches: int | None = None) -> None:
+    """``dsnet evaluate`` of a static baseline checkpoint: its one row on the run's validation
+    data (``data_root`` and ``overrides`` applied to its config); writes ``json_path`` if given."""
+    state = read_checkpoint(checkpoint, "static")
+    cfg, runtime = checkpoint_run(state, overrides, data_root)
+    loader, classes = build_val_loader(cfg, runtime)
+    check_classes(state, classes)
+    model, supernet = load_static(state)
+    cost = static_cost(state, supernet, (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
+    acc = evaluate_plain(model.to(runtime.device), loader, runtime.device,
+                         autocast_factory(cfg.train.amp, runtime.device)[0], max_batches)
+    report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),
+              "data": data_signature(cfg, classes)}
+    if not runtime.is_main:
+        return
+    print(format_report(report))
+    if json_path:
+        write_eval(Path(json_path), report)

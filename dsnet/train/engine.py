@@ -1,0 +1,390 @@
+"""The training loop shared by both stages: devices, DDP, AMP, optimizer steps, EMA, logging,
+validation, checkpoints and exact resume.
+
+A stage supplies a *step* (``step(x, y, generator, backward) -> {"loss", "losses", ...}``) that
+runs its forwards and calls ``backward`` per loss, and an *evaluate* function returning an
+``Evaluation`` (typed: its ``best_metric`` ranks ``best.pth``, or is None when the stage keeps
+``last.pth`` only). The loop's settings are keyword arguments, fed from the config's ``train`` and
+``output`` sections by ``loop_kwargs(cfg)`` as timm's ``optimizer_kwargs(cfg)`` feeds its
+optimizer factory. The loop owns
+everything else: gradient accumulation, clipping, the optimizer/scheduler/EMA updates, the
+progress bar, the logs (``dsnet.train.logs``: ``metrics.jsonl``, ``summary.csv``, TensorBoard) and
+atomic checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dsnet.config import Config, apply_overrides, config_from_dict, config_to_dict, replace
+from dsnet.errors import UserError
+from dsnet.train.checkpoint import build_model, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dsnet.train.logs import RunLog, check_tensorboard
+
+__all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "loop_kwargs", "Evaluation",
+           "TrainingError", "route_generator", "checkpoint_run", "load_run"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, lost peer); the last good checkpoint is kept."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str, seed: int, deterministic: bool, timeout_s: float = 300.0) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group
+    (nccl on CUDA, gloo on CPU) with a bounded timeout so a lost rank ends the run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={device} but no CUDA device is available (use cpu or auto)")
+    dev = torch.device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rank = 0
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        rank = dist.get_rank()
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return Runtime(dev, rank, world)
+
+
+def autocast_factory(amp: str, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
+    """A context factory for mixed precision and, for fp16, a gradient scaler.
+
+    ``auto``: bf16 where supported (CUDA with bf16, or CPU), else fp16 on CUDA.
+    """
+    if amp == "auto":
+        amp = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "none":
+        return contextlib.nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def route_generator(seed: int, step: int) -> torch.Generator:
+    """The route-sampling generator of one optimizer step. Seeded from (seed, step) only, so every
+    rank samples the same sandwich and a resumed run samples what the original would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
+    """Create ``output.dir``; refuse to write over an existing run unless resuming or told to."""
+    check_tensorboard(cfg.output.tensorboard)
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output.dir {out} exists and is not a folder")
+    last = out / "checkpoints" / "last.pth"
+    if last.exists() and not resuming and not cfg.output.overwrite:
+        raise UserError(f"output.dir {out} already holds a run; continue it with train.resume={last}, "
+                         "or choose another output.dir (output.overwrite=true replaces it)")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if resuming:  # a run killed while saving leaves its half-written temporary file behind
+        for stale in (out / "checkpoints").glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    return out
+
+
+def checkpoint_run(state: dict, overrides: Sequence[str] = (), data_root: str | None = None) -> tuple[Config, Runtime]:
+    """(the config a checkpoint was trained with, ``data_root`` and then ``section.key=value``
+    ``overrides`` applied; a runtime on its ``train.device``) for a command that reads the checkpoint."""
+    cfg = config_from_dict(state["config"])
+    if data_root is not None:
+        cfg = replace(cfg, **{"data.root": data_root})
+    cfg = apply_overrides(cfg, overrides)
+    return cfg, setup_runtime(cfg.train.device, cfg.train.seed, False)
+
+
+def load_run(path: str, overrides: Sequence[str] = (), data_root: str | None = None, use_ema: bool = False,
+             stages: tuple[str, ...] = ("supernet", "gate")) -> tuple[dict, nn.Module, Config, Runtime]:
+    """(checkpoint state, its model (or EMA) in eval mode on the run's device, config and runtime
+    as ``checkpoint_run`` gives them)."""
+    state = read_checkpoint(path, stages)
+    cfg, runtime = checkpoint_run(state, overrides, data_root)
+    return state, build_model(state, use_ema).to(runtime.device).eval(), cfg, runtime
+
+
+@dataclass
+class Evaluation:
+    """What a stage's evaluation returns: the eval.json-shaped ``report``, the ``scalars`` logged
+    beside it (metrics.jsonl, summary.csv) and the metric that ranks ``best.pth`` (None: the stage
+    writes ``last.pth`` only, as stage two does: its top-1 rises with its MAdds)."""
+
+    report: dict
+    scalars: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+
+    def record(self) -> dict:
+        """The evaluation as the epoch record holds it: ``eval``, the scalars, ``best_metric``."""
+        best = {} if self.best_metric is None else {"best_metric": self.best_metric}
+        return {"eval": self.report, **self.scalars, **best}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Evaluation | None:
+        """The evaluation a checkpoint's last metrics hold (None if that epoch was not evaluated);
+        its report and best metric, not its scalars."""
+        if "eval" not in record:
+            return None
+        return cls(record["eval"], best_metric=record.get("best_metric"))
+
+
+def loop_kwargs(cfg: Config) -> dict:
+    """``Loop``'s settings from the config's ``train`` and ``output`` sections."""
+    t = cfg.train
+    return {"grad_accum": t.grad_accum, "seed": t.seed, "batch_size": t.batch_size,
+            "max_steps_per_epoch": t.max_steps_per_epoch, "channels_last": t.channels_last,
+            "log_interval": t.log_interval, "eval_interval": t.eval_interval, "progress": t.progress,
+            "checkpoint_interval": cfg.output.checkpoint_interval, "tensorboard": cfg.output.tensorboard}
+
+
+@dataclass(kw_only=True)
+class Loop:
+    """Runs ``epochs`` epochs of ``step`` with one optimizer update per ``grad_accum`` batches."""
+
+    cfg: Config                           # the resolved config, saved in every checkpoint
+    runtime: Runtime
+    stage: str
+    model: nn.Module                      # the bare model (saved, evaluated)
+    train_model: nn.Module                # what the step calls: the model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: Callable[..., dict]
+    evaluate: Callable[[int], Evaluation]
+    train_loader: Any
+    epochs: int
+    run_dir: Path
+    ema: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    mixup: Callable | None = None
+    clip_grad: float | None = None
+    train_mode: bool = True               # False: the model stays in eval mode (frozen stage two)
+    total_steps: int | None = None        # stop after this many optimizer updates (mid-epoch if need be)
+    extra_state: dict = field(default_factory=dict)
+    # settings (loop_kwargs)
+    grad_accum: int = 1
+    seed: int = 0
+    batch_size: int = 1                   # per process, for the images/s figure
+    max_steps_per_epoch: int | None = None
+    channels_last: bool = False
+    log_interval: int = 50                # optimizer steps
+    eval_interval: int = 1                # epochs
+    checkpoint_interval: int = 1          # epochs
+    progress: bool = True
+    tensorboard: bool = False
+    # progress
+    epoch: int = 0
+    global_step: int = 0
+    best: float = -math.inf
+    last_metrics: dict = field(default_factory=dict)  # the last epoch's record (logged, checkpointed)
+    last_eval: Evaluation | None = None    # its evaluation, None if that epoch was not evaluated
+
+    def __post_init__(self) -> None:
+        self.logs = RunLog(self.run_dir, self.runtime.is_main, self.tensorboard)
+
+    # ---- state ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"stage": self.stage, "model_name": self.model.model_name,
+                "model_kwargs": dict(self.model.model_kwargs), "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": self.epoch, "step": self.global_step, "best": self.best, "rng": rng_state(),
+                "config": config_to_dict(self.cfg), "metrics": self.last_metrics, **self.extra_state}
+
+    def resume(self, path: str) -> dict:
+        """Continue from a checkpoint of this stage: weights, EMA, optimizer, scheduler, RNG.
+        Returns the checkpoint's state."""
+        state = read_checkpoint(path, self.stage)
+        if state["model_name"] != self.model.model_name or dict(state["model_kwargs"]) != dict(self.model.model_kwargs):
+            raise UserError(f"train.resume={path} holds {state['model_name']}({state['model_kwargs']}), "
+                             f"but the config builds {self.model.model_name}({self.model.model_kwargs})")
+        if state.get("optimizer") is None:
+            raise UserError(f"train.resume={path} holds weights but no training state (a converted "
+                             f"checkpoint?); start a new run from it with train.init_from={path}")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step, self.best = state["epoch"], state["step"], state.get("best", -math.inf)
+        self.last_metrics = state.get("metrics") or {}
+        self.last_eval = Evaluation.from_record(self.last_metrics)
+        set_rng_state(state["rng"])
+        logger.info("resumed %s from %s at epoch %d (step %d)", self.stage, path, self.epoch, self.global_step)
+        return state
+
+    def save(self, best: bool) -> None:
+        """Write ``last.pth`` (and ``best.pth`` when ``best``) on the main rank."""
+        if not self.runtime.is_main:
+            return
+        ckpt = self.run_dir / "checkpoints"
+        state = self.state()
+        save_checkpoint(state, ckpt / "last.pth")
+        if best:
+            save_checkpoint(state, ckpt / "best.pth")
+
+    def take_evaluation(self, result: Evaluation, **marks: Any) -> None:
+        """Make ``result`` (an evaluation after training: recalibrated BN, a deployment policy) the
+        run's last, with ``marks`` added to its record; the next ``save`` checkpoints it."""
+        self.last_eval = result
+        self.last_metrics = {**self.last_metrics, **result.record(), **marks}
+
+    def log(self, record: dict) -> None:
+        """One ``metrics.jsonl`` record (and TensorBoard scalars) from the main process."""
+        self.logs.record(record)
+
+    def sync_buffers(self) -> None:
+        """Under DDP, give every rank rank 0's buffers, the EMA's too (BN statistics drift apart:
+        each rank's last forward saw its own batch), so each rank evaluates its shard with the
+        very model rank 0 saves."""
+        if self.runtime.distributed:
+            for net in [self.model] + ([self.ema.module] if self.ema is not None else []):
+                for buf in net.buffers():
+                    dist.broadcast(buf, 0)
+
+    # ---- loop -------------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        scaled = loss / self.grad_accum
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.global_step)
+
+    def _check_finite(self, out: dict) -> None:
+        losses = out["losses"]
+        finite = torch.isfinite(torch.stack(list(losses.values()))).tolist()  # host sync, one per step
+        for (name, _), ok in zip(losses.items(), finite):
+            if not ok:
+                raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}, "
+                                    f"subnet '{name}'; stopped, the last good checkpoint is "
+                                    f"{self.run_dir / 'checkpoints' / 'last.pth'}")
+
+    def train_epoch(self, progress: bool) -> dict:
+        from tqdm import tqdm
+
+        self.train_model.train(self.train_mode)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:  # the loader's own generator: order and worker seeds per epoch
+            generator.manual_seed(self.seed * 7919 + self.epoch)
+        limit = self.max_steps_per_epoch
+        total = len(self.train_loader) if limit is None else min(limit * self.grad_accum, len(self.train_loader))
+        if self.total_steps is not None:  # the last epoch of a step budget stops early
+            total = min(total, (self.total_steps - self.global_step) * self.grad_accum)
+        bar = tqdm(total=total, desc=f"{self.stage} epoch {self.epoch + 1}/{self.epochs}",
+                   disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
+        sums: dict[str, Tensor] = {}
+        count, start = 0, time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= total:
+                break
+            x, y = x.to(self.runtime.device, non_blocking=True), y.to(self.runtime.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            out = self.step(x, y, route_generator(self.seed, self.global_step), self.backward)
+            self._check_finite(out)
+            for name, value in out["losses"].items():
+                sums[name] = sums.get(name, 0) + value
+            count += 1
+            if (i + 1) % self.grad_accum == 0:
+                self._optimizer_step()
+                if self.global_step % self.log_interval == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    losses = {k: round(float(v), 5) for k, v in out["losses"].items()}  # sync at log interval
+                    self.log({"stage": self.stage, "epoch": self.epoch + 1, "step": self.global_step,
+                              "lr": lr, "loss": sum(losses.values()), "losses": losses})
+                    bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {f"train_loss_{k}": float(v) / max(count, 1) for k, v in sums.items()} | {
+            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.batch_size / max(elapsed, 1e-9), 1),
+            "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def run(self) -> dict:
+        """Train from ``self.epoch`` to ``self.epochs`` (or ``total_steps``); returns the last
+        epoch's metrics."""
+        progress = self.progress
+        while self.epoch < self.epochs:
+            train_metrics = self.train_epoch(progress)
+            if self.scheduler is not None:
+                self.scheduler.step(self.epoch + 1)
+            self.epoch += 1
+            metrics: dict = {"stage": self.stage, "epoch": self.epoch, **train_metrics}
+            self.last_eval = None
+            if self.epoch % self.eval_interval == 0 or self.epoch == self.epochs:
+                self.sync_buffers()
+                self.last_eval = self.evaluate(self.epoch)
+                metrics.update(self.last_eval.record())
+            metric = self.last_eval.best_metric if self.last_eval is not None else None
+            self.last_metrics = metrics
+            improved = metric is not None and metric >= self.best
+            if improved:
+                self.best = metric
+            if improved or self.epoch % self.checkpoint_interval == 0 or self.epoch == self.epochs:
+                self.save(improved)
+            self.logs.epoch(metrics)
+            if self.runtime.is_main:
+                logger.info("%s epoch %d/%d: %s", self.stage, self.epoch, self.epochs,
+                            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in metrics.items() if k not in ("stage", "eval")))
+        return self.last_metrics

@@ -227,7 +227,7 @@ def _noise_folder(root, classes=4, per_class=(24, 10), size=32, seed=0):
     return root
 
 
-def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(tmp_path):
+def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(tmp_path, capsys):
     import json
 
     from dsnet.train.checkpoint import load_checkpoint
@@ -276,6 +276,17 @@ def test_on_an_image_folder_where_the_gate_cannot_win_the_static_fallback_ships(
         expected = shipped.forward_dynamic(images)
         choice = torch.jit.load(str(tmp_path / "b.pt")).routed(images)[1]
     assert choice.tolist() == expected.choice.tolist()
+    # dsnet export --target-madds chooses the same operating point on the same images itself
+    direct = tmp_path / "direct.pt"
+    capsys.readouterr()
+    assert dsnet_main(["export", str(ckpt), "--dynamic", "--target-madds", f"{target / 1e6:.4f}M",
+                       "--format", "torchscript", "-o", str(direct)]) == 0
+    assert f"; {shipped.policy.describe(shipped.routing_space)})" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.jit.load(str(direct)).routed(images)[1].tolist() == expected.choice.tolist()
+    assert dsnet_main(["export", str(ckpt), "--subnet", "0", "--target-madds", "1M", "--format", "torchscript",
+                       "-o", str(tmp_path / "no.pt")]) == 2
+    assert not (tmp_path / "no.pt").exists()
 
 
 def test_bench_times_and_prices_the_cascade_it_ships(randomize_bn):

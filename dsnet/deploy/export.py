@@ -127,7 +127,7 @@ def target_export_policy(checkpoint: str, target_madds: str, deploy: str = "gate
     confidence cascade) of a stage-two ``checkpoint`` whose mean MAdds on its run's validation
     data (``data_root``: another root) is ``target_madds`` (``12M``), with the reason it was chosen."""
     target = parse_madds(target_madds)
-    state, model, cfg, runtime = load_run(checkpoint, data_root=data_root, stages=("gate",))
+    _, model, cfg, runtime = load_run(checkpoint, data_root=data_root, stages=("gate",))
     loader, _ = build_val_loader(cfg, runtime)
     record = target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
                            autocast_factory(cfg.train.amp, runtime.device)[0], target, deploy)

@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsnet.layers.fastpath import (SliceCache, SliceCached, clear_slice_caches, pointwise_strided, reuse_views,
-                                   tensor_version)
+from dsnet.layers.fastpath import SliceCache, SliceCached, pointwise_strided, reuse_views, tensor_version
 from dsnet.layers.heads import width_head
 
-# clear_slice_caches lives in dsnet.layers.fastpath; it stays importable from here for existing callers
 __all__ = ["DSConv2d", "DSBatchNorm2d", "DSLinear", "DSGate", "DenseGate", "SqueezeExcite", "SqueezeExciteDense",
-           "channel_attention", "gate_forward", "check_choices", "clear_slice_caches",
-           "conv_slices", "bn_slices", "linear_slice"]
+           "channel_attention", "gate_forward", "check_choices", "conv_slices",
+           "bn_slices", "linear_slice"]
 
 
 def check_choices(choices: Sequence[int], what: str) -> tuple[int, ...]:

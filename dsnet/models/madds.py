@@ -18,19 +18,6 @@ from dsnet.models.routes import fixed_route
 __all__ = ["Subnet", "count_madds", "count_params", "measured_cost", "parse_madds"]
 
 
-def parse_madds(text: str) -> float:
-    """``12M``, ``1.5G``, ``800k`` or a plain number -> MAdds; UserError naming the value otherwise."""
-    units = {"k": 1e3, "m": 1e6, "g": 1e9}
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) * units[raw[-1].lower()] if raw and raw[-1].lower() in units else float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise UserError(f"--target-madds takes a positive number of MAdds such as 12M, 1.5G or 800k, got {text!r}")
-    return value
-
-
 Subnet = int | str | Sequence[int] | None
 
 
@@ -66,3 +53,16 @@ def measured_cost(model: nn.Module, input_size: Sequence[int]) -> RouteCost:
     flops = dict(counter.get_flop_counts()["Global"])
     pools = flops.pop(torch.ops.aten.mean, 0)
     return RouteCost(sum(flops.values()) // 2 + pools, sum(q.numel() for q in model.parameters()))
+
+
+def parse_madds(text: str) -> float:
+    """``12M``, ``1.5G``, ``800k`` or a plain number -> MAdds; UserError naming the value otherwise."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9}
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) * units[raw[-1].lower()] if raw and raw[-1].lower() in units else float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UserError(f"--target-madds takes a positive number of MAdds such as 12M, 1.5G or 800k, got {text!r}")
+    return value

@@ -282,8 +282,8 @@ def _scratch_model(spec: BaselineSpec, supernet: DSNet, start: tuple[dict, Path]
     hooks); ``info`` receives what the baseline record adds."""
     if spec.arch is not None:
         info.update(architecture_from=spec.arch_file)
-        return tag_plain(fresh_plain(supernet, spec.arch), supernet), None, arch_cost(supernet, spec.arch, size).madds, \
-            spec.arch, None
+        model = tag_plain(fresh_plain(supernet, spec.arch), supernet)
+        return model, None, arch_cost(supernet, spec.arch, size).madds, spec.arch, None
     model = plain_subnet(supernet, spec.subnet)
     if spec.sparsity is not None:  # Liu et al.'s weight-level scratch: the pruned model's masks, fresh weights
         model, record, masks = _sparse(model, load_static(start[0])[0], spec.sparsity, supernet, size)

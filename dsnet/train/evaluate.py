@@ -22,9 +22,8 @@ from dsnet.errors import UserError
 from dsnet.models.net import DSNet
 from dsnet.models.policy import Policy
 from dsnet.models.routes import Route
-from dsnet.train.metrics import Autocast, device_batches, sharded, sum_over_shards_, topk_correct
-from dsnet.train.policy_select import (cascade_policy, cascade_thresholds, collect_outcomes, gate_policy,
-                                       gather_outcomes, score)
+from dsnet.train.metrics import Autocast, device_batches, sum_over_shards_, topk_correct
+from dsnet.train.policy_select import cascade_policy, cascade_thresholds, gate_policy, loader_outcomes, score
 from dsnet.train.sgs import sgs_targets
 
 __all__ = ["evaluate_static", "evaluate_plain", "evaluate_dynamic", "evaluate_gated", "static_curve",
@@ -179,9 +178,7 @@ def evaluate_gated(model: DSNet, loader: Iterable, device: torch.device, input_s
     - ``cascade``: the confidence cascade (thresholding ``measure``) at ``sweep`` escalation rates
       in [5%, 60%].
     """
-    outcomes = collect_outcomes(model, device_batches(loader, device, max_batches), device, input_size, autocast)
-    if sharded(loader):
-        outcomes = gather_outcomes(outcomes)
+    outcomes = loader_outcomes(model, loader, device, input_size, autocast, max_batches)
     dynamic = evaluate_dynamic(model, loader, device, input_size, autocast=autocast, max_batches=max_batches)
     space = list(outcomes.space)
     targets = sgs_targets(outcomes.hit1[:, space].T, rule)

@@ -28,7 +28,8 @@ from dsnet.models.net import DSNet
 from dsnet.models.policy import Policy, confidence
 from dsnet.train.metrics import Autocast, device_batches, sharded, topk_hits
 
-__all__ = ["Outcomes", "cost_bias", "collect_outcomes", "gather_outcomes", "score", "against_curve",
+__all__ = ["Outcomes", "cost_bias", "collect_outcomes", "loader_outcomes", "gather_outcomes", "score",
+           "against_curve",
            "gate_policy", "static_policy", "cascade_policy", "cascade_thresholds", "candidates", "choose_policy", "policy_at_madds",
            "select_policy", "target_policy"]
 
@@ -107,6 +108,14 @@ def collect_outcomes(model: DSNet, batches: Iterable[tuple[Tensor, Tensor]], dev
                     {m: conf[:, i] for i, m in enumerate(MEASURES)},
                     tuple(model.routing_space), [model.route_cost(r, input_size).madds for r in routes],
                     model.dynamic_costs(input_size), wide - model.shared_cost(input_size))
+
+
+def loader_outcomes(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
+                    autocast: Autocast = contextlib.nullcontext, max_batches: int | None = None) -> Outcomes:
+    """``collect_outcomes`` over ``loader`` (its first ``max_batches``); when the loader is one
+    rank's shard (DDP evaluation), every rank's rows gathered into the whole set's table."""
+    outcomes = collect_outcomes(model, device_batches(loader, device, max_batches), device, input_size, autocast)
+    return gather_outcomes(outcomes) if sharded(loader) else outcomes
 
 
 def gather_outcomes(outcomes: Outcomes) -> Outcomes:
@@ -275,10 +284,7 @@ def target_policy(model: DSNet, loader: Iterable, cfg, runtime, input_size: Sequ
                   target: float, kind: str, max_batches: int | None = None) -> dict:
     """The deployment record (``select_policy``) of the ``kind`` policy whose mean MAdds on
     ``loader`` is ``target``; UserError when no policy of that kind reaches it."""
-    outcomes = collect_outcomes(model, device_batches(loader, runtime.device, max_batches), runtime.device, input_size,
-                                autocast)
-    if sharded(loader):
-        outcomes = gather_outcomes(outcomes)
+    outcomes = loader_outcomes(model, loader, runtime.device, input_size, autocast, max_batches)
     try:
         return select_policy(outcomes, kind, target, cfg.gate.fallback_z, images="validation",
                              measure=cfg.gate.cascade_measure)

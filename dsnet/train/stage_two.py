@@ -29,8 +29,8 @@ from dsnet.train.recalibrate import recalibrate_bn
 from dsnet.train.runs import (Data, build_optimizer, build_scheduler, input_shape, open_stage, optimizer_kwargs,
                               run_stage, scheduler_kwargs, updates_per_epoch)
 
-__all__ = ["train_gate", "gate_output", "check_supernet", "bn_recalibrated", "recalibrate_supernet", "gate_model", "head_kwargs",
-           "build_sgs_step", "deploy"]
+__all__ = ["train_gate", "gate_output", "check_supernet", "bn_recalibrated", "recalibrate_supernet", "gate_model",
+           "head_kwargs", "build_sgs_step", "deploy"]
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dsnet.report.compare import compare_command
 from dsnet.report.evaluate import evaluate_command
 from dsnet.report.profile import profile_command
 from dsnet.train.convert import convert
-from dsnet.train.engine import TrainingError
+from dsnet.train.engine import TrainingError, close_runtime
 from dsnet.train.recalibrate import recalibrate_command
 from dsnet.train.stage_one import train_supernet
 from dsnet.train.stage_two import train_gate
@@ -62,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                slimming_sparsity=args.slimming_sparsity, sss_gamma=args.sss_gamma)
     else:
         run_dir = train_supernet(cfg)
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -359,7 +360,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def guarded(prog: str, fn: Callable[[], int]) -> int:
     """Run ``fn``; a user or OS error becomes one line on stderr and exit 2 (DSNET_DEBUG=1
-    re-raises), a training failure exit 1; other exceptions propagate with their traceback."""
+    re-raises), a training failure exit 1; other exceptions propagate with their traceback.
+    Under torchrun the process leaves its process group at the end, whatever happened."""
     try:
         return fn()
     except (UserError, OSError) as err:
@@ -373,11 +375,20 @@ def guarded(prog: str, fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
+    finally:
+        close_runtime()
+
+
+def setup_logging() -> None:
+    """Progress messages on the console: from one process (torchrun's RANK 0, or the only one);
+    the other ranks print warnings and errors only, so nothing shows N times."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dsnet`` command; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = parse_args(argv)
     return guarded(f"dsnet {args.command}", lambda: args.handler(args))
 
@@ -390,7 +401,7 @@ def train_parser(prog: str, stage: str) -> argparse.ArgumentParser:
 
 
 def _train_script(prog: str, stage: str, argv: Sequence[str] | None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     parser = train_parser(prog, stage)
     args = parser.parse_intermixed_args(argv)  # overrides may sit before and after the options
     _check_train_args(parser, args)

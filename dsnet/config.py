@@ -143,6 +143,9 @@ class GateConfig(_Section):
     complexity_target: float = 0.0              # fraction of the widest routing-space route
     gumbel_tau: float = 1.0
     epochs: int = 10
+    # epochs between evaluations of the gate on the validation set (each runs every route); None: the
+    # last epoch only (the static subnets, frozen, are evaluated once)
+    eval_interval: int | None = None
     lr: float = 0.01
     lr_base_batch: int = 256
     opt: str = "adamw"
@@ -251,6 +254,7 @@ _RULES: dict[str, _Rule] = {
                            "a non-empty, strictly increasing list of non-negative integers"),
     "gate.sgs_weight": _NONNEG, "gate.task_weight": _NONNEG, "gate.complexity_weight": _NONNEG,
     "gate.complexity_target": _NONNEG, "gate.gumbel_tau": _POS, "gate.epochs": _POS_INT,
+    "gate.eval_interval": _POS_INT,
     "gate.lr": _POS, "gate.lr_base_batch": _POS_INT, "gate.weight_decay": _NONNEG,
     "gate.warmup_epochs": _NONNEG, "gate.logit_bias": (lambda v: len(v) > 0, "a non-empty list of numbers"),
     "gate.head_hidden": _POS_INT, "gate.head_dropout": _UNIT, "gate.holdout": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),

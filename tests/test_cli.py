@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import configparser
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import dsnet
@@ -230,3 +232,80 @@ def test_input_size_takes_exactly_three_numbers(capsys, argv, message):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---- every command that runs a model picks its device the same way ------------------------------
+
+class _Reached(Exception):
+    """Raised by the mocked ``torch.cuda.set_device``: the command got as far as choosing its GPU."""
+
+
+@pytest.fixture(scope="module")
+def gate_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "gate"
+    assert main(["train-gate", "-c", QUICKSTART, *TINY, "--supernet", str(checkpoint), "gate.holdout=0",
+                 f"output.dir={run}"]) == 0
+    return run / "checkpoints" / "last.pth"
+
+
+@pytest.mark.parametrize("command", ["train-supernet", "train-gate", "train-baseline", "evaluate", "recalibrate",
+                                     "bench", "export --target-madds"])
+def test_each_command_gives_the_gpu_it_runs_on_an_index_in_one_process(command, checkpoint, gate_checkpoint,
+                                                                       tmp_path, monkeypatch):
+    """With CUDA available (mocked) and no torchrun, ``train.device=auto`` is ``cuda:0`` for every
+    command that runs a model: ``torch.cuda.set_device`` refuses a device without an index."""
+    given = []
+
+    def set_device(dev):
+        given.append(torch.device(dev))
+        raise _Reached
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    train = ["-c", QUICKSTART, *TINY, f"output.dir={tmp_path / 'run'}"]
+    argv = {"train-supernet": ["train-supernet", *train],
+            "train-gate": ["train-gate", *train, "--supernet", str(checkpoint)],
+            "train-baseline": ["train-baseline", *train, "--static-subnet", "0", "--budget", "scratch-e"],
+            "evaluate": ["evaluate", str(checkpoint)],
+            "recalibrate": ["recalibrate", str(checkpoint), "-o", str(tmp_path / "r.pth")],
+            "bench": ["bench", str(checkpoint), "--repeats", "1"],
+            "export --target-madds": ["export", str(gate_checkpoint), "--dynamic", "--target-madds", "1M",
+                                      "--format", "torchscript", "-o", str(tmp_path / "x.pt")]}[command]
+    with pytest.raises(_Reached):
+        main(argv)
+    assert given == [torch.device("cuda", 0)] and given[0].index == 0
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r.pth").exists()
+
+
+def test_export_of_a_subnet_runs_on_the_cpu_whatever_gpus_there_are(checkpoint, tmp_path, monkeypatch):
+    """An exported file is written and checked on the CPU (no device to choose): CUDA available
+    changes nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail(f"export chose a GPU: {dev}"))
+    out = tmp_path / "s0.pt"
+    assert main(["export", str(checkpoint), "--subnet", "0", "--format", "torchscript", "-o", str(out)]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("rank, level", [(None, "INFO"), ("0", "INFO"), ("1", "WARNING"), ("7", "WARNING")])
+def test_under_torchrun_only_rank_0_logs_progress(monkeypatch, rank, level):
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    cli.setup_logging()
+    assert logging.getLevelName(logging.getLogger().level) == level
+
+
+def test_a_command_leaves_its_process_group_at_the_end_even_on_an_error(monkeypatch):
+    left = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: left.append(1))
+    assert cli.guarded("dsnet x", lambda: 0) == 0
+    assert cli.guarded("dsnet x", lambda: (_ for _ in ()).throw(UserError("bad"))) == 2
+    assert left == [1, 1]

@@ -137,3 +137,13 @@ def test_init_from_keeps_a_classifier_for_another_class_count(tmp_path):
                               **{k: v for k, v in kwargs.items() if k not in ("num_classes",)})
     with pytest.raises(ValueError, match="gate_stage|does not fit"):
         init_from_checkpoint(other, run / "checkpoints" / "last.pth")
+
+
+def test_convert_maps_weights_on_the_cpu_whatever_gpus_there_are(resnet50_file, tmp_path, monkeypatch):
+    """Conversion reads, maps and writes tensors on the CPU (no device to choose): CUDA available
+    changes nothing, and the checkpoint loads anywhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail(f"convert chose a GPU: {dev}"))
+    out = tmp_path / "ds_resnet50.pth"
+    assert dsnet_main(["convert", str(resnet50_file), "-o", str(out), "--from", "torchvision-resnet50"]) == 0
+    assert all(t.device.type == "cpu" for t in read_checkpoint(out, "supernet")["model"].values())

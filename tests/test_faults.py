@@ -2,6 +2,7 @@
 
 A suite across modules, not one module's tests: a fault is survived by the engine, the
 checkpoint writer and the command line together, so each test runs whole processes."""
+import contextlib
 import json
 import os
 import random
@@ -92,6 +93,15 @@ def test_sigkill_at_a_random_moment_then_resume_ends_with_the_uninterrupted_weig
     assert not list((broken / "checkpoints").glob(".*.tmp")), "a resumed run clears half-written checkpoints"
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), read from /proc."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return [d for c in children for d in [c, *_descendants(c)]]
+
+
 def _rank_pid(agent: subprocess.Popen, rank: int, timeout: float = 120) -> int:
     """The pid of the torchrun worker with RANK=rank (a child of the agent)."""
     deadline = time.monotonic() + timeout
@@ -131,3 +141,50 @@ def test_torchrun_with_a_killed_rank_stops_the_others_quickly_with_an_error(tmp_
     assert agent.returncode != 0
     assert "train_supernet.py FAILED" in err and "exitcode  : -9" in err, err[-2000:]
     assert elapsed < 60, f"the surviving rank took {elapsed:.0f} s to stop"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists() or not torch.distributed.is_available(),
+                    reason="needs Linux /proc and torch.distributed")
+def test_torchrun_killed_then_the_same_command_again_ends_bit_identical(tmp_path):
+    """A 2-rank torchrun run with dropout, SIGKILLed (agent and workers) at a random moment after
+    its first checkpoint, then started again with the very same command (``train.resume=auto``),
+    ends with the weights of the run never interrupted: each rank resumes its own random streams
+    (dropout masks, augmentation), not rank 0's."""
+    cfg = _config(tmp_path)
+    same = ["model.drop_rate=0.3", "data.num_workers=1", "train.batch_size=8", "data.synthetic_train_size=1280",
+            "train.resume=auto"]  # 80 steps per rank and epoch: time to kill it mid-run
+
+    def torchrun(out: Path, port: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={port}", str(ROOT / "train_supernet.py"), "-c", str(cfg), *same,
+                                 f"output.dir={out}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    reference, victim = torchrun(straight, 29545), torchrun(broken, 29547)
+    try:
+        last = broken / "checkpoints" / "last.pth"
+        deadline = time.monotonic() + 240
+        while not last.exists():
+            assert victim.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.01)
+        time.sleep(random.Random(7).uniform(0.0, 0.6))
+        for pid in _descendants(victim.pid) + [victim.pid]:  # the ranks (their own sessions) and the agent
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        victim.wait(timeout=60)
+        _finish(reference)
+    finally:
+        for proc in (reference, victim):
+            if proc.poll() is None:
+                for pid in _descendants(proc.pid) + [proc.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+    killed_at = read_checkpoint(last)
+    assert 1 <= killed_at["epoch"] < 4, "the run finished before it could be killed"
+    _finish(torchrun(broken, 29549))
+    a, b = (read_checkpoint(d / "checkpoints" / "last.pth") for d in (straight, broken))
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 4
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["ema"], b["ema"])
+    assert len(a["rank_rng"]) == 2

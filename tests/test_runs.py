@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import dsnet
@@ -15,6 +16,7 @@ import dsnet.train.stage_two
 from dsnet.train.checkpoint import load_checkpoint, read_checkpoint
 from dsnet.config import load_config, replace
 from dsnet.train.stage_two import bn_recalibrated, train_gate
+from dsnet.train.runs import to_channels_last
 from dsnet.train.stage_one import train_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,3 +262,56 @@ def test_stage_two_recalibrates_a_supernet_saved_before_recalibration(tmp_path, 
     assert not (gate / "checkpoints" / "best.pth").exists()  # stage two writes last.pth only
     train_gate(tiny(tmp_path / "h"), recalibrated / "checkpoints" / "last.pth")
     assert len(calls) == 1  # a recalibrated supernet is taken as it is
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_torchrun_ranks_augment_apart_and_reshuffle_every_epoch(tmp_path):
+    """Every training image is the same picture, so two batches differ only by augmentation: the
+    ranks' first batches differ (their loader workers are seeded per rank, not in lockstep), and
+    each rank's epochs differ too. Each epoch the ranks draw disjoint shards of the whole set, in
+    an order that changes from epoch to epoch (the sampler's epoch advances)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           str(ROOT / "tests" / "ddp_streams_worker.py"), str(tmp_path), *TINY, "train.epochs=2",
+           "data.num_workers=1", "train.batch_size=8", "train.eval_interval=2", f"output.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    per_epoch = 96 // 2 // 8
+    assert len(a["batches"]) == len(b["batches"]) == 2 * per_epoch
+    assert not torch.equal(a["batches"][0], b["batches"][0]), "the ranks drew the same augmentation"
+    assert not torch.equal(a["batches"][0], a["batches"][per_epoch]), "a rank's epochs drew the same augmentation"
+    assert len(a["indices"]) == len(b["indices"]) == 2
+    for epoch in range(2):
+        assert sorted(a["indices"][epoch] + b["indices"][epoch]) == list(range(96))
+    assert a["indices"][0] != a["indices"][1] and b["indices"][0] != b["indices"][1], "the order did not change"
+
+
+def test_channels_last_weights_get_gradients_laid_out_as_they_are_so_ddp_never_copies_them():
+    """DDP's gradient buckets take each parameter's strides; a gradient with other strides is
+    copied every step (and DDP warns). Under ``train.channels_last`` every weight's gradient comes
+    back with its weight's strides, the depthwise [C, 1, k, k] ones included."""
+    model = to_channels_last(timm.create_model("ds_mobilenet_v1", num_classes=4))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    wide = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert wide and all(p.is_contiguous(memory_format=torch.channels_last) for p in wide)
+    assert [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []
+
+
+@pytest.mark.parametrize("interval, gated", [(None, 2), (1, 4)])
+def test_stage_two_evaluates_the_frozen_subnets_once_and_the_gate_at_its_interval(tmp_path, monkeypatch, interval,
+                                                                                 gated):
+    """The static subnets of a frozen supernet score the same every epoch: evaluated once. The
+    gate: at the last epoch and once more with the shipped policy, or every ``gate.eval_interval``."""
+    run = train_supernet(tiny(tmp_path, "train.epochs=1"))
+    calls = {"static": 0, "gated": 0}
+    for name, key in (("evaluate_static", "static"), ("evaluate_gated", "gated")):
+        original = getattr(dsnet.train.stage_two, name)
+        monkeypatch.setattr(dsnet.train.stage_two, name,
+                            lambda *a, _o=original, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1), _o(*a, **k))[1])
+    extra = [] if interval is None else [f"gate.eval_interval={interval}"]
+    gate_run = train_gate(tiny(tmp_path, "gate.epochs=3", *extra), run / "checkpoints/last.pth")
+    assert calls == {"static": 1, "gated": gated}
+    report = json.loads((gate_run / "eval.json").read_text())
+    assert len(report["static"]) == 3 and report["dynamic"]["madds_mean"] > 0

@@ -68,7 +68,8 @@ from dsnet.train.checkpoint import read_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_plain
 from dsnet.train.runs import (Setup, build_criterion, build_model, build_optimizer, build_scheduler, input_shape,
-                              open_stage, optimizer_kwargs, run_stage, scheduler_kwargs, updates_per_epoch, wrap_ddp)
+                              open_stage, optimizer_kwargs, resolve_resume, run_stage, scheduler_kwargs, to_channels_last,
+                              updates_per_epoch, wrap_ddp)
 
 __all__ = ["StaticStep", "train_static"]
 
@@ -84,7 +85,7 @@ class StaticStep:
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator, backward) -> dict:
         with self.autocast():
             logits = self.model(x)
-        loss = self.criterion(logits, y)
+        loss = self.criterion(logits.float(), y)  # loss math in fp32 whatever the autocast dtype
         backward(loss)
         return {"loss": loss.detach(), "losses": {"ce": loss.detach()}}
 
@@ -160,13 +161,13 @@ def train_static(cfg: Config, subnet: Subnet | None, budget: str = "scratch-e", 
     _check_model(cfg, spec)  # before any training
     needs_large = prune or sparsity is not None  # the trained largest route: to prune, or for its weight masks
     start = _prune_source(cfg, base, prune_from, spec) if needs_large else None
-    cfg = replace(cfg, **{"output.dir": str(base / spec.name)})
+    cfg = resolve_resume(replace(cfg, **{"output.dir": str(base / spec.name)}))
     setup = open_stage(cfg)
     supernet = build_model(cfg, len(setup.data.classes))
     plan = _plan(cfg, setup, supernet, spec, start, finetune_epochs, finetune_lr, cap_epochs)
     model = plan.model.to(setup.runtime.device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     train_model = wrap_ddp(model, setup.runtime)
     optimizer = _optimizer(model, plan, cfg, setup)
     scheduler = build_scheduler(optimizer, **{**scheduler_kwargs(cfg), **plan.schedule})

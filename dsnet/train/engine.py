@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -32,8 +35,8 @@ from dsnet.errors import UserError
 from dsnet.train.checkpoint import build_model, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dsnet.train.logs import RunLog, check_tensorboard
 
-__all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "loop_kwargs", "Evaluation",
-           "TrainingError", "route_generator", "checkpoint_run", "load_run"]
+__all__ = ["Runtime", "resolve_device", "setup_runtime", "close_runtime", "autocast_factory", "prepare_run_dir", "Loop", "loop_kwargs", "Evaluation",
+           "TrainingError", "route_generator", "epoch_seed", "cudnn_autotune", "checkpoint_run", "load_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    deterministic: bool = False   # train.deterministic: no cuDNN autotuning, deterministic kernels
 
     @property
     def is_main(self) -> bool:
@@ -57,16 +61,43 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(spec: str, world_size: int = 1, local_rank: int = 0) -> torch.device:
+    """The device ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) names for this process.
+
+    One process: ``auto`` is the current CUDA device when there is one, else the CPU; ``cuda`` is
+    the current CUDA device; ``cuda:N`` that GPU. Under torchrun (``world_size`` > 1) each process
+    takes the GPU of its ``local_rank``, so ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK`` and a
+    fixed ``cuda:N`` is refused. A CUDA device always carries its index (``torch.cuda.set_device``
+    needs one)."""
+    if spec not in ("auto", "cpu", "cuda") and not (spec.startswith("cuda:") and spec[5:].isdigit()):
+        raise UserError(f"train.device={spec} is not a device dsnet runs on (accepted: auto, cpu, cuda, cuda:N)")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"train.device={spec} but no CUDA device is available (use cpu or auto)")
+    count = torch.cuda.device_count()
+    if world_size > 1:
+        if spec.startswith("cuda:"):
+            raise UserError(f"train.device={spec} names one GPU, but under torchrun each process takes the GPU "
+                            f"of its LOCAL_RANK; use train.device=cuda (pick GPUs with CUDA_VISIBLE_DEVICES)")
+        index = local_rank
+        if index >= count:
+            raise UserError(f"LOCAL_RANK={local_rank} but this node shows {count} CUDA device(s); start at most "
+                            f"{count} processes per node (torchrun --nproc_per_node)")
+    else:
+        index = int(spec[5:]) if spec.startswith("cuda:") else torch.cuda.current_device()
+        if index >= count:
+            raise UserError(f"train.device={spec} but this machine shows {count} CUDA device(s) "
+                            f"(cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
 def setup_runtime(device: str, seed: int, deterministic: bool, timeout_s: float = 300.0) -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group
-    (nccl on CUDA, gloo on CPU) with a bounded timeout so a lost rank ends the run."""
+    """Pick the device (``resolve_device``) and, under torchrun (WORLD_SIZE > 1), join the
+    process group (nccl on CUDA, gloo on CPU) with a bounded timeout so a lost rank ends the run.
+    Seeds torch, numpy and ``random`` per rank (``seed + rank``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={device} but no CUDA device is available (use cpu or auto)")
-    dev = torch.device(f"cuda:{local}" if device == "cuda" and world > 1 else device)
+    dev = resolve_device(device, world, int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     rank = 0
@@ -76,10 +107,18 @@ def setup_runtime(device: str, seed: int, deterministic: bool, timeout_s: float 
                                     timeout=datetime.timedelta(seconds=timeout_s))
         rank = dist.get_rank()
     torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    return Runtime(dev, rank, world)
+    return Runtime(dev, rank, world, deterministic)
+
+
+def close_runtime() -> None:
+    """Leave the process group, if this process joined one (the end of a command under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def autocast_factory(amp: str, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
@@ -102,6 +141,25 @@ def route_generator(seed: int, step: int) -> torch.Generator:
     """The route-sampling generator of one optimizer step. Seeded from (seed, step) only, so every
     rank samples the same sandwich and a resumed run samples what the original would have."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's epoch: its loader's generator (shuffling in one process, the
+    workers' seeds and so every augmentation draw) starts from it. Distinct for every (rank,
+    epoch) of a run, so ranks never augment in lockstep; rank 0's is that of a one-process run."""
+    return seed * 7919 + epoch + rank * 1_000_003
+
+
+@contextlib.contextmanager
+def cudnn_autotune(runtime: Runtime) -> Any:
+    """cuDNN picks the fastest kernels for training's fixed shapes (``cudnn.benchmark``), unless
+    the run is deterministic; evaluation (routed batches of every size) runs without it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = runtime.device.type == "cuda" and not runtime.deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
@@ -216,6 +274,8 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.logs = RunLog(self.run_dir, self.runtime.is_main, self.tensorboard)
+        self._nonfinite: tuple[list[str], Tensor] | None = None  # (loss names, flags on the device)
+        self._checked_step = self.global_step                     # losses up to here were finite
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -226,7 +286,20 @@ class Loop:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.global_step, "best": self.best, "rng": rng_state(),
-                "config": config_to_dict(self.cfg), "metrics": self.last_metrics, **self.extra_state}
+                "rank_rng": self._rank_rng(), "config": config_to_dict(self.cfg), "metrics": self.last_metrics,
+                **self.extra_state}
+
+    def _rank_rng(self) -> list[dict] | None:
+        """Every rank's global RNG states, rank 0 first (a collective under DDP; None in one
+        process, where ``rng`` holds them): each rank draws its own dropout masks, noise and
+        augmentation, and a resumed rank must continue its own streams, not rank 0's."""
+        if not self.runtime.distributed:
+            return None
+        mine = io.BytesIO()
+        torch.save(rng_state(), mine)  # as bytes: gathering tensors inside objects is not reliable across torch versions
+        states: list[Any] = [None] * self.runtime.world_size
+        dist.all_gather_object(states, mine.getvalue())
+        return [torch.load(io.BytesIO(state), weights_only=True) for state in states]
 
     def resume(self, path: str) -> dict:
         """Continue from a checkpoint of this stage: weights, EMA, optimizer, scheduler, RNG.
@@ -249,16 +322,39 @@ class Loop:
         self.epoch, self.global_step, self.best = state["epoch"], state["step"], state.get("best", -math.inf)
         self.last_metrics = state.get("metrics") or {}
         self.last_eval = Evaluation.from_record(self.last_metrics)
-        set_rng_state(state["rng"])
+        self._restore_rng(state)
+        self._checked_step = self.global_step
         logger.info("resumed %s from %s at epoch %d (step %d)", self.stage, path, self.epoch, self.global_step)
         return state
 
+    def _restore_rng(self, state: dict) -> None:
+        """This rank's RNG streams from a checkpoint: its own when the checkpoint holds every
+        rank's (saved by as many processes as now run), else rank 0's on rank 0 and, on the other
+        ranks, fresh streams from (seed, rank, epoch) (the run goes on, but not bit for bit)."""
+        saved = state.get("rank_rng")
+        if saved is not None and len(saved) == self.runtime.world_size:
+            set_rng_state(saved[self.runtime.rank])
+        elif self.runtime.rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            fresh = epoch_seed(self.seed, self.runtime.rank, self.epoch)
+            torch.manual_seed(fresh)
+            random.seed(fresh)
+            np.random.seed(fresh % 2**32)
+            if self.runtime.rank == 1:
+                logger.warning("the checkpoint was saved by %d process(es), this run has %d: ranks 1.. start fresh "
+                               "random streams, so the run continues but not bit for bit",
+                               len(saved) if saved is not None else 1, self.runtime.world_size)
+
     def save(self, best: bool) -> None:
-        """Write ``last.pth`` (and ``best.pth`` when ``best``) on the main rank."""
+        """Write ``last.pth`` (and ``best.pth`` when ``best``) on the main rank. Under DDP every
+        rank calls it (it gathers every rank's RNG state); stops first if a loss went non-finite
+        since the last check, so no checkpoint holds weights trained on one."""
+        self.check_finite()
+        state = self.state()
         if not self.runtime.is_main:
             return
         ckpt = self.run_dir / "checkpoints"
-        state = self.state()
         save_checkpoint(state, ckpt / "last.pth")
         if best:
             save_checkpoint(state, ckpt / "best.pth")
@@ -305,14 +401,34 @@ class Loop:
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)
 
-    def _check_finite(self, out: dict) -> None:
-        losses = out["losses"]
-        finite = torch.isfinite(torch.stack(list(losses.values()))).tolist()  # host sync, one per step
-        for (name, _), ok in zip(losses.items(), finite):
-            if not ok:
-                raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}, "
-                                    f"subnet '{name}'; stopped, the last good checkpoint is "
-                                    f"{self.run_dir / 'checkpoints' / 'last.pth'}")
+    def _note_finite(self, losses: dict[str, Tensor]) -> None:
+        """Fold this step's losses into the non-finite flags, on the device: no host sync here."""
+        bad = ~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in losses.values()]))
+        if self._nonfinite is None or self._nonfinite[0] != list(losses):
+            self._nonfinite = (list(losses), torch.zeros_like(bad))
+        self._nonfinite[1].logical_or_(bad)
+
+    def check_finite(self) -> None:
+        """Stop if any loss went non-finite since the last check (read at the log interval and
+        before every save: one host sync there, none per step); every rank stops together. The
+        error names the steps in between and the subnets; the last checkpoint predates them."""
+        names, flags = self._nonfinite if self._nonfinite is not None else ([], None)
+        first = self._checked_step + 1
+        self._checked_step = self.global_step
+        if flags is None:
+            return
+        if self.runtime.distributed:
+            flags = flags.to(torch.int32)
+            dist.all_reduce(flags)  # a NaN on one rank stops them all
+        bad = [name for name, flag in zip(names, flags.tolist()) if flag]
+        flags.zero_()
+        self._nonfinite = None
+        if bad:
+            last = max(first, self.global_step)
+            steps = f"step {first}" if last == first else f"steps {first}-{last}"
+            raise TrainingError(f"non-finite loss in epoch {self.epoch + 1}, {steps}, subnet(s) "
+                                f"{', '.join(repr(n) for n in bad)}; stopped, the last good checkpoint is "
+                                f"{self.run_dir / 'checkpoints' / 'last.pth'}")
 
     def train_epoch(self, progress: bool) -> dict:
         from tqdm import tqdm
@@ -322,8 +438,8 @@ class Loop:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         generator = getattr(self.train_loader, "generator", None)
-        if generator is not None:  # the loader's own generator: order and worker seeds per epoch
-            generator.manual_seed(self.seed * 7919 + self.epoch)
+        if generator is not None:  # the loader's own generator: order and worker seeds per rank and epoch
+            generator.manual_seed(epoch_seed(self.seed, self.runtime.rank, self.epoch))
         limit = self.max_steps_per_epoch
         total = len(self.train_loader) if limit is None else min(limit * self.grad_accum, len(self.train_loader))
         if self.total_steps is not None:  # the last epoch of a step budget stops early
@@ -331,7 +447,20 @@ class Loop:
         bar = tqdm(total=total, desc=f"{self.stage} epoch {self.epoch + 1}/{self.epochs}",
                    disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
         sums: dict[str, Tensor] = {}
-        count, start = 0, time.perf_counter()
+        start = time.perf_counter()
+        with cudnn_autotune(self.runtime):
+            count = self._train_batches(bar, total, sums)
+        bar.close()
+        self.check_finite()  # before this epoch's evaluation and checkpoint
+        elapsed = time.perf_counter() - start
+        return {f"train_loss_{k}": float(v) / max(count, 1) for k, v in sums.items()} | {
+            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.batch_size / max(elapsed, 1e-9), 1),
+            "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _train_batches(self, bar: Any, total: int, sums: dict[str, Tensor]) -> int:
+        """One epoch's first ``total`` batches: steps, optimizer updates, log records; the losses
+        summed into ``sums``. Returns the number of batches."""
+        count = 0
         for i, (x, y) in enumerate(self.train_loader):
             if i >= total:
                 break
@@ -341,24 +470,21 @@ class Loop:
             if self.mixup is not None:
                 x, y = self.mixup(x, y)
             out = self.step(x, y, route_generator(self.seed, self.global_step), self.backward)
-            self._check_finite(out)
+            self._note_finite(out["losses"])
             for name, value in out["losses"].items():
-                sums[name] = sums.get(name, 0) + value
-            count += 1
+                sums[name] = sums.get(name, 0) + value.detach()
             if (i + 1) % self.grad_accum == 0:
                 self._optimizer_step()
                 if self.global_step % self.log_interval == 0:
+                    self.check_finite()
                     lr = self.optimizer.param_groups[0]["lr"]
                     losses = {k: round(float(v), 5) for k, v in out["losses"].items()}  # sync at log interval
                     self.log({"stage": self.stage, "epoch": self.epoch + 1, "step": self.global_step,
                               "lr": lr, "loss": sum(losses.values()), "losses": losses})
                     bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
             bar.update(1)
-        bar.close()
-        elapsed = time.perf_counter() - start
-        return {f"train_loss_{k}": float(v) / max(count, 1) for k, v in sums.items()} | {
-            "train_time_s": round(elapsed, 2), "images_per_s": round(count * self.batch_size / max(elapsed, 1e-9), 1),
-            "lr": self.optimizer.param_groups[0]["lr"]}
+            count += 1
+        return count
 
     def run(self) -> dict:
         """Train from ``self.epoch`` to ``self.epochs`` (or ``total_steps``); returns the last

@@ -108,7 +108,8 @@ class IEBStep:
                     teacher = ema_largest if self.teacher != "inplace" else logits.detach()
                     random_target, slim_target = sandwich_targets(self.teacher, teacher, ema_randoms)
                 target = slim_target if last else random_target
-                loss = self.criterion(logits, y) if i == 0 or target is None else soft_cross_entropy(logits, target)
+                # loss math in fp32 (soft_cross_entropy casts too): bf16 log-softmax over many classes loses digits
+                loss = self.criterion(logits.float(), y) if i == 0 or target is None else soft_cross_entropy(logits, target)
                 backward(loss)
             losses[name] = loss.detach()
         total = torch.stack(list(losses.values())).sum()

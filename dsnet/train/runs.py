@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dsnet import data as dsdata
-from dsnet.config import BEST_METRICS, Config, save_config
+from dsnet.config import BEST_METRICS, Config, replace, save_config
 from dsnet.errors import UserError
 from dsnet.models.spec import create
 from dsnet.train.engine import Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, setup_runtime
@@ -34,7 +34,8 @@ from dsnet.train.ieb import IEBStep
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler",
            "optimizer_kwargs", "scheduler_kwargs", "build_criterion", "build_ieb_step", "BEST_METRICS", "best_metric",
-           "scaled_lr", "wrap_ddp", "updates_per_epoch", "holdout_split", "Setup", "open_stage", "run_stage",
+           "scaled_lr", "to_channels_last", "wrap_ddp", "updates_per_epoch", "holdout_split", "Setup", "resolve_resume",
+           "open_stage", "run_stage",
            "input_shape", "write_eval", "data_signature"]
 
 
@@ -42,9 +43,10 @@ __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optim
 class Data:
     train: Any          # DataLoader of augmented training batches
     val: Any            # DataLoader of validation batches
-    calib: Any          # training images with training transforms, one process's share (BN recalibration)
+    calib: Any          # training images with training transforms, the same batches on every rank (pruning)
     classes: list[str]
     holdout: Any = None  # training images held back from training, evaluation transforms, every rank all of them
+    calib_shard: Any = None  # under DDP: calib's images sharded over the ranks (BN recalibration splits its batches)
 
 
 def _datasets(cfg: Config, split: str, train_transform: bool) -> Any:
@@ -99,8 +101,9 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
         held_loader = _loader(cfg, runtime, plain, cfg.data.val_batch_size or bs, False, False)
     # recalibration sees what training saw (augmented images): statistics of un-augmented images
     # cost ds_resnet20 on CIFAR-10 3 points of top-1 (docs/results.md)
+    shard = _loader(cfg, runtime, train_set, bs, True, True) if runtime.distributed else None
     return Data(_loader(cfg, runtime, train_set, bs, True, runtime.distributed), val,
-                _loader(cfg, runtime, train_set, bs, True, False), classes, held_loader)
+                _loader(cfg, runtime, train_set, bs, True, False), classes, held_loader, shard)
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -181,6 +184,20 @@ def scaled_lr(cfg: Config, runtime: Runtime, lr: float, base_batch: int) -> floa
     return lr * cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum / base_batch
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with its 4-D weights in channels_last memory format, as ``train.channels_last``
+    trains it. A depthwise weight [C, 1, k, k] is laid out the same either way, but autograd hands
+    its gradient back with the standard strides, which DDP's gradient buckets (built from the
+    parameters' strides) would take as a mismatch: it warns and copies that gradient every step.
+    Those weights keep the standard strides."""
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 4 and param.shape[1] == 1:
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
 def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when the run is distributed, else itself."""
     if not runtime.distributed:
@@ -207,6 +224,16 @@ class Setup:
     scaler: torch.amp.GradScaler | None
 
 
+def resolve_resume(cfg: Config) -> Config:
+    """``cfg`` with ``train.resume=auto`` made concrete: ``output.dir``'s ``checkpoints/last.pth``
+    when the run has one (a requeued or restarted job continues), else None (a fresh start); so
+    one command both starts a run and continues it. Other values are returned as they are."""
+    if cfg.train.resume != "auto":
+        return cfg
+    last = Path(cfg.output.dir) / "checkpoints" / "last.pth"
+    return replace(cfg, **{"train.resume": str(last) if last.exists() else None})
+
+
 def open_stage(cfg: Config, holdout: float = 0.0) -> Setup:
     """The runtime (device, process group, seed), the data (``holdout``: ``build_data``) and mixed
     precision of a stage."""
@@ -223,9 +250,10 @@ def run_stage(cfg: Config, setup: Setup, *, start: Callable[[Loop, dict | None],
     ``train.resume``, ``start(loop, resumed state or None)``, the resolved config, training,
     ``finish(loop)``, then ``eval.json`` (the last evaluation with the ``report`` records) and its
     table; returns the run directory."""
+    cfg = resolve_resume(cfg)
     run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
     loop = Loop(cfg=cfg, runtime=setup.runtime, train_loader=setup.data.train, run_dir=run_dir, scaler=setup.scaler,
-                **parts, **loop_kwargs(cfg))
+                **{**loop_kwargs(cfg), **parts})  # a stage's parts may set a loop setting its own way
     resumed = loop.resume(cfg.train.resume) if cfg.train.resume else None
     if start is not None:
         start(loop, resumed)

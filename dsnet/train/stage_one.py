@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import timm
-import torch
 
 from dsnet import data as dsdata
 from dsnet.config import EMA_TEACHERS, Config
@@ -20,10 +19,10 @@ from dsnet.errors import UserError
 from dsnet.train.checkpoint import init_from_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_static
-from dsnet.train.recalibrate import recalibrate_bn
+from dsnet.train.recalibrate import recalibrate_run
 from dsnet.train.runs import (Setup, best_metric, build_ieb_step, build_model, build_optimizer, build_scheduler,
-                              input_shape, open_stage, optimizer_kwargs, run_stage, scheduler_kwargs, updates_per_epoch,
-                              wrap_ddp)
+                              input_shape, open_stage, optimizer_kwargs, resolve_resume, run_stage, scheduler_kwargs,
+                              to_channels_last, updates_per_epoch, wrap_ddp)
 
 __all__ = ["train_supernet"]
 
@@ -35,11 +34,12 @@ def train_supernet(cfg: Config) -> Path:
     if cfg.train.eval_ema and cfg.ieb.teacher not in EMA_TEACHERS:
         raise UserError(f"train.eval_ema=true needs an EMA, but ieb.teacher={cfg.ieb.teacher} keeps none "
                          "(use ensemble or ema)")
+    cfg = resolve_resume(cfg)
     setup = open_stage(cfg)
     data, runtime = setup.data, setup.runtime
     model = build_model(cfg, len(data.classes)).to(runtime.device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     if cfg.train.init_from and not cfg.train.resume:  # a resumed run has its own weights
         kept = init_from_checkpoint(model, cfg.train.init_from)
         logger.info("weights from %s%s", cfg.train.init_from, f" (kept as built: {', '.join(kept)})" if kept else "")
@@ -77,8 +77,8 @@ def _recalibrate_last(cfg: Config, loop: Loop, setup: Setup, evaluate: Callable[
         return
     final_is_best = loop.last_eval is not None and loop.last_eval.best_metric == loop.best  # best.pth is this epoch
     for net in [loop.model] + ([loop.ema.module] if loop.ema is not None else []):
-        recalibrate_bn(net, setup.data.calib, setup.runtime.device, cfg.train.recalibrate_batches, setup.autocast,
-                       cfg.train.recalibrate_momentum)
+        recalibrate_run(net, setup.data, setup.runtime, cfg.train.recalibrate_batches, setup.autocast,
+                        cfg.train.recalibrate_momentum)
     loop.sync_buffers()
     loop.extra_state["bn_recalibrated"] = True
     loop.take_evaluation(evaluate(loop.epoch), recalibrated=True)

@@ -8,6 +8,7 @@ the stage skeleton (``dsnet.train.runs.run_stage``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -25,9 +26,9 @@ from dsnet.train.checkpoint import read_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_gated, evaluate_static
 from dsnet.train.policy_select import collect_outcomes, select_policy
-from dsnet.train.recalibrate import recalibrate_bn
+from dsnet.train.recalibrate import recalibrate_run
 from dsnet.train.runs import (Data, build_optimizer, build_scheduler, input_shape, open_stage, optimizer_kwargs,
-                              run_stage, scheduler_kwargs, updates_per_epoch)
+                              resolve_resume, run_stage, scheduler_kwargs, updates_per_epoch)
 
 __all__ = ["train_gate", "gate_output", "check_supernet", "bn_recalibrated", "recalibrate_supernet", "gate_model",
            "head_kwargs", "build_sgs_step", "deploy"]
@@ -67,7 +68,7 @@ def bn_recalibrated(state: dict) -> bool:
     return bool(state.get("bn_recalibrated", (state.get("metrics") or {}).get("recalibrated", False)))
 
 
-def recalibrate_supernet(cfg: Config, loop: Loop, calib: Any, supernet: Path, autocast: Any) -> None:
+def recalibrate_supernet(cfg: Config, loop: Loop, data: Data, supernet: Path, autocast: Any) -> None:
     """Recalibrate the BN statistics of a supernet saved before recalibration (a ``best.pth`` of
     an earlier epoch, a run with ``train.recalibrate_bn=false``) before its gate trains on them;
     with ``train.recalibrate_bn=false`` keep them and warn."""
@@ -76,8 +77,8 @@ def recalibrate_supernet(cfg: Config, loop: Loop, calib: Any, supernet: Path, au
                        supernet)
         return
     logger.info("--supernet %s was saved before BN recalibration: recalibrating it first", supernet)
-    recalibrate_bn(loop.model, calib, loop.runtime.device, cfg.train.recalibrate_batches, autocast,
-                   cfg.train.recalibrate_momentum)
+    recalibrate_run(loop.model, data, loop.runtime, cfg.train.recalibrate_batches, autocast,
+                    cfg.train.recalibrate_momentum)
     loop.sync_buffers()
     if loop.ema is not None:  # the EMA starts from the recalibrated supernet
         loop.ema.set(loop.model)
@@ -153,6 +154,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     if cfg.train.eval_ema and cfg.gate.ema_decay is None:
         raise UserError("train.eval_ema=true needs an EMA of the gate in stage two: "
                          "set gate.ema_decay (release: 0.997)")
+    cfg = resolve_resume(cfg)
     setup = open_stage(cfg, cfg.gate.holdout)
     data, runtime, autocast = setup.data, setup.runtime, setup.autocast
     check_supernet(cfg, state, supernet, data.classes)
@@ -165,8 +167,12 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     ema = timm.utils.ModelEmaV3(model, decay=cfg.gate.ema_decay) if cfg.gate.ema_decay is not None else None
     shipped = ema.module if cfg.train.eval_ema else model
 
+    static: dict = {}  # the frozen supernet's static subnets score the same every epoch: evaluated once
+
     def evaluate(epoch: int) -> Evaluation:
-        report = evaluate_static(shipped, data.val, runtime.device, size, autocast)
+        if not static:
+            static.update(evaluate_static(shipped, data.val, runtime.device, size, autocast))
+        report = copy.deepcopy(static)
         report.update(evaluate_gated(shipped, data.val, runtime.device, size, cfg.gate.rule, autocast,
                                      measure=cfg.gate.cascade_measure))
         return Evaluation(report, {"top1_dynamic": report["dynamic"]["top1"],
@@ -174,7 +180,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
 
     def start(loop: Loop, resumed: dict | None) -> None:
         if resumed is None and not bn_recalibrated(state):
-            recalibrate_supernet(cfg, loop, data.calib, supernet, autocast)
+            recalibrate_supernet(cfg, loop, data, supernet, autocast)
 
     def finish(loop: Loop) -> None:
         if loop.epoch == loop.epochs:
@@ -183,5 +189,6 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     return run_stage(
         cfg, setup, stage="gate", model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, step=step,
         evaluate=evaluate, epochs=cfg.gate.epochs + cfg.train.cooldown_epochs, ema=ema, train_mode=False,
+        eval_interval=cfg.gate.eval_interval or cfg.gate.epochs + cfg.train.cooldown_epochs,
         extra_state={"classes": data.classes, "supernet": str(supernet), "bn_recalibrated": bn_recalibrated(state)},
         start=start, finish=finish)

@@ -184,3 +184,24 @@ def test_an_ema_teacher_without_an_ema_is_refused_by_name(teacher):
         IEBStep(torch.nn.Linear(2, 2), None, None, teacher, 1, torch.nn.CrossEntropyLoss())
     IEBStep(torch.nn.Linear(2, 2), None, None, "inplace", 1, torch.nn.CrossEntropyLoss())  # keeps none
 
+
+
+class _Bf16Recorder(_Recorder):
+    """A fake supernet whose logits come out in bf16 with digits bf16 cannot hold, as autocast gives them."""
+
+    def forward(self, x, subnet=None):
+        logits = super().forward(x, subnet) + torch.tensor([0.0, 1e-2, 2e-2]) * 37.3
+        return logits.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("teacher", ["none", "inplace"])
+def test_every_loss_is_computed_in_fp32_from_the_autocast_logits(teacher):
+    """Under bf16 autocast the logits are bf16; the cross-entropy of the label-trained routes is
+    taken in fp32 (bf16's 8-bit mantissa rounds the log-softmax), as the soft targets' already is."""
+    routes = RouteTable((2, 5), (0, 1))
+    y = torch.tensor([0, 2])
+    out = IEBStep(_Bf16Recorder(), routes, None, teacher, 1, torch.nn.CrossEntropyLoss())(
+        torch.zeros(2, 1), y, torch.Generator().manual_seed(0), lambda loss: None)
+    largest = _Bf16Recorder()(torch.zeros(2, 1), routes.largest)
+    assert all(v.dtype == torch.float32 for v in out["losses"].values())
+    assert out["losses"]["largest"].item() == F.cross_entropy(largest.float(), y).item()

@@ -102,12 +102,12 @@ def _epoch(loader: DeviceLoader, epoch_seed: int) -> torch.Tensor:
 
 
 def test_device_erasing_follows_the_loader_generator_and_leaves_the_global_streams_alone():
+    before = random.getstate(), torch.get_rng_state()
     loader = _erasing_loader(1.0)
     plain, erased = _epoch(_erasing_loader(0.0), 5), _epoch(loader, 5)
     changed = (plain != erased).flatten(1).any(1)
     assert changed.all()  # reprob=1: every image has a box
     assert ((plain != erased).flatten(1).float().mean(1) < 0.5).all()  # a box, not the whole image
-    before = random.getstate(), torch.get_rng_state()
     again = _epoch(loader, 5)
     assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
     torch.testing.assert_close(again, erased, rtol=0, atol=0)  # a resumed epoch erases alike

@@ -12,6 +12,7 @@ from PIL import Image
 from dsnet.config import ConfigError, load_config
 from dsnet.data import (DataError, DeviceLoader, DeviceTransforms, SyntheticImages, build_dataset, build_loader,
                         build_transforms, default_normalization, normalizes_on_device)
+from dsnet.train import runs
 from dsnet.train.engine import Runtime
 from dsnet.train.runs import build_data
 
@@ -114,6 +115,14 @@ def test_device_erasing_follows_the_loader_generator_and_leaves_the_global_strea
     other_epoch = _epoch(loader, 6)
     assert torch.equal(_epoch(_erasing_loader(0.0), 6), plain)
     assert ((other_epoch != plain) != (erased != plain)).flatten(1).any(1).all()  # each epoch: new boxes
+
+
+def test_a_run_on_cuda_builds_uint8_datasets_under_auto():
+    """What decides the path is the runtime's device: no CUDA call is made to build the datasets."""
+    for device, normalize_on, dtype in ((torch.device("cuda", 0), "auto", torch.uint8), (CPU, "auto", torch.float32),
+                                        (torch.device("cuda", 0), "workers", torch.float32)):
+        cfg = load_config(None, ["data.synthetic_val_size=4", f"data.normalize_on={normalize_on}"])
+        assert runs._datasets(cfg, Runtime(device), "val", False)[0][0].dtype == dtype, (device, normalize_on)
 
 
 def test_auto_takes_the_device_path_on_cuda_only():

@@ -35,7 +35,7 @@ __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", 
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
            "save_config", "config_yaml", "apply_overrides", "replace", "BEST_METRICS", "TEACHERS",
            "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS",
-           "DATASETS", "INTERPOLATIONS"]
+           "DATASETS", "INTERPOLATIONS", "NORMALIZE_ON"]
 
 
 _log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class DataConfig(_Section):
     crop_pct: float | None = None               # None: timm's default
     skip_bad_images: bool = False
     val_batch_size: int | None = None           # None: train.batch_size
+    # where images become normalised float tensors: workers (ToTensor, Normalize, random erasing in
+    # the DataLoader workers, float32 batches), device (the GPU input path: workers stop at uint8,
+    # the run's device normalises and erases each batch, copied on a side stream), auto (device on CUDA)
+    normalize_on: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -207,11 +211,13 @@ MEASURES = ("margin", "max")                       # gate.cascade_measure (dsnet
 COST_UNITS = ("fraction", "gmadds")                # gate.cost_unit (dsnet.train.runs)
 DATASETS = ("synthetic", "folder", "cifar10", "cifar100")  # data.name (dsnet.data)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")        # data.interpolation (dsnet.data)
+NORMALIZE_ON = ("auto", "device", "workers")               # data.normalize_on (dsnet.data)
 _OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "nadam", "nadamw", "radam",
                "rmsprop", "rmsproptf", "lamb", "lars", "lion", "adabelief", "adamp", "sgdp")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": DATASETS,
     "data.interpolation": INTERPOLATIONS,
+    "data.normalize_on": NORMALIZE_ON,
     "train.opt": _OPTIMIZERS,
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),

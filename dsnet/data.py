@@ -11,30 +11,34 @@ Every dataset yields ``(transform(PIL image), int label)`` and exposes ``.classe
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import logging
 import math
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
+from timm.data.transforms import MaybePILToTensor, str_to_interp_mode, str_to_pil_interp
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dsnet.config import DATASETS, INTERPOLATIONS
+from dsnet.config import DATASETS, INTERPOLATIONS, NORMALIZE_ON
 from dsnet.errors import UserError
 
 __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CIFAR10_MEAN",
-           "CIFAR10_STD", "default_normalization", "ShardSampler", "build_dataset", "build_transforms", "build_loader", "build_mixup"]
+           "CIFAR10_STD", "default_normalization", "ShardSampler", "build_dataset", "build_transforms", "build_loader",
+           "build_mixup", "NORMALIZE_ON", "normalizes_on_device", "DeviceTransforms", "DeviceLoader"]
 
 _logger = logging.getLogger(__name__)
 
@@ -302,8 +306,8 @@ def _augment(auto_augment: str, size: int, mean: Sequence[float], interpolation:
     return auto_augment_transform(auto_augment, params)
 
 
-def _small_transform(size: int, is_training: bool, augment: Any, reprob: float,
-                     interpolation: str, mean: Sequence[float], std: Sequence[float]) -> Any:
+def _small_transform(size: int, is_training: bool, augment: Any, reprob: float, interpolation: str,
+                     mean: Sequence[float], std: Sequence[float], uint8: bool) -> Any:
     # timm's train transform starts with RandomResizedCrop(scale=(0.08, 1)), which discards most
     # of a 32x32 image; small inputs use the CIFAR recipe instead: pad-4 random crop + flip.
     # Resize + CenterCrop are no-ops on images already at ``size`` and fix folders of other sizes.
@@ -313,6 +317,8 @@ def _small_transform(size: int, is_training: bool, augment: Any, reprob: float,
         ops += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
         if augment is not None:
             ops.append(augment)
+    if uint8:  # as timm's use_prefetcher: the device normalises and erases (DeviceLoader)
+        return transforms.Compose(ops + [MaybePILToTensor()])
     ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     if is_training and reprob > 0:
         ops.append(RandomErasing(reprob, mode="pixel", device="cpu"))
@@ -328,13 +334,17 @@ def default_normalization(input_size: int) -> tuple[tuple[float, ...], tuple[flo
 def build_transforms(input_size: int, is_training: bool, auto_augment: str | None = None,
                      reprob: float = 0.0, interpolation: str = "bilinear",
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     crop_pct: float | None = None) -> Callable[[Image.Image], Tensor]:
-    """PIL image -> normalised tensor [3, input_size, input_size].
+                     crop_pct: float | None = None, uint8: bool = False) -> Callable[[Image.Image], Tensor]:
+    """PIL image -> normalised float tensor [3, input_size, input_size].
 
     Inputs of at most 64 px use the CIFAR recipe (random crop with padding + flip, optional
     timm auto-augment and random erasing; eval: tensor + normalise) and CIFAR-10 statistics;
     larger inputs use ``timm.data.create_transform`` and ImageNet statistics. ``mean``/``std``
     override the statistics; ``crop_pct`` only affects large-input evaluation.
+
+    ``uint8``: stop at the uint8 tensor [3, input_size, input_size] (0-255), as timm's
+    ``use_prefetcher`` does: the same crops and flips, no ToTensor scaling, Normalize or random
+    erasing, which a ``DeviceLoader`` applies to the batch on the device.
     """
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise DataError(f"input_size must be a positive integer, got {input_size!r}")
@@ -352,10 +362,10 @@ def build_transforms(input_size: int, is_training: bool, auto_augment: str | Non
         raise DataError(f"auto_augment '{auto_augment}' is not a timm augmentation string "
                         f"(accepted: e.g. 'rand-m9-mstd0.5', 'augmix-m5', 'v0')") from err
     if small:
-        return _small_transform(input_size, is_training, augment, reprob, interpolation, mean, std)
+        return _small_transform(input_size, is_training, augment, reprob, interpolation, mean, std, uint8)
     return create_transform(input_size, is_training=is_training, auto_augment=auto_augment,
                             interpolation=interpolation, mean=mean, std=std, re_prob=reprob,
-                            re_mode="pixel", crop_pct=crop_pct)
+                            re_mode="pixel", crop_pct=crop_pct, use_prefetcher=uint8)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -388,9 +398,102 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
+def normalizes_on_device(normalize_on: str, device: torch.device) -> bool:
+    """Whether a run on ``device`` takes the GPU input path for ``data.normalize_on`` (one of
+    ``NORMALIZE_ON``): ``device`` always, ``workers`` never, ``auto`` on CUDA devices."""
+    if normalize_on not in NORMALIZE_ON:
+        raise DataError(f"data.normalize_on '{normalize_on}' is not accepted (accepted: {', '.join(NORMALIZE_ON)})")
+    return normalize_on == "device" or (normalize_on == "auto" and torch.device(device).type == "cuda")
+
+
+@dataclass(frozen=True)
+class DeviceTransforms:
+    """What a ``DeviceLoader`` does to each uint8 batch on ``device``: normalise with ``mean`` and
+    ``std`` (on the 0-1 scale, as ``build_transforms`` takes them), then random erasing with
+    probability ``reprob`` per image (per-pixel normal noise, as the workers' erasing)."""
+
+    device: torch.device
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    reprob: float = 0.0
+
+
+class _SeededErasing:
+    """timm's ``RandomErasing`` on a batch, its draws a function of (loader seed, batch index).
+
+    timm draws the boxes from ``random`` and the pixels from the device's default generator; both
+    are seeded for the call and put back after it, so the erasing neither depends on nor moves the
+    global streams (dropout, Gumbel noise): like the workers' erasing, it follows the loader's
+    generator, which the training loop reseeds each epoch, and a resumed run erases alike.
+    """
+
+    def __init__(self, reprob: float, device: torch.device) -> None:
+        self.erase = RandomErasing(reprob, mode="pixel", device=device)
+        self.seed, self.batch = 0, 0
+
+    def start(self, generator: torch.Generator) -> None:
+        """A new pass: the seed is a hash of ``generator``'s state before the pass draws from it."""
+        digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+        self.seed, self.batch = int.from_bytes(digest, "little") >> 1, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        seed = _mix64(self.seed, self.batch)
+        self.batch += 1
+        gen = torch.cuda.default_generators[x.device.index] if x.device.type == "cuda" else torch.default_generator
+        saved = random.getstate(), gen.get_state()
+        random.seed(seed)
+        gen.manual_seed(seed)
+        try:
+            return self.erase(x)
+        finally:
+            random.setstate(saved[0])
+            gen.set_state(saved[1])
+
+
+class DeviceLoader(PrefetchLoader):
+    """timm's ``PrefetchLoader`` over a DataLoader of uint8 batches: each batch is copied to the
+    device on a side stream (CUDA) while the previous one is consumed, then normalised and erased
+    there (``DeviceTransforms``); batches come out as float32 [B, 3, H, W] and int64 labels on the
+    device. Stands in for the DataLoader: ``len``, ``sampler``, ``generator``, ``dataset``,
+    ``batch_size`` and ``drop_last`` are the DataLoader's."""
+
+    def __init__(self, loader: DataLoader, tf: DeviceTransforms) -> None:
+        super().__init__(loader, mean=tf.mean, std=tf.std, device=torch.device(tf.device))
+        if tf.reprob > 0:
+            self.random_erasing = _SeededErasing(tf.reprob, self.device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.random_erasing is not None:
+            self.random_erasing.start(self.loader.generator)
+        return super().__iter__()
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.loader.generator
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader.batch_size
+
+    @property
+    def drop_last(self) -> bool:
+        return self.loader.drop_last
+
+
+def _uint8_collate(batch: list[tuple[Any, int]]) -> tuple[Tensor, Tensor]:
+    """timm's ``fast_collate`` (uint8 images [B, 3, H, W], int64 labels), refusing float images:
+    copying them into its uint8 batch would truncate them silently."""
+    image = batch[0][0]
+    if not isinstance(image, Tensor) or image.dtype != torch.uint8:
+        got = image.dtype if isinstance(image, Tensor) else type(image).__name__
+        raise DataError(f"the GPU input path (data.normalize_on) needs uint8 image tensors from the dataset "
+                        f"(build_transforms(..., uint8=True)), got {got}")
+    return fast_collate(batch)
+
+
 def build_loader(dataset: Dataset, batch_size: int, is_training: bool, num_workers: int = 0,
                  distributed: bool = False, seed: int = 0, drop_last: bool | None = None,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False, on_device: DeviceTransforms | None = None) -> DataLoader | DeviceLoader:
     """DataLoader over ``dataset``: shuffled and dropping the last partial batch when training.
 
     Shuffling and worker seeds come from a ``torch.Generator`` seeded with ``seed``, so two runs
@@ -398,6 +501,11 @@ def build_loader(dataset: Dataset, batch_size: int, is_training: bool, num_worke
     with ``seed``) shards the training data; call ``loader.sampler.set_epoch(epoch)`` each epoch.
     Evaluation shards with a ``ShardSampler``: each sample exactly once, so the evaluation
     functions' counts, summed over ranks, cover the whole set.
+
+    ``on_device``: the GPU input path. ``dataset`` yields uint8 images (``build_transforms(...,
+    uint8=True)``), batched by timm's ``fast_collate`` and wrapped in a ``DeviceLoader``, which
+    normalises and erases them on the device: the batches equal the float path's (erasing aside,
+    which draws its own boxes), at a quarter of the worker-to-main shared memory.
     """
     drop_last = is_training if drop_last is None else drop_last
     sampler = None
@@ -410,11 +518,13 @@ def build_loader(dataset: Dataset, batch_size: int, is_training: bool, num_worke
         else:
             sampler = ShardSampler(len(dataset), torch.distributed.get_rank(), torch.distributed.get_world_size())
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=is_training and sampler is None,
-                      sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      drop_last=drop_last, generator=generator,
-                      worker_init_fn=_seed_worker if num_workers > 0 else None,
-                      persistent_workers=False)  # fresh workers per epoch: seeds follow the generator, so resume is exact
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=is_training and sampler is None,
+                        sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        drop_last=drop_last, generator=generator,
+                        worker_init_fn=_seed_worker if num_workers > 0 else None,
+                        collate_fn=_uint8_collate if on_device is not None else None,
+                        persistent_workers=False)  # fresh workers per epoch: seeds follow the generator, so resume is exact
+    return loader if on_device is None else DeviceLoader(loader, on_device)
 
 
 def build_mixup(mixup_alpha: float, cutmix_alpha: float, label_smoothing: float,

@@ -41,32 +41,39 @@ __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optim
 
 @dataclass
 class Data:
-    train: Any          # DataLoader of augmented training batches
-    val: Any            # DataLoader of validation batches
+    train: Any          # loader of augmented training batches (a DataLoader, or a DeviceLoader: dsnet.data)
+    val: Any            # loader of validation batches
     calib: Any          # training images with training transforms, the same batches on every rank (pruning)
     classes: list[str]
     holdout: Any = None  # training images held back from training, evaluation transforms, every rank all of them
     calib_shard: Any = None  # under DDP: calib's images sharded over the ranks (BN recalibration splits its batches)
 
 
-def _datasets(cfg: Config, split: str, train_transform: bool) -> Any:
+def _datasets(cfg: Config, runtime: Runtime, split: str, train_transform: bool) -> Any:
     d = cfg.data
     tf = dsdata.build_transforms(d.input_size, train_transform, auto_augment=d.auto_augment if train_transform else None,
                                  reprob=d.reprob if train_transform else 0.0, interpolation=d.interpolation,
-                                 crop_pct=d.crop_pct)
+                                 crop_pct=d.crop_pct, uint8=dsdata.normalizes_on_device(d.normalize_on, runtime.device))
     length = d.synthetic_train_size if split == "train" else d.synthetic_val_size
     return dsdata.build_dataset(d.name, d.root, split, tf, length=length, num_classes=d.synthetic_classes,
                                 seed=d.synthetic_seed, image_size=d.input_size, skip_bad_images=d.skip_bad_images)
 
 
 def _loader(cfg: Config, runtime: Runtime, dataset: Any, batch_size: int, training: bool, distributed: bool) -> Any:
-    return dsdata.build_loader(dataset, batch_size, training, num_workers=cfg.data.num_workers,
-                               distributed=distributed, seed=cfg.train.seed, pin_memory=runtime.device.type == "cuda")
+    """A loader of ``dataset`` (from ``_datasets``; ``training``: shuffled, with the training transforms);
+    on the GPU input path (``data.normalize_on``) a ``DeviceLoader`` that normalises, and for training
+    transforms erases, on the run's device, as the workers would have."""
+    d, on_device = cfg.data, None
+    if dsdata.normalizes_on_device(d.normalize_on, runtime.device):
+        mean, std = dsdata.default_normalization(d.input_size)
+        on_device = dsdata.DeviceTransforms(runtime.device, mean, std, d.reprob if training else 0.0)
+    return dsdata.build_loader(dataset, batch_size, training, num_workers=d.num_workers, distributed=distributed,
+                               seed=cfg.train.seed, pin_memory=runtime.device.type == "cuda", on_device=on_device)
 
 
 def build_val_loader(cfg: Config, runtime: Runtime) -> tuple[Any, list[str]]:
     """The validation loader of ``cfg.data`` and its class names."""
-    val_set = _datasets(cfg, "val", False)
+    val_set = _datasets(cfg, runtime, "val", False)
     bs = cfg.data.val_batch_size or cfg.train.batch_size
     return _loader(cfg, runtime, val_set, bs, False, runtime.distributed), list(val_set.classes)
 
@@ -85,7 +92,7 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
     """Training, validation and calibration loaders for ``cfg.data``; with ``holdout`` > 0 that
     fraction of the training images is left out of training and served by ``Data.holdout``."""
-    train_set = _datasets(cfg, "train", True)
+    train_set = _datasets(cfg, runtime, "train", True)
     val, classes = build_val_loader(cfg, runtime)
     if list(train_set.classes) != classes:
         raise dsdata.DataError(f"the train and val splits of {cfg.data.root} have different classes")
@@ -97,7 +104,7 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
             raise dsdata.DataError(f"gate.holdout={holdout} leaves {len(kept)} training images, fewer than one "
                                    f"batch of train.batch_size={bs}; lower gate.holdout or the batch size")
         train_set = torch.utils.data.Subset(train_set, kept)
-        plain = torch.utils.data.Subset(_datasets(cfg, "train", False), held)
+        plain = torch.utils.data.Subset(_datasets(cfg, runtime, "train", False), held)
         held_loader = _loader(cfg, runtime, plain, cfg.data.val_batch_size or bs, False, False)
     # recalibration sees what training saw (augmented images): statistics of un-augmented images
     # cost ds_resnet20 on CIFAR-10 3 points of top-1 (docs/results.md)

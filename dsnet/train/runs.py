@@ -25,10 +25,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dsnet import data as dsdata
-from dsnet.config import BEST_METRICS, Config, save_config
+from dsnet.config import BEST_METRICS, Config
 from dsnet.errors import UserError
 from dsnet.models.spec import create
-from dsnet.train.engine import Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, setup_runtime
+from dsnet.train.engine import (Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, record_config,
+                                setup_runtime, updates_per_epoch)
 from dsnet.train.evaluate import format_report
 from dsnet.train.ieb import IEBStep
 
@@ -188,14 +189,6 @@ def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
 
-def updates_per_epoch(loader: Any, cfg: Config) -> int:
-    """Optimizer updates in one epoch of ``loader`` (``train.max_steps_per_epoch``, ``train.grad_accum``)."""
-    steps = len(loader)
-    if cfg.train.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
-    return max(1, steps // cfg.train.grad_accum)
-
-
 # ---- the stage skeleton: stage one, stage two and the baselines run in it ---------------------
 @dataclass
 class Setup:
@@ -230,7 +223,7 @@ def run_stage(cfg: Config, setup: Setup, *, start: Callable[[Loop, dict | None],
     if start is not None:
         start(loop, resumed)
     if setup.runtime.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        record_config(cfg, run_dir, resumed is not None)
     loop.run()
     if finish is not None:
         finish(loop)

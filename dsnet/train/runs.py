@@ -55,7 +55,8 @@ def _datasets(cfg: Config, split: str, train_transform: bool) -> Any:
                                  crop_pct=d.crop_pct)
     length = d.synthetic_train_size if split == "train" else d.synthetic_val_size
     return dsdata.build_dataset(d.name, d.root, split, tf, length=length, num_classes=d.synthetic_classes,
-                                seed=d.synthetic_seed, image_size=d.input_size, skip_bad_images=d.skip_bad_images)
+                                seed=d.synthetic_seed, image_size=d.input_size, skip_bad_images=d.skip_bad_images,
+                                check_files=True)
 
 
 def _loader(cfg: Config, runtime: Runtime, dataset: Any, batch_size: int, training: bool, distributed: bool) -> Any:

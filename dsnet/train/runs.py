@@ -28,10 +28,11 @@ from dsnet import data as dsdata
 from dsnet.config import BEST_METRICS, Config
 from dsnet.errors import UserError
 from dsnet.models.spec import create
-from dsnet.train.engine import (Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, record_config,
-                                setup_runtime, updates_per_epoch)
+from dsnet.train.engine import (Loop, Runtime, TrainingError, autocast_factory, loop_kwargs, prepare_run_dir,
+                                record_config, setup_runtime, updates_per_epoch)
 from dsnet.train.evaluate import format_report
 from dsnet.train.ieb import IEBStep
+from dsnet.train.logs import ConsoleLog
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler",
            "optimizer_kwargs", "scheduler_kwargs", "build_criterion", "build_ieb_step", "BEST_METRICS", "best_metric",
@@ -216,22 +217,24 @@ def run_stage(cfg: Config, setup: Setup, *, start: Callable[[Loop, dict | None],
     ``scheduler``, ``step``, ``evaluate``, ``epochs``, ``extra_state``, ...) resumed from
     ``train.resume``, ``start(loop, resumed state or None)``, the resolved config, training,
     ``finish(loop)``, then ``eval.json`` (the last evaluation with the ``report`` records) and its
-    table; returns the run directory."""
+    table; what the console shows meanwhile also goes to ``train.log`` (``ConsoleLog``); returns the
+    run directory."""
     run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
-    loop = Loop(cfg=cfg, runtime=setup.runtime, train_loader=setup.data.train, run_dir=run_dir, scaler=setup.scaler,
-                **parts, **loop_kwargs(cfg))
-    resumed = loop.resume(cfg.train.resume) if cfg.train.resume else None
-    if start is not None:
-        start(loop, resumed)
-    if setup.runtime.is_main:
-        record_config(cfg, run_dir, resumed is not None)
-    loop.run()
-    if finish is not None:
-        finish(loop)
-    if setup.runtime.is_main and loop.last_eval is not None:
-        full = {**loop.last_eval.report, **(report or {}), "data": data_signature(cfg, setup.data.classes)}
-        write_eval(run_dir / "eval.json", full)
-        print(format_report(full))
+    with ConsoleLog(run_dir / "train.log", setup.runtime.is_main, (UserError, OSError, TrainingError)) as console:
+        loop = Loop(cfg=cfg, runtime=setup.runtime, train_loader=setup.data.train, run_dir=run_dir,
+                    scaler=setup.scaler, **parts, **loop_kwargs(cfg))
+        resumed = loop.resume(cfg.train.resume) if cfg.train.resume else None
+        if start is not None:
+            start(loop, resumed)
+        if setup.runtime.is_main:
+            record_config(cfg, run_dir, resumed is not None)
+        loop.run()
+        if finish is not None:
+            finish(loop)
+        if setup.runtime.is_main and loop.last_eval is not None:
+            full = {**loop.last_eval.report, **(report or {}), "data": data_signature(cfg, setup.data.classes)}
+            write_eval(run_dir / "eval.json", full)
+            console.print(format_report(full))
     return run_dir
 
 

@@ -43,7 +43,7 @@ def _truncate(path) -> str:
 
 
 def test_a_truncated_jpeg_stops_training_before_the_run_directory_exists(tmp_path, capsys):
-    _folder(tmp_path / "data")
+    _folder(tmp_path / "data", per_class=8)  # one batch of 16: today the loader meets the file in training
     bad = tmp_path / "data" / "train" / "dog" / "2.jpg"
     why = _truncate(bad)
     config = tmp_path / "tiny.yml"

@@ -33,8 +33,8 @@ from dsnet.train.checkpoint import build_model, read_checkpoint, rng_state, save
 from dsnet.train.logs import RunLog, check_tensorboard
 
 __all__ = ["Runtime", "setup_runtime", "autocast_factory", "prepare_run_dir", "Loop", "loop_kwargs", "Evaluation",
-           "TrainingError", "route_generator", "checkpoint_run", "load_run", "resume_changes", "check_resumed_classes",
-           "record_config", "updates_per_epoch", "RESUME_FREE", "UNREAD_BY_STAGE"]
+           "TrainingError", "route_generator", "checkpoint_run", "load_run", "resume_changes", "check_resume_target",
+           "check_resumed_classes", "record_config", "updates_per_epoch", "RESUME_FREE", "UNREAD_BY_STAGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,17 @@ def resume_changes(state: dict, cfg: Config, path: str | os.PathLike) -> list[tu
                          f"change its training; resume with the checkpoint's values, or add "
                          f"train.resume_changes=accept to train on with the new ones (the lr schedule is rebuilt)")
     return changes
+
+
+def check_resume_target(path: str | os.PathLike, run_dir: Path) -> None:
+    """Refuse to continue the checkpoint at ``path`` into ``run_dir`` (``output.dir``) when that
+    folder holds another run, whose checkpoints and logs it would overwrite. (Into a folder without
+    a run it branches the run.)"""
+    home = Path(path).resolve().parent.parent
+    if home != run_dir.resolve() and (run_dir / "checkpoints" / "last.pth").exists():
+        raise UserError(f"train.resume={path} continues the run in {home}, but output.dir={run_dir} holds another "
+                         f"run, whose checkpoints it would overwrite; set output.dir={home} (or a new folder to "
+                         "branch the run)")
 
 
 def check_resumed_classes(state: dict, classes: Sequence[str] | None, path: str | os.PathLike) -> None:
@@ -319,6 +330,7 @@ class Loop:
         if state.get("optimizer") is None:
             raise UserError(f"train.resume={path} holds weights but no training state (a converted "
                              f"checkpoint?); start a new run from it with train.init_from={path}")
+        check_resume_target(path, self.run_dir)
         check_resumed_classes(state, self.extra_state.get("classes"), path)
         changes = resume_changes(state, self.cfg, path)
         if changes and state["epoch"] >= self.epochs:

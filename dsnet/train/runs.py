@@ -92,11 +92,9 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
         raise dsdata.DataError(f"the train and val splits of {cfg.data.root} have different classes")
     bs = cfg.train.batch_size
     kept, held = holdout_split(len(train_set), holdout, cfg.train.seed)
+    _check_one_batch(len(kept), bs, runtime.world_size, holdout if held else 0.0)
     held_loader = None
     if held:
-        if len(kept) < bs:
-            raise dsdata.DataError(f"gate.holdout={holdout} leaves {len(kept)} training images, fewer than one "
-                                   f"batch of train.batch_size={bs}; lower gate.holdout or the batch size")
         train_set = torch.utils.data.Subset(train_set, kept)
         plain = torch.utils.data.Subset(_datasets(cfg, "train", False), held)
         held_loader = _loader(cfg, runtime, plain, cfg.data.val_batch_size or bs, False, False)
@@ -104,6 +102,17 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
     # cost ds_resnet20 on CIFAR-10 3 points of top-1 (docs/results.md)
     return Data(_loader(cfg, runtime, train_set, bs, True, runtime.distributed), val,
                 _loader(cfg, runtime, train_set, bs, True, False), classes, held_loader)
+
+
+def _check_one_batch(images: int, batch_size: int, world_size: int, holdout: float) -> None:
+    """Refuse a training set of fewer images per process than one batch: the loader drops the last
+    partial batch, so every epoch would train no step and the run would end untrained."""
+    if images // world_size >= batch_size:
+        return
+    left = f"gate.holdout={holdout} leaves {images} training images" if holdout else f"the training set has {images} images"
+    shared = f" ({images // world_size} for each of {world_size} processes)" if world_size > 1 else ""
+    raise dsdata.DataError(f"{left}{shared}, fewer than one batch of train.batch_size={batch_size}, so no step would "
+                           f"train; lower train.batch_size{' or gate.holdout' if holdout else ''}")
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:

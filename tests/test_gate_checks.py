@@ -2,7 +2,6 @@
 ``--target-madds`` outside the MAdds the shipped policy can reach on the supernet's routing space,
 or one that no held-back images would choose; one sentence, exit 2, nothing written. And the
 images stage two holds back to choose what ships are never among those the gate trains on."""
-import numpy as np
 import pytest
 import timm
 from PIL import Image

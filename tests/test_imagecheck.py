@@ -13,7 +13,7 @@ from PIL import Image
 from dsnet import imagecheck
 from dsnet.cli import main as dsnet_main
 from dsnet.config import config_yaml, load_config
-from dsnet.data import DataError, build_dataset
+from dsnet.data import build_dataset
 from tests.test_runs import TINY
 
 

@@ -368,8 +368,8 @@ class Loop:
             group.update(settings)
         step = self.epoch * updates_per_epoch(self.train_loader, self.cfg)
         if step != self.global_step:
-            logger.info("the %d epochs done take %d optimizer steps at the new settings (%d were taken)",
-                        self.epoch, step, self.global_step)
+            logger.info("the step moves to %d, the end of epoch %d at the new settings (%d steps were taken)",
+                        step, self.epoch, self.global_step)
             self.global_step = step
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)

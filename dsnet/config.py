@@ -112,6 +112,7 @@ class TrainConfig(_Section):
     eval_interval: int = 1                      # epochs
     max_steps_per_epoch: int | None = None
     resume: str | None = None                   # a checkpoint path
+    resume_changes: str = "refuse"              # a resumed run's config changes that alter training: refuse, accept
     best_metric: str = "top1_largest"           # top1_largest, top1_slimmest, top1_mean
     recalibrate_bn: bool = True
     recalibrate_batches: int = 20
@@ -222,6 +223,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.sched": ("cosine", "step", "none"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
     "train.best_metric": BEST_METRICS,
+    "train.resume_changes": ("refuse", "accept"),
     "ieb.teacher": TEACHERS,
     "gate.rule": RULES,
     "gate.head": HEADS,

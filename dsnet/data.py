@@ -35,6 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dsnet.config import DATASETS, INTERPOLATIONS, NORMALIZE_ON
 from dsnet.errors import UserError
+from dsnet.imagecheck import unreadable
 
 __all__ = ["DataError", "SyntheticImages", "ImageFolderDataset", "DATASETS", "CIFAR10_MEAN",
            "CIFAR10_STD", "default_normalization", "ShardSampler", "build_dataset", "build_transforms", "build_loader",
@@ -197,6 +198,26 @@ class ImageFolderDataset(Dataset):
         self.targets = [t for _, t in self.samples]
         self.num_skipped = 0
 
+    def check_files(self) -> None:
+        """Find unreadable images before any work (``dsnet.imagecheck``: cheap, recorded per
+        folder): raise a DataError naming them or, with ``skip_bad_images``, leave them out."""
+        bad = unreadable(self.root, [path for path, _ in self.samples])
+        if not bad:
+            return
+        named = "; ".join(f"{path} ({why})" for path, why in sorted(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        images = "image" if len(bad) == 1 else "images"
+        if not self.skip_bad_images:
+            raise DataError(f"{len(bad)} unreadable {images} under '{self.root}': {named}{more}; fix or remove "
+                            f"{'it' if len(bad) == 1 else 'them'}, or set data.skip_bad_images=true to leave "
+                            f"{'it' if len(bad) == 1 else 'them'} out")
+        self.samples = [(path, t) for path, t in self.samples if path not in bad]
+        self.targets = [t for _, t in self.samples]
+        _logger.warning("left out %d unreadable %s under '%s' (data.skip_bad_images=true): %s%s", len(bad), images,
+                        self.root, named, more)
+        if not self.samples:
+            raise DataError(f"no image under '{self.root}' can be read")
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -263,14 +284,15 @@ def _cifar(name: str, root: Path, split: str, transform: Callable | None) -> Dat
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",
                   transform: Callable | None = None, *, skip_bad_images: bool = False,
-                  length: int | None = None, num_classes: int = 10, seed: int = 0,
+                  check_files: bool = False, length: int | None = None, num_classes: int = 10, seed: int = 0,
                   image_size: int = 32, easy_fraction: float = 0.6) -> Dataset:
     """Build dataset ``name`` (one of ``DATASETS``) for ``split`` ("train" or "val").
 
     ``root`` is ignored for ``synthetic``, whose options are ``length`` (default 10000 for
     train, 2000 for val), ``num_classes``, ``seed``, ``image_size`` and ``easy_fraction``;
-    train and val draw independent samples from the same seed. ``skip_bad_images`` applies
-    to ``folder``. Items are ``(transform(PIL image), int label)``.
+    train and val draw independent samples from the same seed. ``skip_bad_images`` and
+    ``check_files`` (find unreadable images now: ``ImageFolderDataset.check_files``) apply to
+    ``folder``. Items are ``(transform(PIL image), int label)``.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (accepted: {', '.join(DATASETS)})")
@@ -291,7 +313,10 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
         return _cifar(name, path, split, transform)
     split_dir = _folder_split_dir(path, split)
     _check_same_classes(path)
-    return ImageFolderDataset(split_dir, transform, skip_bad_images)
+    dataset = ImageFolderDataset(split_dir, transform, skip_bad_images)
+    if check_files:
+        dataset.check_files()
+    return dataset
 
 
 def _augment(auto_augment: str, size: int, mean: Sequence[float], interpolation: str) -> Any:

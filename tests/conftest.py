@@ -1,6 +1,7 @@
 """Shared fixtures: the test device (``TORCH_DEVICE``, default cpu), seeded generators, and a
-batch-norm randomizer so that every width's statistics differ and a wrong row shows up; and
-``tests/require_all.py``'s hooks: under ``DSNET_REQUIRE_ALL=1`` (.ci/run) a skipped test fails."""
+batch-norm randomizer so that every width's statistics differ and a wrong row shows up; the
+records of checked image folders (``dsnet.imagecheck``) kept in a temporary folder, not the user's
+cache; and ``tests/require_all.py``'s hooks: under ``DSNET_REQUIRE_ALL=1`` (.ci/run) a skipped test fails."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,12 @@ from dsnet.layers import DSBatchNorm2d
 from tests.require_all import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _image_check_records(tmp_path_factory) -> None:
+    """``DSNET_CACHE_DIR`` for the session (subprocesses inherit it)."""
+    os.environ["DSNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("dsnet-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_naming_step_and_subnet_and_keeps_the_checkpoint(t
     last = tmp_path / "checkpoints" / "last.pth"
     before = last.read_bytes()
     monkeypatch.setattr(ieb, "soft_cross_entropy", lambda logits, target: logits.sum() * float("nan"))
-    resumed = replace(cfg, **{"train.epochs": 2, "train.resume": str(last)})
+    resumed = replace(cfg, **{"train.epochs": 2, "train.resume": str(last), "train.resume_changes": "accept"})
     with pytest.raises(TrainingError, match=r"step 7, subnet 'random0'"):
         train_supernet(resumed)
     assert last.read_bytes() == before

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **_timm_ema(state)}, f)
@@ -57,6 +57,18 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` beside ``path``, open for writing, created with the
+    permissions of any new file (0666 less the umask: group-readable as a rule; tempfile's are 0600)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _timm_ema(state: dict[str, Any]) -> dict[str, Any]:

@@ -30,13 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dsnet.config import Config, apply_overrides, config_from_dict, config_to_dict, replace
+from dsnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config, replace, save_config
 from dsnet.errors import UserError
 from dsnet.train.checkpoint import build_model, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dsnet.train.logs import RunLog, check_tensorboard
 
-__all__ = ["Runtime", "resolve_device", "setup_runtime", "close_runtime", "autocast_factory", "prepare_run_dir", "Loop", "loop_kwargs", "Evaluation",
-           "TrainingError", "route_generator", "epoch_seed", "cudnn_autotune", "checkpoint_run", "load_run"]
+__all__ = ["Runtime", "resolve_device", "setup_runtime", "close_runtime", "autocast_factory", "prepare_run_dir", "Loop",
+           "loop_kwargs", "Evaluation", "TrainingError", "route_generator", "epoch_seed", "cudnn_autotune", "checkpoint_run",
+           "load_run", "resume_changes", "check_resume_target", "check_resumed_classes", "record_config",
+           "updates_per_epoch", "RESUME_FREE", "UNREAD_BY_STAGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +181,97 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
     return out
 
 
+# keys a resumed run may change at will: where it writes, what it shows, where and how it runs, where the
+# data lies (its classes are checked: check_resumed_classes)
+RESUME_FREE = ("output.", "train.resume", "train.resume_changes", "train.progress", "train.log_interval",
+               "train.eval_interval", "train.device", "train.deterministic", "train.channels_last", "train.init_from",
+               "data.num_workers", "data.val_batch_size", "data.root", "data.normalize_on", "gate.eval_interval")
+# keys a stage never reads (a key ending in "." stands for its section)
+UNREAD_BY_STAGE = {"supernet": ("gate.",), "static": ("gate.",),
+                   "gate": ("ieb.", "train.epochs", "train.lr", "train.lr_base_batch", "train.opt",
+                            "train.weight_decay", "train.warmup_epochs", "train.best_metric", "train.label_smoothing")}
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in config_to_dict(cfg).items() for k, v in section.items()}
+
+
+def _listed(key: str, keys: Sequence[str]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
+def _changes_text(changes: Sequence[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def resume_changes(state: dict, cfg: Config, path: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+    """The keys of ``cfg`` that differ from the config the checkpoint ``state`` (at ``path``) was
+    trained with and alter its training, as (key, old value, new value); keys in ``RESUME_FREE`` and
+    those the checkpoint's stage never reads pass. Raises UserError naming them unless
+    ``train.resume_changes=accept`` (``Loop.retrain_changed`` then trains on with them)."""
+    old, new = _flat(config_from_dict(state["config"])), _flat(cfg)
+    passing = RESUME_FREE + UNREAD_BY_STAGE.get(state.get("stage"), ())
+    changes = [(key, old.get(key), value) for key, value in new.items()
+               if old.get(key) != value and not _listed(key, passing)]
+    if changes and cfg.train.resume_changes != "accept":
+        raise UserError(f"train.resume={path} was trained with another config, and {_changes_text(changes)} would "
+                         f"change its training; resume with the checkpoint's values, or add "
+                         f"train.resume_changes=accept to train on with the new ones (the lr schedule is rebuilt)")
+    return changes
+
+
+def check_resume_target(path: str | os.PathLike, run_dir: Path) -> None:
+    """Refuse to continue the checkpoint at ``path`` into ``run_dir`` (``output.dir``) when that
+    folder holds another run, whose checkpoints and logs it would overwrite. (Into a folder without
+    a run it branches the run.)"""
+    home = Path(path).resolve().parent.parent
+    if home != run_dir.resolve() and (run_dir / "checkpoints" / "last.pth").exists():
+        raise UserError(f"train.resume={path} continues the run in {home}, but output.dir={run_dir} holds another "
+                         f"run, whose checkpoints it would overwrite; set output.dir={home} (or a new folder to "
+                         "branch the run)")
+
+
+def check_resumed_classes(state: dict, classes: Sequence[str] | None, path: str | os.PathLike) -> None:
+    """Refuse to resume a checkpoint trained on other classes than the data's (``classes``; None:
+    not known to the stage)."""
+    ours, theirs = (list(classes) if classes is not None else None), state.get("classes")
+    if ours is None or theirs is None or list(theirs) == ours:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+    had = f"'{theirs[first]}'" if first < len(theirs) else "no more classes"
+    has = f"'{ours[first]}'" if first < len(ours) else "no more classes"
+    raise UserError(f"train.resume={path} was trained on {len(theirs)} classes and the data has {len(ours)}: "
+                     f"class {first} is {has} in the data but {had} in the checkpoint (check data.root)")
+
+
+def record_config(cfg: Config, run_dir: Path, resumed: bool) -> Path:
+    """Save the config a run starts with as ``config.yaml``. A resumed run keeps it and, when its
+    config differs from the last one saved (in any key but ``train.resume``), saves it beside as
+    ``config.resume-N.yaml`` (N = 1, 2, ...). Returns the file that holds ``cfg``."""
+    first = run_dir / "config.yaml"
+    if not resumed or not first.exists():
+        save_config(cfg, first)
+        return first
+    later = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rpartition("-")[2] or 0))
+    last = later[-1] if later else first
+    unresumed = lambda c: {k: v for k, v in _flat(c).items() if k != "train.resume"}  # noqa: E731
+    if unresumed(load_config(last)) == unresumed(cfg):
+        return last
+    path = run_dir / f"config.resume-{len(later) + 1}.yaml"
+    save_config(cfg, path)
+    logger.info("resumed with another config: saved as %s (%s keeps the one the run started with)", path.name,
+                first.name)
+    return path
+
+
+def updates_per_epoch(loader: Any, cfg: Config) -> int:
+    """Optimizer updates in one epoch of ``loader`` (``train.max_steps_per_epoch``, ``train.grad_accum``)."""
+    steps = len(loader)
+    if cfg.train.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
+    return max(1, steps // cfg.train.grad_accum)
+
+
 def checkpoint_run(state: dict, overrides: Sequence[str] = (), data_root: str | None = None) -> tuple[Config, Runtime]:
     """(the config a checkpoint was trained with, ``data_root`` and then ``section.key=value``
     ``overrides`` applied; a runtime on its ``train.device``) for a command that reads the checkpoint."""
@@ -311,11 +404,20 @@ class Loop:
         if state.get("optimizer") is None:
             raise UserError(f"train.resume={path} holds weights but no training state (a converted "
                              f"checkpoint?); start a new run from it with train.init_from={path}")
+        check_resume_target(path, self.run_dir)
+        check_resumed_classes(state, self.extra_state.get("classes"), path)
+        changes = resume_changes(state, self.cfg, path)
+        if changes and state["epoch"] >= self.epochs:
+            raise UserError(f"train.resume={path} has trained {state['epoch']} epochs and the new config asks for "
+                             f"{self.epochs}, so its changes ({_changes_text(changes)}) would train nothing; "
+                             f"ask for more epochs to train on")
+        built = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
+        if not any(key.endswith(".opt") for key, _, _ in changes):  # another optimizer starts afresh
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None and not changes:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -323,9 +425,33 @@ class Loop:
         self.last_metrics = state.get("metrics") or {}
         self.last_eval = Evaluation.from_record(self.last_metrics)
         self._restore_rng(state)
+        if changes:
+            self.retrain_changed(changes, built, had_ema=state.get("ema") is not None)
         self._checked_step = self.global_step
         logger.info("resumed %s from %s at epoch %d (step %d)", self.stage, path, self.epoch, self.global_step)
         return state
+
+    def retrain_changed(self, changes: list[tuple[str, Any, Any]], built: list[dict], had_ema: bool) -> None:
+        """After ``resume`` with accepted config ``changes`` (``resume_changes``): train on under the
+        new config. The optimizer's settings are the ones it was ``built`` with from the new config
+        (learning rate scaled to the new batch, weight decay, momentum; its state, such as momentum
+        buffers, is the checkpoint's); the step moves to where the epochs done end in the new
+        config's epochs (another batch size or step limit makes them another number of steps); the
+        schedule is the new config's (its length, warm-up and lr), taken up at that step; an EMA
+        the checkpoint lacked (``had_ema``) starts from its weights."""
+        for group, settings in zip(self.optimizer.param_groups, built):
+            group.update(settings)
+        step = self.epoch * updates_per_epoch(self.train_loader, self.cfg)
+        if step != self.global_step:
+            logger.info("the step moves to %d, the end of epoch %d at the new settings (%d steps were taken)",
+                        step, self.epoch, self.global_step)
+            self.global_step = step
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.global_step)
+        if self.ema is not None and not had_ema:
+            self.ema.set(self.model)
+        logger.info("train.resume_changes=accept: training on with %s; the lr schedule is rebuilt for them "
+                    "(lr now %.4g)", _changes_text(changes), self.optimizer.param_groups[0]["lr"])
 
     def _restore_rng(self, state: dict) -> None:
         """This rank's RNG streams from a checkpoint: its own when the checkpoint holds every

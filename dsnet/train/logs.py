@@ -1,5 +1,9 @@
-"""What a run writes for people to read while it goes: ``metrics.jsonl``, ``summary.csv`` and,
-with ``output.tensorboard=true``, TensorBoard event files.
+"""What a run writes for people to read while it goes: ``train.log``, ``metrics.jsonl``,
+``summary.csv`` and, with ``output.tensorboard=true``, TensorBoard event files.
+
+- ``train.log``: what the console showed while the stage ran (``ConsoleLog``): every log line, each
+  with its time, the final table, and the error that stopped the stage; not the progress bars. A
+  resumed run appends to it.
 
 - ``metrics.jsonl``: one JSON object per logged step and per epoch (DESIGN.md's contract).
 - ``summary.csv``: one row per epoch, as timm's ``train.py`` writes it: ``epoch``, the epoch's
@@ -14,13 +18,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
 from dsnet.errors import UserError
 
-__all__ = ["RunLog", "check_tensorboard", "append_summary", "scalars"]
+__all__ = ["RunLog", "ConsoleLog", "check_tensorboard", "append_summary", "scalars"]
 
 
 def check_tensorboard(enabled: bool) -> None:
@@ -115,3 +121,46 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class ConsoleLog:
+    """``with ConsoleLog(run_dir / "train.log", enabled):`` copies what the console shows into the
+    file: the records that reach the root logger's handlers (what ``logging`` prints: INFO and up
+    under the ``dsnet`` command), the text given to ``print``, and the error that ends the block:
+    one line for the ``brief`` kinds (those the command prints on one line), else its traceback.
+    ``enabled``: the main process only."""
+
+    def __init__(self, path: Path, enabled: bool = True, brief: tuple[type, ...] = (UserError, OSError)) -> None:
+        self.path, self.enabled, self.brief = Path(path), enabled, brief
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self) -> ConsoleLog:
+        if self.enabled:
+            self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            logging.getLogger().addHandler(self.handler)
+        return self
+
+    def print(self, text: str) -> None:
+        """Print ``text`` and write it to the file as it is."""
+        print(text)
+        if self.handler is not None:
+            self.handler.acquire()
+            try:
+                self.handler.stream.write(text + "\n")
+                self.handler.flush()
+            finally:
+                self.handler.release()
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: Any) -> None:
+        if self.handler is None:
+            return
+        if kind is KeyboardInterrupt:
+            self.handler.stream.write("interrupted; the last checkpoint is kept\n")
+        elif isinstance(err, self.brief):
+            self.handler.stream.write(f"error: {err}\n")
+        elif err is not None:
+            self.handler.stream.write("".join(traceback.format_exception(kind, err, tb)))
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+        self.handler = None

@@ -29,7 +29,7 @@ from dsnet.models.policy import Policy, confidence
 from dsnet.train.metrics import Autocast, device_batches, sharded, topk_hits
 
 __all__ = ["Outcomes", "cost_bias", "collect_outcomes", "loader_outcomes", "gather_outcomes", "score",
-           "against_curve",
+           "against_curve", "escalation_cost", "target_kind", "reachable_madds",
            "gate_policy", "static_policy", "cascade_policy", "cascade_thresholds", "candidates", "choose_policy", "policy_at_madds",
            "select_policy", "target_policy"]
 
@@ -102,12 +102,33 @@ def collect_outcomes(model: DSNet, batches: Iterable[tuple[Tensor, Tensor]], dev
         hit5.append(torch.stack([t[1] for t in hits], 1))
         gates.append(gate_logits.float())
         conf.append(torch.stack([confidence(logits[slim], m == "margin") for m in MEASURES], 1))
-    wide = model.route_cost(model.routes.dynamic_routes[-1], input_size).madds
     conf = torch.cat(conf).cpu()
     return Outcomes(torch.cat(hit1).cpu(), torch.cat(hit5).cpu(), torch.cat(gates).cpu(),
                     {m: conf[:, i] for i, m in enumerate(MEASURES)},
                     tuple(model.routing_space), [model.route_cost(r, input_size).madds for r in routes],
-                    model.dynamic_costs(input_size), wide - model.shared_cost(input_size))
+                    model.dynamic_costs(input_size), escalation_cost(model, input_size))
+
+
+def escalation_cost(model: DSNet, input_size: Sequence[int]) -> int:
+    """MAdds the confidence cascade adds for an image it escalates: the widest routing-space route
+    after the units every route shares."""
+    return model.route_cost(model.routes.dynamic_routes[-1], input_size).madds - model.shared_cost(input_size)
+
+
+def target_kind(deploy: str) -> str:
+    """The policy that reaches a target MAdds under ``gate.deploy``: the cascade's threshold for
+    ``cascade``, else the gate's cost bias."""
+    return "cascade" if deploy == "cascade" else "gate"
+
+
+def reachable_madds(dynamic_costs: Sequence[int], escalation: int, kind: str) -> tuple[float, float]:
+    """(lowest, highest) mean MAdds a ``kind`` policy (``gate``: a cost bias; ``cascade``: a
+    threshold) can reach, from the routes' ``dynamic_costs`` and the cascade's ``escalation`` cost."""
+    if kind == "cascade":
+        return dynamic_costs[0], dynamic_costs[0] + escalation
+    if kind == "gate":
+        return min(dynamic_costs), max(dynamic_costs)
+    raise ValueError(f"--target-madds applies to the gate or the cascade, got {kind!r}")
 
 
 def loader_outcomes(model: DSNet, loader: Iterable, device: torch.device, input_size: Sequence[int],
@@ -231,17 +252,13 @@ def policy_at_madds(outcomes: Outcomes, target: float, kind: str = "gate", toler
     """The ``kind`` policy (``gate``: a cost-bias strength; ``cascade``: a threshold on
     ``measure``) whose mean MAdds on ``outcomes`` is closest to ``target``. Raises ValueError when
     ``target`` is outside what the policy can reach."""
+    low, high = reachable_madds(outcomes.dynamic_costs, outcomes.escalation_cost, kind)
     if kind == "cascade":
-        low = outcomes.dynamic_costs[0]
-        high = low + outcomes.escalation_cost
         make: Callable[[float], Policy] = lambda t: cascade_policy(t, measure)  # noqa: E731
         lo, hi = 0.0, math.nextafter(1.0, math.inf)  # cost rises with the threshold
-    elif kind == "gate":
-        low, high = min(outcomes.dynamic_costs), max(outcomes.dynamic_costs)
+    else:
         make = lambda s: gate_policy(outcomes, -s)  # noqa: E731  (cost rises as the strength falls)
         lo, hi = -1e4, 1e4
-    else:
-        raise ValueError(f"--target-madds applies to the gate or the cascade, got {kind!r}")
     if not low <= target <= high:
         raise ValueError(f"target {target / 1e6:.2f} M MAdds is outside what the {kind} can reach "
                          f"({low / 1e6:.2f} M .. {high / 1e6:.2f} M)")
@@ -266,7 +283,7 @@ def select_policy(outcomes: Outcomes, deploy: str, target_madds: float | None, z
     The cascade thresholds its ``measure`` of confidence."""
     n = outcomes.num_samples
     if target_madds is not None:
-        kind = "cascade" if deploy == "cascade" else "gate"
+        kind = target_kind(deploy)
         policy = policy_at_madds(outcomes, target_madds, kind, measure=measure)
         cost = score(outcomes, policy)["madds_mean"]
         return {"policy": policy.to_dict(), "holdout_samples": n,

@@ -25,12 +25,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dsnet import data as dsdata
-from dsnet.config import BEST_METRICS, Config, replace, save_config
+from dsnet.config import BEST_METRICS, Config, replace
 from dsnet.errors import UserError
 from dsnet.models.spec import create
-from dsnet.train.engine import Loop, Runtime, autocast_factory, loop_kwargs, prepare_run_dir, setup_runtime
+from dsnet.train.engine import (Loop, Runtime, TrainingError, autocast_factory, loop_kwargs, prepare_run_dir,
+                                record_config, setup_runtime, updates_per_epoch)
 from dsnet.train.evaluate import format_report
 from dsnet.train.ieb import IEBStep
+from dsnet.train.logs import ConsoleLog
 
 __all__ = ["Data", "build_data", "build_val_loader", "build_model", "build_optimizer", "build_scheduler",
            "optimizer_kwargs", "scheduler_kwargs", "build_criterion", "build_ieb_step", "BEST_METRICS", "best_metric",
@@ -56,7 +58,8 @@ def _datasets(cfg: Config, runtime: Runtime, split: str, train_transform: bool) 
                                  crop_pct=d.crop_pct, uint8=dsdata.normalizes_on_device(d.normalize_on, runtime.device))
     length = d.synthetic_train_size if split == "train" else d.synthetic_val_size
     return dsdata.build_dataset(d.name, d.root, split, tf, length=length, num_classes=d.synthetic_classes,
-                                seed=d.synthetic_seed, image_size=d.input_size, skip_bad_images=d.skip_bad_images)
+                                seed=d.synthetic_seed, image_size=d.input_size, skip_bad_images=d.skip_bad_images,
+                                check_files=True)
 
 
 def _loader(cfg: Config, runtime: Runtime, dataset: Any, batch_size: int, training: bool, distributed: bool) -> Any:
@@ -98,11 +101,9 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
         raise dsdata.DataError(f"the train and val splits of {cfg.data.root} have different classes")
     bs = cfg.train.batch_size
     kept, held = holdout_split(len(train_set), holdout, cfg.train.seed)
+    _check_one_batch(len(kept), bs, runtime.world_size, holdout if held else 0.0)
     held_loader = None
     if held:
-        if len(kept) < bs:
-            raise dsdata.DataError(f"gate.holdout={holdout} leaves {len(kept)} training images, fewer than one "
-                                   f"batch of train.batch_size={bs}; lower gate.holdout or the batch size")
         train_set = torch.utils.data.Subset(train_set, kept)
         plain = torch.utils.data.Subset(_datasets(cfg, runtime, "train", False), held)
         held_loader = _loader(cfg, runtime, plain, cfg.data.val_batch_size or bs, False, False)
@@ -111,6 +112,17 @@ def build_data(cfg: Config, runtime: Runtime, holdout: float = 0.0) -> Data:
     shard = _loader(cfg, runtime, train_set, bs, True, True) if runtime.distributed else None
     return Data(_loader(cfg, runtime, train_set, bs, True, runtime.distributed), val,
                 _loader(cfg, runtime, train_set, bs, True, False), classes, held_loader, shard)
+
+
+def _check_one_batch(images: int, batch_size: int, world_size: int, holdout: float) -> None:
+    """Refuse a training set of fewer images per process than one batch: the loader drops the last
+    partial batch, so every epoch would train no step and the run would end untrained."""
+    if images // world_size >= batch_size:
+        return
+    left = f"gate.holdout={holdout} leaves {images} training images" if holdout else f"the training set has {images} images"
+    shared = f" ({images // world_size} for each of {world_size} processes)" if world_size > 1 else ""
+    raise dsdata.DataError(f"{left}{shared}, fewer than one batch of train.batch_size={batch_size}, so no step would "
+                           f"train; lower train.batch_size{' or gate.holdout' if holdout else ''}")
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -212,14 +224,6 @@ def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
 
-def updates_per_epoch(loader: Any, cfg: Config) -> int:
-    """Optimizer updates in one epoch of ``loader`` (``train.max_steps_per_epoch``, ``train.grad_accum``)."""
-    steps = len(loader)
-    if cfg.train.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
-    return max(1, steps // cfg.train.grad_accum)
-
-
 # ---- the stage skeleton: stage one, stage two and the baselines run in it ---------------------
 @dataclass
 class Setup:
@@ -256,23 +260,25 @@ def run_stage(cfg: Config, setup: Setup, *, start: Callable[[Loop, dict | None],
     ``scheduler``, ``step``, ``evaluate``, ``epochs``, ``extra_state``, ...) resumed from
     ``train.resume``, ``start(loop, resumed state or None)``, the resolved config, training,
     ``finish(loop)``, then ``eval.json`` (the last evaluation with the ``report`` records) and its
-    table; returns the run directory."""
+    table; what the console shows meanwhile also goes to ``train.log`` (``ConsoleLog``); returns the
+    run directory."""
     cfg = resolve_resume(cfg)
     run_dir = prepare_run_dir(cfg, resuming=cfg.train.resume is not None)
-    loop = Loop(cfg=cfg, runtime=setup.runtime, train_loader=setup.data.train, run_dir=run_dir, scaler=setup.scaler,
-                **{**loop_kwargs(cfg), **parts})  # a stage's parts may set a loop setting its own way
-    resumed = loop.resume(cfg.train.resume) if cfg.train.resume else None
-    if start is not None:
-        start(loop, resumed)
-    if setup.runtime.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    loop.run()
-    if finish is not None:
-        finish(loop)
-    if setup.runtime.is_main and loop.last_eval is not None:
-        full = {**loop.last_eval.report, **(report or {}), "data": data_signature(cfg, setup.data.classes)}
-        write_eval(run_dir / "eval.json", full)
-        print(format_report(full))
+    with ConsoleLog(run_dir / "train.log", setup.runtime.is_main, (UserError, OSError, TrainingError)) as console:
+        loop = Loop(cfg=cfg, runtime=setup.runtime, train_loader=setup.data.train, run_dir=run_dir,
+                    scaler=setup.scaler, **{**loop_kwargs(cfg), **parts})  # a stage's parts may set a loop setting
+        resumed = loop.resume(cfg.train.resume) if cfg.train.resume else None
+        if start is not None:
+            start(loop, resumed)
+        if setup.runtime.is_main:
+            record_config(cfg, run_dir, resumed is not None)
+        loop.run()
+        if finish is not None:
+            finish(loop)
+        if setup.runtime.is_main and loop.last_eval is not None:
+            full = {**loop.last_eval.report, **(report or {}), "data": data_signature(cfg, setup.data.classes)}
+            write_eval(run_dir / "eval.json", full)
+            console.print(format_report(full))
     return run_dir
 
 

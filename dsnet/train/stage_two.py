@@ -25,12 +25,12 @@ from dsnet.train.checkpoint import build_model as rebuild
 from dsnet.train.checkpoint import read_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_gated, evaluate_static
-from dsnet.train.policy_select import collect_outcomes, select_policy
+from dsnet.train.policy_select import collect_outcomes, escalation_cost, reachable_madds, select_policy, target_kind
 from dsnet.train.recalibrate import recalibrate_run
 from dsnet.train.runs import (Data, build_optimizer, build_scheduler, input_shape, open_stage, optimizer_kwargs,
                               resolve_resume, run_stage, scheduler_kwargs, updates_per_epoch)
 
-__all__ = ["train_gate", "gate_output", "check_supernet", "bn_recalibrated", "recalibrate_supernet", "gate_model",
+__all__ = ["train_gate", "gate_output", "check_supernet", "check_target_madds", "bn_recalibrated", "recalibrate_supernet", "gate_model",
            "head_kwargs", "build_sgs_step", "deploy"]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,24 @@ def check_supernet(cfg: Config, state: dict, path: Path, classes: list[str]) -> 
         raise UserError(f"--supernet {path} was trained on {len(state['classes'])} classes "
                          f"({', '.join(state['classes'][:4])}, ...), the data has {len(classes)} "
                          f"({', '.join(classes[:4])}, ...)")
+
+
+def check_target_madds(cfg: Config, model: nn.Module, size: tuple[int, int, int]) -> None:
+    """Refuse, before any work, a ``gate.target_madds`` (``--target-madds``) that the policy chosen
+    after training cannot reach on ``model``'s routing space at input ``size``, or that no held-back
+    images would choose (``gate.holdout=0``)."""
+    target = cfg.gate.target_madds
+    if target is None:
+        return
+    if cfg.gate.holdout == 0:
+        raise UserError(f"gate.target_madds (--target-madds) {target / 1e6:.2f} M is chosen on the held-back "
+                         "training images, but gate.holdout is 0; set gate.holdout (e.g. 0.1) or drop the target")
+    kind = target_kind(cfg.gate.deploy)
+    low, high = reachable_madds(model.dynamic_costs(size), escalation_cost(model, size), kind)
+    if not low <= target <= high:
+        raise UserError(f"gate.target_madds (--target-madds) {target / 1e6:.2f} M is outside what the {kind} of this "
+                         f"supernet can reach at {size[1]}x{size[2]} px over gate.routing_space "
+                         f"{list(model.routing_space)}: {low / 1e6:.2f} M to {high / 1e6:.2f} M MAdds")
 
 
 def bn_recalibrated(state: dict) -> bool:
@@ -151,6 +169,7 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
     state = read_checkpoint(supernet, "supernet")
     cfg = gate_output(cfg, supernet)
     model = gate_model(cfg, state)
+    check_target_madds(cfg, model, input_shape(cfg, model))
     if cfg.train.eval_ema and cfg.gate.ema_decay is None:
         raise UserError("train.eval_ema=true needs an EMA of the gate in stage two: "
                          "set gate.ema_decay (release: 0.997)")

@@ -97,7 +97,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    bench_command(args.target, args.batch_sizes, args.json, args.repeats, args.threads, overrides=args.overrides)
+    bench_command(args.target, args.batch_sizes, args.json, args.repeats, args.threads, overrides=args.overrides,
+                  images=args.images)
     return 0
 
 
@@ -274,6 +275,8 @@ def _add_bench(sub) -> None:
                           "plain model against the dense largest route) or a dsnet model name (random init, "
                           "hand-set gate)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="B", help="batch sizes (default 1 32)")
+    p.add_argument("--images", type=int, default=64, metavar="N", help="the dynamic model runs over N validation "
+                   "images (spread over the split) in batches of each size; its MAdds are their mean (default 64)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--repeats", type=int, default=10, metavar="N", help="interleaved timed rounds per path (medians)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads (default: torch's)")

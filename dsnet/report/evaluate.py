@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from dsnet.config import check_root_used
 from dsnet.errors import UserError
 from dsnet.models.madds import parse_madds
 from dsnet.models.policy import Policy
@@ -25,10 +26,22 @@ __all__ = ["check_classes", "evaluate_command", "evaluate_baseline"]
 
 
 def check_classes(state: dict, classes: list[str]) -> None:
-    """Refuse evaluation data whose classes are not those the checkpoint was trained on."""
-    if state.get("classes") is not None and list(state["classes"]) != classes:
-        raise UserError(f"the evaluation data has {len(classes)} classes, the checkpoint was trained on "
-                        f"{len(state['classes'])}; pass --data with the dataset it was trained on")
+    """Refuse evaluation data whose classes are not those the checkpoint was trained on, naming
+    the first class of the checkpoint's that is missing (and what stands in its place)."""
+    trained = list(state.get("classes") or [])
+    if state.get("classes") is None or trained == classes:
+        return
+    missing = [c for c in trained if c not in classes]
+    extra = [c for c in classes if c not in trained]
+    if missing and extra:
+        what = f"class '{missing[0]}' of the checkpoint is not in the evaluation data, which has '{extra[0]}' instead"
+    elif missing or extra:
+        what = (f"the evaluation data has {len(classes)} classes, the checkpoint was trained on {len(trained)} ("
+                + (f"'{missing[0]}' is missing)" if missing else f"'{extra[0]}' is new)"))
+    else:
+        first = next(i for i, (a, b) in enumerate(zip(classes, trained)) if a != b)
+        what = f"class {first} is '{classes[first]}' in the evaluation data but '{trained[first]}' in the checkpoint"
+    raise UserError(f"{what}; pass --data with the dataset it was trained on (class folders named as then)")
 
 
 def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_root: str | None = None,
@@ -44,6 +57,7 @@ def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_roo
             raise UserError(f"{checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
         return evaluate_baseline(checkpoint, overrides, data_root, json_path, max_batches)
     state, model, cfg, runtime = load_run(checkpoint, overrides, data_root, ema)
+    check_root_used(cfg, data_root, overrides)
     if state["stage"] != "gate" and (sweep or target_madds):
         raise UserError(f"--sweep and --target-madds need a gate: {checkpoint} is a stage-one checkpoint "
                         "(run train_gate.py first)")
@@ -92,6 +106,7 @@ def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root:
     data (``data_root`` and ``overrides`` applied to its config); writes ``json_path`` if given."""
     state = read_checkpoint(checkpoint, "static")
     cfg, runtime = checkpoint_run(state, overrides, data_root)
+    check_root_used(cfg, data_root, overrides)
     loader, classes = build_val_loader(cfg, runtime)
     check_classes(state, classes)
     model, supernet = load_static(state)

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from dsnet.config import check_root_used
 from dsnet.errors import UserError
 from dsnet.layers import DSBatchNorm2d
 from dsnet.models.net import DSNet
@@ -58,6 +59,7 @@ def recalibrate_command(checkpoint: str, output: str | None = None, batches: int
     if out.exists():
         raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
     state, model, cfg, runtime = load_run(checkpoint, overrides, data_root, stages=("supernet",))
+    check_root_used(cfg, data_root, overrides)
     data = build_data(cfg, runtime)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     batches = batches or cfg.train.recalibrate_batches

@@ -77,7 +77,7 @@ def test_version_is_the_package_version(capsys):
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     assert setup["metadata"]["version"] == "attr: dsnet.__version__"  # one place for the version
-    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet.cli:main"
+    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet_command:main"  # parses first
 
 
 # ---- trainers -----------------------------------------------------------------------------------
@@ -230,3 +230,35 @@ def test_input_size_takes_exactly_three_numbers(capsys, argv, message):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---- the console script's parser: help without torch (issue 28) --------------------------------
+
+@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["train-baseline", "--help"], ["bench", "-h"]])
+def test_help_imports_neither_torch_timm_nor_dsnet(argv):
+    code = ("import sys, dsnet_command\n"
+            f"try:\n    dsnet_command.main({argv!r})\nexcept SystemExit as done:\n    status = done.code\n"
+            "print(status, sorted(m for m in ('torch', 'timm', 'dsnet', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
+    assert "usage: dsnet" in done.stdout
+
+
+def test_the_parsers_lists_of_allowed_values_are_the_modules_lists():
+    import dsnet_command
+    from dsnet.deploy.onnx_export import ONNX_EXPORTERS
+    from dsnet.prune.baseline_spec import PRUNERS
+    from dsnet.prune.budgets import BUDGETS
+
+    assert (dsnet_command.BUDGETS, dsnet_command.PRUNERS, dsnet_command.ONNX_EXPORTERS) == (BUDGETS, PRUNERS, ONNX_EXPORTERS)
+
+
+def test_the_console_script_runs_the_command_after_parsing(capsys):
+    import dsnet_command
+
+    assert dsnet_command.main(["profile", "ds_resnet20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "ds_resnet20"
+    assert dsnet_command.main(["export", "nope.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx"]) == 2
+    assert "checkpoint nope.pth does not exist" in one_error_line(capsys, "dsnet export")

@@ -61,3 +61,50 @@ def test_renamed_class_folders_name_the_first_class_that_differs(synthetic_run, 
     more = image_folder(tmp_path / "more", [f"class_{c}" for c in range(5)])
     assert dsnet_main(["evaluate", str(synthetic_run), "data.name=folder", "--data", str(more)]) == 2
     assert "the evaluation data has 5 classes, the checkpoint was trained on 4 ('class_4' is new)" in one_error_line(capsys, "dsnet evaluate")
+
+
+def _no_evaluation(monkeypatch):
+    import dsnet.report.evaluate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated before refusing")
+
+    monkeypatch.setattr(dsnet.report.evaluate, "evaluate_static", refuse)
+
+
+@pytest.mark.parametrize("plot, says", [
+    ("{tmp}/nowhere/plot.png", "--plot {tmp}/nowhere/plot.png: the folder {tmp}/nowhere does not exist; create it "
+                               "or choose another path"),
+    ("{tmp}/plot.xyz", "--plot {tmp}/plot.xyz: matplotlib cannot write '.xyz'; use one of "),
+    ("{tmp}/plot.png", "--plot needs matplotlib: pip install 'dsnet[plot]'"),
+])
+def test_plot_problems_are_refused_before_the_evaluation(synthetic_run, tmp_path, capsys, monkeypatch, plot, says):
+    pytest.importorskip("matplotlib")
+    _no_evaluation(monkeypatch)
+    if "needs matplotlib" in says:
+        monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import -> ImportError
+    assert dsnet_main(["evaluate", str(synthetic_run), "--plot", plot.format(tmp=tmp_path)]) == 2
+    assert one_error_line(capsys, "dsnet evaluate").startswith(f"dsnet evaluate: error: {says.format(tmp=tmp_path)}")
+
+
+def test_json_onto_the_runs_own_eval_json_is_refused(synthetic_run, tmp_path, capsys, monkeypatch):
+    _no_evaluation(monkeypatch)
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = tmp_path / "checkpoints" / "last.pth"
+    ckpt.write_bytes(synthetic_run.read_bytes())
+    (tmp_path / "eval.json").write_text('{"static": []}')
+    assert dsnet_main(["evaluate", str(ckpt), "--json", str(tmp_path / "eval.json")]) == 2
+    assert one_error_line(capsys, "dsnet evaluate").endswith(
+        f"--json {tmp_path / 'eval.json'} is the run's own result, written by training; dsnet evaluate never "
+        "overwrites it: choose another file")
+    assert (tmp_path / "eval.json").read_text() == '{"static": []}'
+
+
+def test_a_torchscript_file_given_as_a_checkpoint_is_named_as_such(tmp_path, capsys):
+    import torch
+
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "model.pt"))
+    assert dsnet_main(["evaluate", str(tmp_path / "model.pt")]) == 2
+    assert one_error_line(capsys, "dsnet evaluate").endswith(
+        f"{tmp_path / 'model.pt'} is a TorchScript file (dsnet export writes them to run without dsnet); give the "
+        "checkpoint it was exported from, RUN/checkpoints/last.pth, or run it with torch.jit.load")

@@ -17,8 +17,8 @@ from dsnet.models.policy import Policy
 from dsnet.prune.static import baseline_report, load_static, static_cost
 from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.engine import autocast_factory, checkpoint_run, load_run
-from dsnet.train.evaluate import (evaluate_gated, evaluate_plain, evaluate_static, format_report, format_sweep_row,
-                                  plot_report)
+from dsnet.train.evaluate import (check_plot_path, evaluate_gated, evaluate_plain, evaluate_static, format_report,
+                                  format_sweep_row, plot_report)
 from dsnet.train.policy_select import target_policy
 from dsnet.train.runs import build_val_loader, data_signature, write_eval
 
@@ -52,6 +52,7 @@ def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_roo
     model of ``checkpoint`` on its run's validation data (``data_root`` and ``overrides`` applied
     to its config). Prints the report; writes ``json_path`` (eval.json format) and ``plot``; with
     ``target_madds`` writes a checkpoint shipping that operating point to ``output``."""
+    _check_outputs(checkpoint, json_path, plot)
     if read_checkpoint(checkpoint).get("stage") == "static":
         if sweep or plot or ema:
             raise UserError(f"{checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
@@ -91,6 +92,17 @@ def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_roo
         save_checkpoint({**{k: v for k, v in state.items() if k not in ("format", "version")}, "deploy": record}, out)
         print(f"checkpoint with this operating point -> {out}")
     _write_outputs(report, json_path, plot, f"{state['model_name']} ({Path(checkpoint).name})")
+
+
+def _check_outputs(checkpoint: str, json_path: str | None, plot: str | None) -> None:
+    """Refuse, before any evaluation, a ``--plot`` matplotlib cannot write and a ``--json`` that
+    is the run's own eval.json (RUN/eval.json of RUN/checkpoints/*.pth), which training wrote."""
+    if plot:
+        check_plot_path(plot)
+    own = Path(checkpoint).resolve().parent.parent / "eval.json"
+    if json_path and Path(json_path).resolve() == own and own.exists():
+        raise UserError(f"--json {json_path} is the run's own result, written by training; dsnet evaluate never "
+                        "overwrites it: choose another file")
 
 
 def _write_outputs(report: dict, json_path: str | None, plot: str | None, title: str) -> None:

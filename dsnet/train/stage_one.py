@@ -44,7 +44,11 @@ def train_supernet(cfg: Config) -> Path:
         kept = init_from_checkpoint(model, cfg.train.init_from)
         logger.info("weights from %s%s", cfg.train.init_from, f" (kept as built: {', '.join(kept)})" if kept else "")
     model.gate.width_head.requires_grad_(False)  # stage two trains it
-    optimizer = build_optimizer(model, **optimizer_kwargs(cfg, runtime))
+    opt = optimizer_kwargs(cfg, runtime)
+    if runtime.is_main:
+        logger.info("lr %.4g: train.lr %g x global batch %d / train.lr_base_batch %d", opt["lr"], cfg.train.lr,
+                    cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum, cfg.train.lr_base_batch)
+    optimizer = build_optimizer(model, **opt)
     scheduler = build_scheduler(optimizer, updates_per_epoch=updates_per_epoch(data.train, cfg), **scheduler_kwargs(cfg))
     ema = None
     if cfg.ieb.teacher in EMA_TEACHERS:

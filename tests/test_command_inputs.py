@@ -108,3 +108,24 @@ def test_a_torchscript_file_given_as_a_checkpoint_is_named_as_such(tmp_path, cap
     assert one_error_line(capsys, "dsnet evaluate").endswith(
         f"{tmp_path / 'model.pt'} is a TorchScript file (dsnet export writes them to run without dsnet); give the "
         "checkpoint it was exported from, RUN/checkpoints/last.pth, or run it with torch.jit.load")
+
+
+@pytest.mark.parametrize("option, says", [(["--max-batches", "0"], "--max-batches must be >= 1, got 0"),
+                                          (["--sweep", "-3"], "--sweep must be >= 0 (0: the default 9 operating "
+                                                              "points), got -3")])
+def test_evaluate_refuses_zero_batches_and_a_negative_sweep(synthetic_run, capsys, monkeypatch, option, says):
+    _no_evaluation(monkeypatch)  # --max-batches 0 printed 0.00% for every route of 0 images, exit 0
+    assert dsnet_main(["evaluate", str(synthetic_run), *option]) == 2
+    assert one_error_line(capsys, "dsnet evaluate") == f"dsnet evaluate: error: {says}"
+
+
+@pytest.mark.parametrize("fmt, name, says", [
+    ("safetensors", "model.onnx", "names a onnx file but --format is safetensors; give -o {tmp}/model.safetensors "
+                                  "or --format onnx"),
+    ("torchscript", "model.safetensors", "names a safetensors file but --format is torchscript; give -o "
+                                         "{tmp}/model.pt or --format safetensors"),
+])
+def test_export_refuses_an_output_named_for_another_format(synthetic_run, tmp_path, capsys, fmt, name, says):
+    assert dsnet_main(["export", str(synthetic_run), "--subnet", "0", "--format", fmt, "-o", str(tmp_path / name)]) == 2
+    assert one_error_line(capsys, "dsnet export").endswith(f"-o {tmp_path / name} {says.format(tmp=tmp_path)}")
+    assert list(tmp_path.iterdir()) == []

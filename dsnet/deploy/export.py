@@ -58,6 +58,8 @@ __all__ = ["export_command", "target_export_policy", "FORMATS"]
 logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx", "safetensors")
+# file extensions that name one format: -o with another format's extension is refused
+EXTENSIONS = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "torchscript", ".ts": "torchscript"}
 
 
 # ---- the gated model as plain torch.nn ------------------------------------------------------
@@ -112,6 +114,10 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     if not static and dynamic == (subnet is not None):
         raise UserError("give exactly one of --subnet I (a static subnet) or --dynamic (the gated model)")
     out = Path(output)
+    if EXTENSIONS.get(out.suffix.lower(), fmt) != fmt:
+        raise UserError(f"-o {out} names a {EXTENSIONS[out.suffix.lower()]} file but --format is {fmt}; "
+                        f"give -o {out.with_suffix(next(e for e, f in EXTENSIONS.items() if f == fmt))} or "
+                        f"--format {EXTENSIONS[out.suffix.lower()]}")
     if out.exists() or out.is_symlink():
         raise UserError(f"{out} exists; dsnet export never overwrites, choose another -o")
     if fmt == "onnx" and dynamic and out.suffix == ".onnx":

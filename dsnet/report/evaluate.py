@@ -52,7 +52,7 @@ def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_roo
     model of ``checkpoint`` on its run's validation data (``data_root`` and ``overrides`` applied
     to its config). Prints the report; writes ``json_path`` (eval.json format) and ``plot``; with
     ``target_madds`` writes a checkpoint shipping that operating point to ``output``."""
-    _check_outputs(checkpoint, json_path, plot)
+    _check_outputs(checkpoint, json_path, plot, sweep, max_batches)
     if read_checkpoint(checkpoint).get("stage") == "static":
         if sweep or plot or ema:
             raise UserError(f"{checkpoint} is a static baseline: --sweep, --plot and --ema need a supernet")
@@ -94,9 +94,15 @@ def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_roo
     _write_outputs(report, json_path, plot, f"{state['model_name']} ({Path(checkpoint).name})")
 
 
-def _check_outputs(checkpoint: str, json_path: str | None, plot: str | None) -> None:
-    """Refuse, before any evaluation, a ``--plot`` matplotlib cannot write and a ``--json`` that
-    is the run's own eval.json (RUN/eval.json of RUN/checkpoints/*.pth), which training wrote."""
+def _check_outputs(checkpoint: str, json_path: str | None, plot: str | None, sweep: int = 0,
+                   max_batches: int | None = None) -> None:
+    """Refuse, before any evaluation, a ``--plot`` matplotlib cannot write, a ``--json`` that is
+    the run's own eval.json (RUN/eval.json of RUN/checkpoints/*.pth), which training wrote, and
+    a negative ``--sweep`` or a ``--max-batches`` under 1 (which would report 0% of 0 images)."""
+    if sweep < 0:
+        raise UserError(f"--sweep must be >= 0 (0: the default 9 operating points), got {sweep}")
+    if max_batches is not None and max_batches < 1:
+        raise UserError(f"--max-batches must be >= 1, got {max_batches}")
     if plot:
         check_plot_path(plot)
     own = Path(checkpoint).resolve().parent.parent / "eval.json"

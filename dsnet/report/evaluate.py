@@ -19,6 +19,7 @@ from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.engine import autocast_factory, checkpoint_run, load_run
 from dsnet.train.evaluate import (check_plot_path, evaluate_gated, evaluate_plain, evaluate_static, format_report,
                                   format_sweep_row, plot_report)
+from dsnet.train.metrics import Progress
 from dsnet.train.policy_select import target_policy
 from dsnet.train.runs import build_val_loader, data_signature, write_eval
 
@@ -70,6 +71,7 @@ def evaluate_command(checkpoint: str, *, overrides: Sequence[str] = (), data_roo
             raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
     loader, classes = build_val_loader(cfg, runtime)
     check_classes(state, classes)
+    loader = Progress(loader, "evaluate", cfg.train.progress and runtime.is_main)
     size = (model.in_chans, cfg.data.input_size, cfg.data.input_size)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     report = evaluate_static(model, loader, runtime.device, size, autocast, max_batches)
@@ -129,6 +131,7 @@ def evaluate_baseline(checkpoint: str, overrides: Sequence[str] = (), data_root:
     check_classes(state, classes)
     model, supernet = load_static(state)
     cost = static_cost(state, supernet, (supernet.in_chans, cfg.data.input_size, cfg.data.input_size))
+    loader = Progress(loader, "evaluate", cfg.train.progress and runtime.is_main)
     acc = evaluate_plain(model.to(runtime.device), loader, runtime.device,
                          autocast_factory(cfg.train.amp, runtime.device)[0], max_batches)
     report = {**baseline_report(state["subnet"], cost, acc), "baseline": state.get("baseline"),

@@ -18,6 +18,7 @@ from dsnet.layers import DSBatchNorm2d
 from dsnet.models.net import DSNet
 from dsnet.train.checkpoint import save_checkpoint
 from dsnet.train.engine import autocast_factory, load_run
+from dsnet.train.metrics import Progress
 from dsnet.train.runs import build_data
 
 __all__ = ["recalibrate_bn", "recalibrate_command"]
@@ -63,11 +64,12 @@ def recalibrate_command(checkpoint: str, output: str | None = None, batches: int
     data = build_data(cfg, runtime)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     batches = batches or cfg.train.recalibrate_batches
-    recalibrate_bn(model, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
+    calib = Progress(data.calib, "recalibrate", cfg.train.progress and runtime.is_main)
+    recalibrate_bn(model, calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
     state["model"] = model.state_dict()
     if state.get("ema") is not None:
         ema = load_run(checkpoint, overrides, data_root, use_ema=True, stages=("supernet",))[1]
-        recalibrate_bn(ema, data.calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
+        recalibrate_bn(ema, calib, runtime.device, batches, autocast, cfg.train.recalibrate_momentum)
         state["ema"] = ema.state_dict()
     state["bn_recalibrated"] = True
     save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, out)

@@ -20,6 +20,7 @@ from dsnet.errors import UserError
 from dsnet.train.checkpoint import init_from_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_static
+from dsnet.train.metrics import Progress
 from dsnet.train.recalibrate import recalibrate_bn
 from dsnet.train.runs import (Setup, best_metric, build_ieb_step, build_model, build_optimizer, build_scheduler,
                               input_shape, open_stage, optimizer_kwargs, run_stage, scheduler_kwargs, updates_per_epoch,
@@ -59,7 +60,8 @@ def train_supernet(cfg: Config) -> Path:
     size = input_shape(cfg, model)
 
     def evaluate(epoch: int) -> Evaluation:
-        report = evaluate_static(ema.module if cfg.train.eval_ema else model, data.val, runtime.device, size,
+        val = Progress(data.val, "evaluate", cfg.train.progress and runtime.is_main)
+        report = evaluate_static(ema.module if cfg.train.eval_ema else model, val, runtime.device, size,
                                  setup.autocast, channels_last=cfg.train.channels_last)
         return Evaluation(report, {"top1_largest": report["largest"]["top1"],
                                    "top1_slimmest": report["static"][0]["top1"]},

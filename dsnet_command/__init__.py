@@ -229,12 +229,14 @@ def _add_convert(sub) -> None:
 
 
 TRAIN_SUMMARIES = {"supernet": "stage one: train a supernet (IEB)", "gate": "stage two: train the gate (SGS)",
-                   "baseline": "train a static subnet baseline (Scratch-E, Scratch-B, L1 pruning)"}
+                   "baseline": f"train a static baseline: from scratch ({', '.join(BUDGETS)}) or pruned and "
+                               f"fine-tuned ({', '.join(PRUNERS)})"}
 TRAIN_DESCRIPTIONS = {
     "supernet": "Stage one: train a DS-Net supernet with In-place Ensemble Bootstrapping (IEB).",
     "gate": "Stage two: freeze a stage-one supernet and train its gate with Sandwich Gate Sparsification (SGS).",
-    "baseline": "Train a static subnet from scratch (Scratch-E, Scratch-B) or L1-pruned from the largest route "
-                "and fine-tuned, with the supernet config's data, optimizer and evaluation.",
+    "baseline": f"Train a static subnet or architecture from scratch (--budget {', '.join(BUDGETS)}) or pruned "
+                f"from the largest route and fine-tuned (--prune {', '.join(PRUNERS)}), with the supernet config's "
+                "data, optimizer and evaluation.",
 }
 
 

@@ -262,3 +262,13 @@ def test_the_console_script_runs_the_command_after_parsing(capsys):
     assert json.loads(capsys.readouterr().out)["model"] == "ds_resnet20"
     assert dsnet_command.main(["export", "nope.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx"]) == 2
     assert "checkpoint nope.pth does not exist" in one_error_line(capsys, "dsnet export")
+
+
+def test_train_baselines_summary_and_description_name_every_method():
+    from dsnet.prune.baseline_spec import METHODS
+
+    parser = cli.build_parser()
+    summary = next(a.help for a in parser._subparsers._group_actions[0]._choices_actions if a.dest == "train-baseline")
+    description = cli.subparsers(parser)["train-baseline"].description
+    for method in METHODS:
+        assert method in summary and method in description, method

@@ -33,7 +33,7 @@ from dsnet.packaged import packaged_config, packaged_names
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "TrainConfig", "IEBConfig",
            "GateConfig", "OutputConfig", "load_config", "config_from_dict", "config_to_dict",
-           "save_config", "config_yaml", "apply_overrides", "replace", "BEST_METRICS", "TEACHERS",
+           "save_config", "config_yaml", "apply_overrides", "replace", "check_root_used", "BEST_METRICS", "TEACHERS",
            "EMA_TEACHERS", "RULES", "HEADS", "DEPLOYS", "MEASURES", "COST_UNITS",
            "DATASETS", "INTERPOLATIONS", "NORMALIZE_ON"]
 
@@ -508,3 +508,15 @@ def replace(cfg: Config, **changes: Any) -> Config:
             d[section] = {}
         d[section][name] = value
     return config_from_dict(d)
+
+
+def check_root_used(cfg: Config, data_root: str | None, overrides: Sequence[str] = ()) -> None:
+    """Refuse a dataset root given to a command that reads a checkpoint (``--data ROOT`` or a
+    ``data.root=`` override) when ``cfg`` (the checkpoint's config with them applied) reads
+    synthetic data, which has no root: the root would be ignored and the figures be synthetic."""
+    given = data_root if data_root is not None else next(
+        (o.partition("=")[2] for o in overrides if o.startswith("data.root=")), None)
+    if given is not None and cfg.data.name == "synthetic":
+        raise ConfigError(f"--data {given} would be ignored: this run was trained on synthetic data "
+                          f"(data.name=synthetic); to use an image folder, also pass data.name=folder "
+                          f"(e.g. data.name=folder --data {given})")

@@ -34,7 +34,7 @@ def test_bench_command_follows_the_json_contract(tmp_path, capsys):
     assert [r["batch_size"] for r in report["results"]] == [1, 4]
     num_subnets = timm.create_model("ds_resnet20").num_subnets
     for row in report["results"]:
-        assert set(row) == {"batch_size", "largest_ms", "dynamic_ms", "largest_madds", "dynamic_madds_mean",
+        assert set(row) == {"batch_size", "images", "largest_ms", "dynamic_ms", "largest_madds", "dynamic_madds_mean",
                             "theoretical_speedup", "realized_speedup", "dense_limit_ms", "subnets"}
         assert isinstance(row["largest_madds"], int)
         for key in ("largest_ms", "dynamic_ms", "dense_limit_ms", "dynamic_madds_mean", "realized_speedup"):
@@ -177,7 +177,7 @@ def test_bench_of_a_static_checkpoint_times_the_plain_model_and_the_largest_rout
     monkeypatch.setattr(dsnet.deploy.bench, "time_interleaved", count)
     monkeypatch.setattr(dsnet.deploy.bench, "_val_images", lambda cfg, runtime, n: batch.append(n) or torch.randn(n, 3, 32, 32))
     row = bench_command(path, [2], None, repeats=1, threads=1)["results"][0]
-    assert batch == [2] and row["realized_speedup"] == 3.0
+    assert batch == [64] and row["realized_speedup"] == 3.0  # the mix of --images (64), of which it times 2
     supernet = timm.create_model("ds_resnet20", **KWARGS)
     expected = {}
     for name, model in (("static", plain), ("largest", supernet.extract(supernet.routes.largest).eval())):
@@ -185,3 +185,35 @@ def test_bench_of_a_static_checkpoint_times_the_plain_model_and_the_largest_rout
             model(torch.randn(2, 3, 32, 32))
         expected[name] = counter.get_total_flops()
     assert counted == expected and expected["static"] < expected["largest"]
+
+
+def test_bench_at_batch_one_times_and_reports_the_mean_madds_of_the_whole_mix(tmp_path, monkeypatch):
+    """Batch 1 runs the dynamic model over every image of the mix (counted by FlopCounterMode in
+    place of the clock) and reports their mean MAdds, not the first image's."""
+    import dsnet.deploy.bench
+    from tests.test_export import _checkpoint, _routes_used
+
+    model = timm.create_model("ds_resnet20", num_classes=4, base_mults=(0.5, 1.0), width_mults=(0.25, 0.5, 1.0)).eval()
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    spread_gate(model, x)
+    choice = _routes_used(model, x)
+    path = _checkpoint(model, tmp_path / "gate.pth")
+    counted = {}
+
+    def count(fns, *args, **kwargs):
+        with FlopCounterMode(display=False) as counter:
+            fns["dynamic"]()
+        counted["dynamic"] = counter.get_total_flops()
+        return {name: 1.0 for name in fns}
+
+    monkeypatch.setattr(dsnet.deploy.bench, "time_interleaved", count)
+    monkeypatch.setattr(dsnet.deploy.bench, "_val_images", lambda cfg, runtime, n: x)
+    row = bench_command(path, [1], None, repeats=1, threads=1, images=12, progress=False)["results"][0]
+    costs = model.policy_costs((3, 32, 32))
+    assert row["images"] == 12
+    assert row["dynamic_madds_mean"] == sum(costs[c] for c in choice.tolist()) / 12
+    assert row["dynamic_madds_mean"] != costs[choice[0]]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for i in range(12):
+            model(x[i:i + 1], subnet="dynamic")
+    assert counted["dynamic"] == counter.get_total_flops()

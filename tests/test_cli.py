@@ -79,7 +79,7 @@ def test_version_is_the_package_version(capsys):
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     assert setup["metadata"]["version"] == "attr: dsnet.__version__"  # one place for the version
-    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet.cli:main"
+    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet_command:main"  # parses first
 
 
 # ---- trainers -----------------------------------------------------------------------------------
@@ -309,3 +309,45 @@ def test_a_command_leaves_its_process_group_at_the_end_even_on_an_error(monkeypa
     assert cli.guarded("dsnet x", lambda: 0) == 0
     assert cli.guarded("dsnet x", lambda: (_ for _ in ()).throw(UserError("bad"))) == 2
     assert left == [1, 1]
+
+
+# ---- the console script's parser: help without torch (issue 28) --------------------------------
+
+@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["train-baseline", "--help"], ["bench", "-h"]])
+def test_help_imports_neither_torch_timm_nor_dsnet(argv):
+    code = ("import sys, dsnet_command\n"
+            f"try:\n    dsnet_command.main({argv!r})\nexcept SystemExit as done:\n    status = done.code\n"
+            "print(status, sorted(m for m in ('torch', 'timm', 'dsnet', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
+    assert "usage: dsnet" in done.stdout
+
+
+def test_the_parsers_lists_of_allowed_values_are_the_modules_lists():
+    import dsnet_command
+    from dsnet.deploy.onnx_export import ONNX_EXPORTERS
+    from dsnet.prune.baseline_spec import PRUNERS
+    from dsnet.prune.budgets import BUDGETS
+
+    assert (dsnet_command.BUDGETS, dsnet_command.PRUNERS, dsnet_command.ONNX_EXPORTERS) == (BUDGETS, PRUNERS, ONNX_EXPORTERS)
+
+
+def test_the_console_script_runs_the_command_after_parsing(capsys):
+    import dsnet_command
+
+    assert dsnet_command.main(["profile", "ds_resnet20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "ds_resnet20"
+    assert dsnet_command.main(["export", "nope.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx"]) == 2
+    assert "checkpoint nope.pth does not exist" in one_error_line(capsys, "dsnet export")
+
+
+def test_train_baselines_summary_and_description_name_every_method():
+    from dsnet.prune.baseline_spec import METHODS
+
+    parser = cli.build_parser()
+    summary = next(a.help for a in parser._subparsers._group_actions[0]._choices_actions if a.dest == "train-baseline")
+    description = cli.subparsers(parser)["train-baseline"].description
+    for method in METHODS:
+        assert method in summary and method in description, method

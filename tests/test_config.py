@@ -217,7 +217,8 @@ def test_setup_cfg_installs_every_package_and_the_configs():
     setup.read(ROOT / "setup.cfg")
     options = setup["options"]
     listed = {p.strip() for p in options["packages"].split(",")}
-    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "dsnet").rglob("__init__.py")}
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("dsnet", "dsnet_command")
+               for p in (ROOT / top).rglob("__init__.py")}
     assert listed == on_disk | {"dsnet.configs"}
     assert options["package_dir"].split() == ["dsnet.configs", "=", "configs"]
     assert setup["options.package_data"]["dsnet.configs"].strip() == "*.yml"

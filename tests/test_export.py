@@ -419,3 +419,74 @@ def test_a_written_file_that_differs_from_the_model_is_refused_and_removed(stati
                                          r"this is a dsnet bug"):
         export_command(statics["sss"][0], None, False, "torchscript", str(tmp_path / "m.pt"))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the shipped policy travels with the weights (issue 28) -------------------------------------
+
+def _shipped_checkpoint(supernet, path, ema: bool = False) -> tuple[str, dsnet.DSNet]:
+    """A stage-two checkpoint shipping the static fallback on route 0 (the hand-set gate spreads
+    samples over every route, so a dropped policy shows), optionally with an EMA copy that differs."""
+    from dsnet.train.policy_select import static_policy
+
+    policy = static_policy(0, len(supernet.routing_space))
+    state = {"stage": "gate", "model_name": "ds_resnet20", "model_kwargs": KWARGS, "model": supernet.state_dict(),
+             "config": {"data": {"input_size": 32}}, "deploy": {"policy": policy.to_dict()}}
+    if ema:
+        state["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in supernet.state_dict().items()}
+    save_checkpoint(state, path)
+    shipped = dsnet.load_checkpoint(path)
+    assert shipped.policy == policy
+    return str(path), shipped
+
+
+def test_a_dynamic_safetensors_export_routes_as_the_checkpoint_without_dsnets_checkpoint(supernet, x, tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    path, shipped = _shipped_checkpoint(supernet, tmp_path / "gate.pth")
+    summary = export_command(path, None, True, "safetensors", str(tmp_path / "all.safetensors"))
+    by_torch = timm.create_model("ds_resnet20", **KWARGS).eval()
+    by_torch.load_state_dict(load_file(tmp_path / "all.safetensors"))
+    by_timm = timm.create_model("ds_resnet20", pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / "all.safetensors"))).eval()
+    with torch.no_grad():
+        expected = shipped(x, subnet="dynamic")
+        assert not torch.equal(supernet(x, subnet="dynamic"), expected)  # the plain gate routes otherwise
+        for model in (by_torch, by_timm):
+            assert_close(model(x, subnet="dynamic"), expected, rtol=0, atol=0)
+            assert model.policy == shipped.policy
+    assert "(largest route and dynamic model)" in summary and "static subnet 0 (fallback)" in summary
+
+
+def test_the_export_check_runs_the_dynamic_model_of_a_safetensors_file(supernet, tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    from safetensors import torch as st
+
+    from dsnet.models.policy import POLICY_KEY
+
+    path, _ = _shipped_checkpoint(supernet, tmp_path / "gate.pth")
+
+    real = st.save_file
+    monkeypatch.setattr(st, "save_file", lambda t, p, metadata=None: real(
+        {k: v for k, v in t.items() if k != POLICY_KEY}, p, metadata=metadata))  # a writer that drops the policy
+    with pytest.raises(ValueError, match="this is a dsnet bug"):
+        export_command(path, None, True, "safetensors", str(tmp_path / "all.safetensors"))
+    assert not (tmp_path / "all.safetensors").exists()
+
+
+def test_timm_loads_a_dsnet_checkpoint_as_dsnet_evaluates_it(supernet, x, tmp_path):
+    path, shipped = _shipped_checkpoint(supernet, tmp_path / "gate.pth", ema=True)
+    by_file = timm.create_model("ds_resnet20", pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    by_path = timm.create_model("ds_resnet20", **KWARGS, checkpoint_path=path).eval()
+    with torch.no_grad():
+        expected = shipped(x, subnet="dynamic")
+        for model in (by_file, by_path):  # the model weights (not the EMA copy) and the shipped policy
+            assert model.policy == shipped.policy
+            assert_close(model.state_dict()["classifier.weight"], supernet.state_dict()["classifier.weight"])
+            assert_close(model(x, subnet="dynamic"), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pass pretrained_cfg_overlay=dict"):
+        timm.create_model("ds_resnet20", pretrained=True)
+    with pytest.raises(ValueError, match="holds ds_resnet20, not ds_resnet56"):
+        timm.create_model("ds_resnet56", pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    with pytest.raises(ValueError, match="does not fit ds_resnet20"):
+        timm.create_model("ds_resnet20", pretrained=True, num_classes=9, pretrained_cfg_overlay=dict(file=path))

@@ -28,3 +28,23 @@ def test_an_unsharded_loader_keeps_its_counts_and_batches_stop_at_max_batches():
     got = list(device_batches(loader, torch.device("cpu"), max_batches=3))
     assert [int(y[0]) for _, y in got] == [0, 1, 2]
     assert len(list(device_batches(loader, torch.device("cpu")))) == 4
+
+
+def test_a_progress_bar_passes_the_batches_and_the_shard_through(monkeypatch, capsys):
+    import sys
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dsnet.data import ShardSampler
+    from dsnet.train.metrics import Progress, sharded
+
+    data = TensorDataset(torch.arange(10.0))
+    loader = DataLoader(data, batch_size=3, sampler=ShardSampler(len(data), 0, 1))
+    bar = Progress(loader, "evaluate", enabled=True)
+    assert sharded(bar) and bar.sampler is loader.sampler and len(bar) == 4  # DDP evaluation still sums
+    assert [b[0].tolist() for b in bar] == [b[0].tolist() for b in loader]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    list(bar)
+    assert "evaluate:" in capsys.readouterr().err  # the bar (cleared at the end: leave=False)
+    list(Progress(loader, "evaluate", enabled=False))
+    assert capsys.readouterr().err == ""

@@ -304,3 +304,14 @@ def test_bench_times_and_prices_the_cascade_it_ships(randomize_bn):
     costs = model.policy_costs(SIZE)
     assert row["dynamic_madds_mean"] == pytest.approx(sum(costs[c] for c in expected.tolist()) / len(x))
     assert row["routing"] == torch.bincount(expected, minlength=2).tolist()
+
+
+def test_the_chosen_policys_reason_gives_the_measured_z_and_the_threshold():
+    """The reason line printed z = 1.0 (gate.fallback_z) where the gain was several standard errors."""
+    hit1, is_hard, confidence = _hard_easy_table()
+    gate = torch.stack([(~is_hard).float(), torch.zeros(len(is_hard)), is_hard.float()], 1) * 4
+    chosen = choose_policy(_table(hit1.tolist(), gate.tolist(), confidence.tolist()), z=1.0)
+    gain, se = next((r["gain"], r["se"]) for r in chosen["candidates"] if r["policy"] == chosen["policy"].to_dict())
+    assert gain / se > 1.5
+    assert chosen["reason"].endswith(f"(standard error {se:.2f}, z = {gain / se:.1f}; it must exceed "
+                                     "gate.fallback_z = 1)")

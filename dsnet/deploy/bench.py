@@ -2,13 +2,19 @@
 
 For each batch size it times, in eval mode under ``torch.inference_mode()`` with a fixed thread
 count, after a warm-up and over interleaved repeats (every path once per repeat, rotating which
-goes first; medians reported):
+goes first; medians reported), per batch:
 
 - the largest route ``model(x)`` and the dynamic model ``model(x, subnet="dynamic")``;
 - every static subnet through the supernet (``model(x, subnet=i)``) and extracted dense
   (``extract_subnet(model, i)``);
 - the dense limit: the dense pre-gate part + gate of ``extract_dynamic`` on the batch plus, for
   each group of samples the gate formed, that route's dense post-gate part on the group, summed.
+
+The dynamic model's cost depends on the images, so it and the dense limit run over a mix of
+``--images`` images (64 by default, spread evenly over the validation split, so every class is
+in it) cut into batches of the batch size, and their times are per batch over the whole mix; the
+static paths cost the same on any input and are timed on the mix's first batch. The reported
+``dynamic_madds_mean`` is the mean over the images timed (``images`` in the row).
 
 A static baseline checkpoint (``dsnet train-baseline``: a static subnet, an architecture, SSS's
 scaled largest route) has no gate: its plain model is timed against the dense largest route of the
@@ -31,7 +37,9 @@ from typing import Callable, Iterator, Sequence
 import timm
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from dsnet.config import check_root_used
 from dsnet.deploy.extract import extract_dynamic, extract_subnet
 from dsnet.errors import UserError
 from dsnet.models import MODELS
@@ -67,13 +75,14 @@ def _sample_ms(fn: Callable[[], object], n: int, device: torch.device,
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
                      min_ms: float = 20.0, device: torch.device = torch.device("cpu"),
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                     clock: Callable[[], float] = time.perf_counter, progress: str | None = None) -> dict[str, float]:
     """Median ms per call of each of ``fns`` over ``repeats`` interleaved rounds.
 
     Each function is warmed up, then calibrated to loop about ``min_ms`` per timed sample. Every
     round times each function once, starting at a rotating position, so drifts in clock speed or
     load from other jobs hit all paths alike. ``clock=time.process_time`` counts CPU time only
-    (steadier on a shared machine; meaningful for one CPU thread).
+    (steadier on a shared machine; meaningful for one CPU thread). ``progress``: a progress bar
+    over the rounds with this label (on stderr, when it is a terminal).
     """
     names = list(fns)
     loops = {}
@@ -82,7 +91,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             fns[name]()
         loops[name] = max(1, int(min_ms / max(_sample_ms(fns[name], 1, device, clock), 1e-3)))
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(max(1, repeats)):
+    for r in tqdm(range(max(1, repeats)), desc=progress, disable=None if progress else True, leave=False):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(_sample_ms(fns[name], loops[name], device, clock))
@@ -129,34 +138,41 @@ def dense_limit_fns(model: DSNet, x: Tensor) -> tuple[dict[str, Callable[[], obj
 # ---- one batch -------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def bench_batch(model: DSNet, x: Tensor, input_size: Sequence[int], repeats: int, subnets: bool = True,
-                extra: dict[str, Callable[[], object]] | None = None, warmup: int = 2,
-                min_ms: float = 20.0, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """One ``results`` row of ``dsnet bench --json`` for batch x [B, C, H, W] (model in eval mode).
+def bench_batch(model: DSNet, x: Tensor | Sequence[Tensor], input_size: Sequence[int], repeats: int,
+                subnets: bool = True, extra: dict[str, Callable[[], object]] | None = None, warmup: int = 2,
+                min_ms: float = 20.0, clock: Callable[[], float] = time.perf_counter,
+                progress: str | None = None) -> dict:
+    """One ``results`` row of ``dsnet bench --json`` for a batch x [B, C, H, W], or a mix of
+    batches of one size (model in eval mode): the dynamic model and the dense limit run over every
+    batch (ms per batch, MAdds the mean over all images), the static paths on the first.
 
-    ``extra`` paths (e.g. a masking baseline) are timed in the same interleaved rounds; their
-    medians are returned under ``row["extra_ms"]`` (absent when ``extra`` is None).
+    ``extra`` paths (e.g. a masking baseline) are timed in the same interleaved rounds on the
+    first batch; their medians are returned under ``row["extra_ms"]`` (absent when ``extra`` is
+    None). ``progress``: a progress bar over the rounds, with this label.
     """
-    device = x.device
-    limit, choice = dense_limit_fns(model, x)
-    fns: dict[str, Callable[[], object]] = {"largest": lambda: model(x), "dynamic": lambda: model(x, subnet="dynamic")}
-    fns.update({f"limit/{k}": f for k, f in limit.items()})
+    xs = [x] if isinstance(x, Tensor) else list(x)
+    first, device = xs[0], xs[0].device
+    limits = [dense_limit_fns(model, b) for b in xs]
+    choice = torch.cat([c for _, c in limits])
+    fns: dict[str, Callable[[], object]] = {
+        "largest": lambda: model(first), "dynamic": lambda: [model(b, subnet="dynamic") for b in xs],
+        "limit": lambda: [f() for fs, _ in limits for f in fs.values()]}
     dense = {}
     if subnets:
         for i in range(model.num_subnets):
             dense[i] = extract_subnet(model, i).to(device).eval()
-            fns[f"supernet/{i}"] = lambda i=i: model(x, subnet=i)
-            fns[f"dense/{i}"] = lambda i=i: dense[i](x)
+            fns[f"supernet/{i}"] = lambda i=i: model(first, subnet=i)
+            fns[f"dense/{i}"] = lambda i=i: dense[i](first)
     fns.update({f"extra/{k}": f for k, f in (extra or {}).items()})
-    ms = time_interleaved(fns, repeats, warmup, min_ms, device, clock)
+    ms = time_interleaved(fns, repeats, warmup, min_ms, device, clock, progress)
+    dynamic_ms, limit_ms = ms["dynamic"] / len(xs), ms["limit"] / len(xs)
     costs = model.policy_costs(input_size)
     largest_madds = model.route_cost(model.routes.largest, input_size).madds
     dyn_madds = sum(costs[c] for c in choice.tolist()) / len(choice)
-    row = {"batch_size": int(x.shape[0]), "largest_ms": ms["largest"], "dynamic_ms": ms["dynamic"],
-           "largest_madds": largest_madds, "dynamic_madds_mean": dyn_madds,
+    row = {"batch_size": int(first.shape[0]), "images": len(choice), "largest_ms": ms["largest"],
+           "dynamic_ms": dynamic_ms, "largest_madds": largest_madds, "dynamic_madds_mean": dyn_madds,
            "theoretical_speedup": largest_madds / dyn_madds,
-           "realized_speedup": ms["largest"] / ms["dynamic"],
-           "dense_limit_ms": sum(v for k, v in ms.items() if k.startswith("limit/")),
+           "realized_speedup": ms["largest"] / dynamic_ms, "dense_limit_ms": limit_ms,
            "subnets": [{"subnet": i, "madds": model.route_cost(model.routes.static(i), input_size).madds,
                         "supernet_ms": ms[f"supernet/{i}"], "dense_ms": ms[f"dense/{i}"]} for i in dense]}
     if extra is not None:
@@ -184,21 +200,17 @@ def _random_inputs(n: int, input_size: Sequence[int], device: torch.device) -> T
 
 
 def _val_images(cfg, runtime, n: int) -> Tensor:
-    """The first ``n`` validation images of the run's data (cycled if the split is smaller)."""
-    loader, _ = build_val_loader(cfg, runtime)
-    images, have = [], 0
-    for x, _ in loader:
-        images.append(x)
-        have += x.shape[0]
-        if have >= n:
-            break
+    """``n`` validation images of the run's data, spread evenly over the split (images
+    ``i * len / n``), so that the mix holds every class of a split stored class by class; cycled
+    if the split is smaller."""
+    dataset = build_val_loader(cfg, runtime)[0].dataset
+    have = len(dataset)
     if not have:
         raise UserError("the validation split is empty")
-    x = torch.cat(images)
     if have < n:
-        logger.warning("the validation split has %d images; cycling them to fill a batch of %d", have, n)
-        x = x.repeat((n + have - 1) // have, 1, 1, 1)
-    return x[:n].to(runtime.device)
+        logger.warning("the validation split has %d images; cycling them to fill %d", have, n)
+    picks = [i * have // n for i in range(n)] if have >= n else [i % have for i in range(n)]
+    return torch.stack([dataset[i][0] for i in picks]).to(runtime.device)
 
 
 @dataclass
@@ -231,6 +243,7 @@ def _load_target(target: str, n: int, overrides: Sequence[str] = ()
     if Path(target).exists():
         state = read_checkpoint(target, ("supernet", "gate", "static"))
         cfg, runtime = checkpoint_run(state, overrides)
+        check_root_used(cfg, None, overrides)
         side = cfg.data.input_size
         if state["stage"] == "static":
             model = static_pair(state, side, runtime.device)
@@ -288,9 +301,10 @@ def format_table(report: dict) -> str:
                       f"speedup theoretical {row['theoretical_speedup']:.2f}x, realized {row['realized_speedup']:.2f}x"]
             continue
         lines += [f"\nbatch {row['batch_size']}: largest {row['largest_ms']:.3f} ms, "
-                  f"dynamic {row['dynamic_ms']:.3f} ms, dense limit {row['dense_limit_ms']:.3f} ms",
+                  f"dynamic {row['dynamic_ms']:.3f} ms, dense limit {row['dense_limit_ms']:.3f} ms "
+                  f"(per batch, dynamic over {row['images']} images)",
                   f"  MAdds largest {row['largest_madds'] / 1e6:.2f} M, "
-                  f"dynamic mean {row['dynamic_madds_mean'] / 1e6:.2f} M; "
+                  f"dynamic mean {row['dynamic_madds_mean'] / 1e6:.2f} M (of the {row['images']} images timed); "
                   f"speedup theoretical {row['theoretical_speedup']:.2f}x, realized {row['realized_speedup']:.2f}x, "
                   f"dynamic / dense limit {row['dynamic_ms'] / row['dense_limit_ms']:.2f}",
                   f"  {'subnet':>6} {'MAdds (M)':>10} {'supernet_ms':>12} {'dense_ms':>10} {'ratio':>6}"]
@@ -300,7 +314,8 @@ def format_table(report: dict) -> str:
 
 
 def bench_command(target: str, batch_sizes: list[int], json_path: str | None, repeats: int,
-                  threads: int | None, warmup: int = 2, min_ms: float = 20.0, overrides: Sequence[str] = ()) -> dict:
+                  threads: int | None, warmup: int = 2, min_ms: float = 20.0, overrides: Sequence[str] = (),
+                  images: int = 64, progress: bool = True) -> dict:
     """``dsnet bench``: latency of the largest route, the dynamic model, every static subnet
     (supernet and dense) and the dense limit, per batch size; prints a table, writes
     ``json_path`` if given, returns the ``dsnet bench --json`` dict. A static baseline
@@ -308,26 +323,32 @@ def bench_command(target: str, batch_sizes: list[int], json_path: str | None, re
     (``bench_static_batch``).
 
     ``target`` is a checkpoint path (``overrides`` apply to its config: ``train.device``,
-    ``data.root``, ...) or a dsnet model name. Raises UserError naming a bad target, override,
-    batch size, repeat or thread count.
+    ``data.root``, ...) or a dsnet model name. The dynamic model runs over a mix of ``images``
+    images (at least the largest batch) in batches of each size; ``progress`` shows a bar per
+    batch size on a terminal. Raises UserError naming a bad target, override, batch size,
+    image, repeat or thread count.
     """
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
     if repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {repeats}")
+    if images < 1:
+        raise UserError(f"--images must be >= 1, got {images}")
     with bench_threads(threads) as n_threads:
-        model, images, size, source = _load_target(target, max(batch_sizes), overrides)
+        model, pool, size, source = _load_target(target, max(images, *batch_sizes), overrides)
         print(f"dsnet bench {target}: {source}, input {'x'.join(map(str, size))}", flush=True)
         results = []
         for b in batch_sizes:
+            label = f"bench batch {b}" if progress else None
             if isinstance(model, StaticPair):
-                results.append(bench_static_batch(model, images[:b], repeats, warmup, min_ms))
+                results.append(bench_static_batch(model, pool[:b], repeats, warmup, min_ms))
                 continue
-            row = bench_batch(model, images[:b], size, repeats, warmup=warmup, min_ms=min_ms)
+            mix = [pool[i:i + b] for i in range(0, max(len(pool) - b, 0) + 1, b)]
+            row = bench_batch(model, mix, size, repeats, warmup=warmup, min_ms=min_ms, progress=label)
             routing = row.pop("routing")
             logger.info("batch %d: samples per route %s", b, routing)
             results.append(row)
-    report = {"device": str(images.device), "threads": n_threads, "results": results}
+    report = {"device": str(pool.device), "threads": n_threads, "results": results}
     print(format_table(report), flush=True)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ only when a file of that format is written).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -39,10 +40,12 @@ from dsnet.deploy.extract import extract_dynamic, extract_subnet
 from dsnet.deploy.onnx_export import require_onnx, run_onnx, write_onnx
 from dsnet.deploy.safetensors_export import require_safetensors, run_safetensors, save_safetensors, weights_meta
 from dsnet.deploy.torchscript import quiet_deprecations, save_torchscript
+from dsnet.config import check_root_used
 from dsnet.errors import UserError
 from dsnet.models.madds import parse_madds
 from dsnet.models.net import DSNet
-from dsnet.models.policy import Policy
+from dsnet.models.policy import Policy, with_policy
+from dsnet.models.spec import create
 from dsnet.prune.sss import scale_keys
 from dsnet.prune.static import load_static
 from dsnet.train.checkpoint import build_model, input_size_of, read_checkpoint
@@ -55,6 +58,8 @@ __all__ = ["export_command", "target_export_policy", "FORMATS"]
 logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx", "safetensors")
+# file extensions that name one format: -o with another format's extension is refused
+EXTENSIONS = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "torchscript", ".ts": "torchscript"}
 
 
 # ---- the gated model as plain torch.nn ------------------------------------------------------
@@ -71,13 +76,19 @@ FORMATS = ("torchscript", "onnx", "safetensors")
 class _Export:
     """What ``dsnet export`` writes: ``module`` (eval mode), an ``example`` input [B, C, H, W], the
     outputs [B, K] dsnet computes on it (the written file must give them), the weights file's
-    metadata, and the module's name in the summary line."""
+    metadata, and the module's name in the summary line. A weights file holds ``tensors`` (the
+    module's state dict unless given) and is checked by loading it into ``fresh`` (a module built
+    without them) along ``routes`` (``subnet=`` values; None: the module's plain call), whose
+    outputs ``expected`` holds in that order."""
 
     module: nn.Module
     example: Tensor
     expected: Tensor
     meta: dict[str, str]
     what: str
+    tensors: dict[str, Tensor] | None = None
+    fresh: nn.Module | None = None
+    routes: tuple = (None,)
 
 
 def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str, output: str,
@@ -103,6 +114,10 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     if not static and dynamic == (subnet is not None):
         raise UserError("give exactly one of --subnet I (a static subnet) or --dynamic (the gated model)")
     out = Path(output)
+    if EXTENSIONS.get(out.suffix.lower(), fmt) != fmt:
+        raise UserError(f"-o {out} names a {EXTENSIONS[out.suffix.lower()]} file but --format is {fmt}; "
+                        f"give -o {out.with_suffix(next(e for e, f in EXTENSIONS.items() if f == fmt))} or "
+                        f"--format {EXTENSIONS[out.suffix.lower()]}")
     if out.exists() or out.is_symlink():
         raise UserError(f"{out} exists; dsnet export never overwrites, choose another -o")
     if fmt == "onnx" and dynamic and out.suffix == ".onnx":
@@ -115,7 +130,7 @@ def export_command(checkpoint: str, subnet: int | None, dynamic: bool, fmt: str,
     job = _static_export(state, input_size) if static else \
         _supernet_export(checkpoint, state, subnet, dynamic, fmt, input_size, policy)
     with _fresh_output(out) as tmp:
-        check = _verify(fmt, _write(job, fmt, tmp, onnx_exporter), job.example, job.expected)
+        check = _verify(fmt, _write(job, fmt, tmp, onnx_exporter), job.example, job.expected) + _checked(job)
     how = f"onnx ({onnx_exporter} exporter)" if fmt == "onnx" else fmt
     return f"exported {job.what} of {checkpoint} as {how} -> {out} ({check})"
 
@@ -128,14 +143,16 @@ def target_export_policy(checkpoint: str, target_madds: str, deploy: str = "gate
     data (``data_root``: another root) is ``target_madds`` (``12M``), with the reason it was chosen."""
     target = parse_madds(target_madds)
     _, model, cfg, runtime = load_run(checkpoint, data_root=data_root, stages=("gate",))
+    check_root_used(cfg, data_root)
     loader, _ = build_val_loader(cfg, runtime)
     record = target_policy(model, loader, cfg, runtime, (model.in_chans, cfg.data.input_size, cfg.data.input_size),
                            autocast_factory(cfg.train.amp, runtime.device)[0], target, deploy)
     return Policy.from_dict(record["policy"]), record["reason"]
 
 
-def _example(model: DSNet, state: dict, input_size: Sequence[int] | None) -> Tensor:
-    return torch.randn(2, *input_size_of(model, state, input_size), generator=torch.Generator().manual_seed(0))
+def _example(model: DSNet, state: dict, input_size: Sequence[int] | None, n: int = 2) -> Tensor:
+    """n random images [n, C, H, W]; the dynamic model's check takes 16, so that its routes differ."""
+    return torch.randn(n, *input_size_of(model, state, input_size), generator=torch.Generator().manual_seed(0))
 
 
 def _supernet_export(checkpoint: str, state: dict, subnet: int | None, dynamic: bool, fmt: str,
@@ -153,10 +170,17 @@ def _supernet_export(checkpoint: str, state: dict, subnet: int | None, dynamic: 
         logger.warning("%s is a stage-one checkpoint: its gate's width head is untrained (stage two trains "
                        "it), so the exported dynamic model may send every sample along one route; export "
                        "a train_gate.py checkpoint to ship a trained gate", checkpoint)
-    example = _example(model, state, input_size)
-    if weights:
-        module, route, what = model, None, "supernet weights"
-    elif dynamic:
+    example = _example(model, state, input_size, 16 if dynamic else 2)
+    meta = weights_meta(state, "supernet" if subnet is None else str(subnet))
+    if weights:  # the supernet and its policy, checked on a model built by timm as a user would
+        meta["policy"] = json.dumps(model.policy.to_dict())
+        with torch.no_grad():
+            expected = torch.cat([model(example), model(example, subnet="dynamic")])
+        what = f"supernet weights and policy ({model.policy.describe(model.routing_space)})"
+        return _Export(model, example, expected, meta, what, with_policy(model.state_dict(), model.policy.to_dict()),
+                       create(state["model_name"], dict(state.get("model_kwargs") or {}), "the checkpoint"),
+                       (None, "dynamic"))
+    if dynamic:
         module, route = extract_dynamic(model), "dynamic"
         what = (f"dynamic model (routes = subnets {', '.join(map(str, model.routing_space))}; "
                 f"{model.policy.describe(model.routing_space)})")
@@ -164,7 +188,7 @@ def _supernet_export(checkpoint: str, state: dict, subnet: int | None, dynamic: 
         module, route, what = extract_subnet(model, subnet).eval(), subnet, f"subnet {subnet}"
     with torch.no_grad():
         expected = model(example, subnet=route)
-    return _Export(module, example, expected, weights_meta(state, "supernet" if subnet is None else str(subnet)), what)
+    return _Export(module, example, expected, meta, what)
 
 
 def _static_export(state: dict, input_size: Sequence[int] | None) -> _Export:
@@ -189,8 +213,8 @@ def _write(job: _Export, fmt: str, path: Path, onnx_exporter: str) -> np.ndarray
     if fmt == "onnx":
         write_onnx(job.module, job.example, path, onnx_exporter)
         return run_onnx(path, job.example.numpy())
-    save_safetensors(job.module, path, job.meta)
-    return run_safetensors(job.module, path, job.example).numpy()
+    save_safetensors(job.module.state_dict() if job.tensors is None else job.tensors, path, job.meta)
+    return run_safetensors(job.module if job.fresh is None else job.fresh, path, job.example, job.routes).numpy()
 
 
 @contextmanager
@@ -216,3 +240,8 @@ def _verify(fmt: str, got: np.ndarray | None, example: Tensor, expected: Tensor)
         raise ValueError(f"the exported {fmt} file gives outputs {diff:.3g} away from dsnet's; "
                          "this is a dsnet bug, please report it")
     return f"max |diff| vs dsnet {diff:.1e} on a {'x'.join(map(str, example.shape))} input"
+
+
+def _checked(job: _Export) -> str:
+    """What the check ran, for the summary line: the routes of a weights file."""
+    return " (largest route and dynamic model)" if "dynamic" in job.routes else ""

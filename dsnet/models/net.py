@@ -12,6 +12,7 @@ inference plan (``dsnet.models.plans``: plain functions over cached slices, no m
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from dsnet.layers import DSLinear
 from dsnet.layers.heads import width_head
 from dsnet.models.blocks import GateUnit, Unit
 from dsnet.models.plans import Plans
-from dsnet.models.policy import Policy, confidence
+from dsnet.models.policy import POLICY_KEY, Policy, confidence
 from dsnet.models.routes import Route, RouteTable, walk, width_after
 
 __all__ = ["DSNet", "DenseNet", "DynamicOutput", "RouteCost", "INITS", "apply_init", "init_weights"]
@@ -290,8 +291,19 @@ class DSNet(nn.Module):
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's, and a ``POLICY_KEY`` entry (``dsnet.models.policy.with_policy``: a dynamic
+        safetensors export, a checkpoint's ``state_dict``) becomes the deployment policy."""
         self.plans.clear()  # assign=True swaps tensors under the plans
-        return super().load_state_dict(state_dict, strict, assign)
+        policy = None
+        if POLICY_KEY in state_dict:
+            policy, meta = Policy.from_tensor(state_dict[POLICY_KEY]), getattr(state_dict, "_metadata", None)
+            state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k != POLICY_KEY)
+            if meta is not None:
+                state_dict._metadata = meta
+        result = super().load_state_dict(state_dict, strict, assign)
+        if policy is not None:
+            self.set_policy(policy)
+        return result
 
     # ---- timm conventions -------------------------------------------------------------------
     default_interpolation = "bilinear"  # ds_mobilenet_v1: bicubic, as the DS-Net release trained it

@@ -20,18 +20,22 @@ module holds only what the supernet's forward and the exported gated model need.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from dsnet.config import MEASURES
 
-__all__ = ["KINDS", "MEASURES", "confidence", "Policy"]
+__all__ = ["KINDS", "MEASURES", "POLICY_KEY", "confidence", "Policy", "with_policy"]
 
 
 KINDS = ("gate", "static", "cascade")
+# The state-dict entry that carries a policy beside the weights (``with_policy``): a uint8 tensor of
+# the policy's JSON, so it travels in any weights file; ``DSNet.load_state_dict`` applies it.
+POLICY_KEY = "deploy_policy"
 
 
 def confidence(logits: Tensor, margin: bool = True) -> Tensor:
@@ -78,6 +82,18 @@ class Policy:
         thresholds the top probability."""
         return cls(**{"measure": "max", **d, "bias": tuple(d.get("bias", ()))})
 
+    def to_tensor(self) -> Tensor:
+        """The policy as a uint8 tensor of its JSON (``POLICY_KEY``'s value)."""
+        return torch.tensor(list(json.dumps(self.to_dict()).encode()), dtype=torch.uint8)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> "Policy":
+        """The policy ``to_tensor`` encoded; ValueError if ``t`` holds none."""
+        try:
+            return cls.from_dict(json.loads(bytes(t.to(torch.uint8).tolist()).decode()))
+        except (ValueError, TypeError, UnicodeDecodeError) as err:
+            raise ValueError(f"the '{POLICY_KEY}' entry of these weights is not a dsnet policy ({err})") from None
+
     def describe(self, space: Sequence[int]) -> str:
         if self.kind == "static":
             return f"static subnet {space[self.route]} (fallback)"
@@ -85,3 +101,11 @@ class Policy:
             what = "top-two margin" if self.measure == "margin" else "top probability"
             return f"cascade: subnet {space[0]}, then subnet {space[-1]} when its {what} < {self.threshold:.3f}"
         return "gate" + (f", cost bias {self.strength:+.3f}" if self.strength else "")
+
+
+def with_policy(weights: Mapping[str, Tensor], record: dict | None) -> dict[str, Tensor]:
+    """A supernet's ``weights`` plus the policy ``record`` (``Policy.to_dict``; None: the plain
+    gate) under ``POLICY_KEY``: what a weights file holds so that loading it, by
+    ``model.load_state_dict`` alone, routes as the run shipped."""
+    policy = Policy.from_dict(record) if record else Policy()
+    return {**weights, POLICY_KEY: policy.to_tensor()}

@@ -8,6 +8,7 @@ import timm
 from timm.models import is_model, register_model
 
 from dsnet.errors import UserError
+from dsnet.models.weights import read_weights
 
 __all__ = ["StageSpec", "register", "MODELS", "create", "scale", "group_sizes"]
 
@@ -55,16 +56,29 @@ def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         raise RuntimeError(f"model name '{name}' is already registered with timm")
 
     def entry(pretrained: bool = False, **kwargs: Any) -> Any:
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        if pretrained:
-            raise ValueError(f"dsnet ships no pretrained weights for '{name}'; train one with "
-                             "train_supernet.py or load a run with dsnet.load_checkpoint")
+        overlay = {**(kwargs.pop("pretrained_cfg", None) or {}), **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+        kwargs.pop("cache_dir", None)
+        weights = None
+        if pretrained:  # dsnet.models.weights: a run's checkpoint or a dynamic safetensors export
+            if not overlay.get("file"):
+                raise ValueError(f"dsnet ships no pretrained weights for '{name}'; pass "
+                                 "pretrained_cfg_overlay=dict(file=PATH) with a dsnet checkpoint or a `dsnet "
+                                 "export --dynamic --format safetensors` file, or use dsnet.load_checkpoint")
+            weights = read_weights(overlay["file"])
+            if weights.model_name != name:
+                raise ValueError(f"pretrained file {overlay['file']} holds {weights.model_name}, not {name}")
+            kwargs = {**weights.model_kwargs, **kwargs}
         head = {k: kwargs.pop(k) for k in ("gate_head", "gate_hidden", "gate_dropout") if k in kwargs}
         model = fn(**kwargs)
         if head:  # stage two's width head (gate.head=mlp); every family has one gate
             model.set_width_head(head.get("gate_head", "fc"), head.get("gate_hidden", 64), head.get("gate_dropout", 0.0))
         model.model_name, model.model_kwargs = name, {**kwargs, **head}
+        if weights is not None:
+            try:
+                model.load_state_dict(weights.state)
+            except RuntimeError as err:
+                raise ValueError(f"pretrained file {overlay['file']} does not fit {name}({model.model_kwargs}): "
+                                 f"{str(err).splitlines()[-1].strip()}") from None
         return model
 
     entry.__name__, entry.__doc__, entry.__module__ = name, fn.__doc__, fn.__module__

@@ -19,8 +19,9 @@ import torch
 
 from dsnet.errors import UserError
 from dsnet.models.net import DSNet
-from dsnet.models.policy import Policy
+from dsnet.models.policy import Policy, with_policy
 from dsnet.models.spec import create
+from dsnet.models.weights import is_torchscript
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "read_checkpoint",
            "load_checkpoint", "build_model", "init_from_checkpoint", "rng_state", "set_rng_state", "input_size_of"]
@@ -44,7 +45,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **_timm_ema(state)}, f)
+            torch.save({"format": FORMAT, "version": VERSION, **_timm_view(state)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,12 +72,17 @@ def _temporary(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def _timm_ema(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with its EMA weights also under 'model_ema', where ``timm.models.load_checkpoint(m,
-    path, use_ema=True)`` looks for them (it reads 'model' otherwise). torch.save writes a tensor
-    held twice once, so the file does not grow."""
-    state = {k: v for k, v in state.items() if k != "model_ema"}
-    return {**state, "model_ema": state["ema"]} if state.get("ema") is not None else state
+def _timm_view(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with what dsnet evaluates also under 'state_dict', the first key
+    ``timm.models.load_checkpoint(m, path)`` and ``timm.create_model(..., checkpoint_path=path)``
+    read: the ``model`` weights (not the EMA copy, which dsnet evaluates only with ``--ema``) and,
+    for a supernet, the policy a stage-two run ships (``with_policy``; ``DSNet.load_state_dict``
+    applies it). No 'model_ema' key: timm's loader would prefer it by default (``use_ema=True``).
+    torch.save writes a tensor held twice once, so the file does not grow."""
+    state = {k: v for k, v in state.items() if k not in ("model_ema", "state_dict")}
+    if state.get("stage") not in ("supernet", "gate") or not isinstance(state.get("model"), dict):
+        return state
+    return {**state, "state_dict": with_policy(state["model"], (state.get("deploy") or {}).get("policy"))}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -108,6 +114,10 @@ def read_checkpoint(path: str | os.PathLike, stage: str | tuple[str, ...] | None
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data and "
                               f"was refused (only weights_only checkpoints load): {str(err).splitlines()[0]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        if is_torchscript(path):
+            raise CheckpointError(f"{path} is a TorchScript file (dsnet export writes them to run without dsnet); "
+                                  "give the checkpoint it was exported from, RUN/checkpoints/last.pth, or run "
+                                  "it with torch.jit.load") from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
                               f"({type(err).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

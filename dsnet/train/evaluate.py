@@ -13,6 +13,7 @@ single-process evaluation. The ``dsnet evaluate`` command is ``dsnet.report.eval
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -27,7 +28,7 @@ from dsnet.train.policy_select import cascade_policy, cascade_thresholds, gate_p
 from dsnet.train.sgs import sgs_targets
 
 __all__ = ["evaluate_static", "evaluate_plain", "evaluate_dynamic", "evaluate_gated", "static_curve",
-           "format_report", "format_sweep_row", "plot_report"]
+           "format_report", "format_sweep_row", "plot_report", "check_plot_path"]
 
 
 @torch.inference_mode()
@@ -210,6 +211,23 @@ def format_sweep_row(report: dict, row: dict) -> str:
             + _against_curve(report, row["madds_mean"], row["top1"]))
 
 
+def check_plot_path(path: str) -> None:
+    """Refuse ``--plot path`` before any evaluation: matplotlib missing, a folder that does not
+    exist, or an extension matplotlib cannot write (naming the ones it can)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from None
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UserError(f"--plot {path}: the folder {folder} does not exist; create it or choose another path")
+    kinds = Figure().canvas.get_supported_filetypes()
+    ext = Path(path).suffix.lstrip(".").lower()
+    if ext not in kinds:
+        raise UserError(f"--plot {path}: matplotlib cannot write '{Path(path).suffix or 'no extension'}'; "
+                        f"use one of {', '.join('.' + k for k in sorted(kinds))}")
+
+
 def plot_report(report: dict, path: str, title: str = "") -> None:
     """Accuracy vs MAdds: static subnets as a curve, the largest route, the gate's cost-bias sweep,
     the confidence cascade's threshold sweep, and the shipped dynamic model as a star."""
@@ -219,7 +237,7 @@ def plot_report(report: dict, path: str, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from err
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6, 5.5))
     static = report["static"]
     ax.plot([r["madds"] / 1e6 for r in static], [r["top1"] for r in static], "o-", label="static subnets")
     ax.plot([report["largest"]["madds"] / 1e6], [report["largest"]["top1"]], "s", label="largest route")
@@ -234,7 +252,8 @@ def plot_report(report: dict, path: str, title: str = "") -> None:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    # below the axes, clear of the y label and the data points
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

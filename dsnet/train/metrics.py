@@ -12,10 +12,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from dsnet.data import ShardSampler
 
-__all__ = ["Autocast", "topk_hits", "topk_correct", "sharded", "sum_over_shards_", "device_batches"]
+__all__ = ["Autocast", "topk_hits", "topk_correct", "sharded", "sum_over_shards_", "device_batches", "Progress"]
 
 
 def topk_hits(logits: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> list[Tensor]:
@@ -52,3 +53,27 @@ def device_batches(loader: Iterable, device: torch.device,
         if max_batches is not None and i >= max_batches:
             break
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class Progress:
+    """``loader`` with a progress bar (tqdm, on stderr, labelled ``desc``) over each pass, when
+    ``enabled`` (the config's ``train.progress`` on the main rank) and stderr is a terminal;
+    otherwise the loader itself. Each iteration is a new pass with a new bar, so an evaluation
+    that reads the loader twice shows two. Other attributes are the loader's (``sampler``: a
+    sharded evaluation still sums over the ranks, ``sharded``)."""
+
+    def __init__(self, loader: Iterable, desc: str, enabled: bool = True) -> None:
+        self.loader, self.desc, self.enabled = loader, desc, enabled
+
+    def __getattr__(self, name: str):
+        if name == "loader":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        return iter(tqdm(self.loader, desc=self.desc, total=total, leave=False, dynamic_ncols=True,
+                         disable=None if self.enabled else True))

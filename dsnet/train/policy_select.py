@@ -236,7 +236,8 @@ def choose_policy(outcomes: Outcomes, z: float = 1.0, pool: Sequence[Policy] | N
         gain, se = best[1]
         return {"policy": best[0], "candidates": rows,
                 "reason": f"{best[0].kind} beats the static curve on {n} {images} images by {gain:+.2f} "
-                          f"points (standard error {se:.2f}, z = {z})"}
+                          f"points (standard error {se:.2f}, z = {gain / se if se > 0 else float('inf'):.1f}; "
+                          f"it must exceed gate.fallback_z = {z:g})"}
     budget = score(outcomes, gate_policy(outcomes, 0.0))["madds_mean"]
     top1 = outcomes.static_top1()
     affordable = [r for r, c in enumerate(outcomes.dynamic_costs) if c <= budget + 1e-9] or [0]

@@ -13,11 +13,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from dsnet.config import check_root_used
 from dsnet.errors import UserError
 from dsnet.layers import DSBatchNorm2d
 from dsnet.models.net import DSNet
 from dsnet.train.checkpoint import save_checkpoint
 from dsnet.train.engine import Runtime, autocast_factory, load_run
+from dsnet.train.metrics import Progress
 from dsnet.train.runs import Data, build_data
 
 __all__ = ["recalibrate_bn", "merge_bn_statistics", "recalibrate_run", "recalibrate_command"]
@@ -92,9 +94,11 @@ def recalibrate_command(checkpoint: str, output: str | None = None, batches: int
     if out.exists():
         raise UserError(f"{out} exists; choose another -o (dsnet never overwrites a checkpoint here)")
     state, model, cfg, runtime = load_run(checkpoint, overrides, data_root, stages=("supernet",))
+    check_root_used(cfg, data_root, overrides)
     data = build_data(cfg, runtime)
     autocast, _ = autocast_factory(cfg.train.amp, runtime.device)
     batches = batches or cfg.train.recalibrate_batches
+    data.calib = Progress(data.calib, "recalibrate", cfg.train.progress and runtime.is_main)
     recalibrate_run(model, data, runtime, batches, autocast, cfg.train.recalibrate_momentum)
     state["model"] = model.state_dict()
     if state.get("ema") is not None:

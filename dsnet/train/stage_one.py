@@ -19,6 +19,7 @@ from dsnet.errors import UserError
 from dsnet.train.checkpoint import init_from_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_static
+from dsnet.train.metrics import Progress
 from dsnet.train.recalibrate import recalibrate_run
 from dsnet.train.runs import (Setup, best_metric, build_ieb_step, build_model, build_optimizer, build_scheduler,
                               input_shape, open_stage, optimizer_kwargs, resolve_resume, run_stage, scheduler_kwargs,
@@ -44,7 +45,11 @@ def train_supernet(cfg: Config) -> Path:
         kept = init_from_checkpoint(model, cfg.train.init_from)
         logger.info("weights from %s%s", cfg.train.init_from, f" (kept as built: {', '.join(kept)})" if kept else "")
     model.gate.width_head.requires_grad_(False)  # stage two trains it
-    optimizer = build_optimizer(model, **optimizer_kwargs(cfg, runtime))
+    opt = optimizer_kwargs(cfg, runtime)
+    if runtime.is_main:
+        logger.info("lr %.4g: train.lr %g x global batch %d / train.lr_base_batch %d", opt["lr"], cfg.train.lr,
+                    cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum, cfg.train.lr_base_batch)
+    optimizer = build_optimizer(model, **opt)
     scheduler = build_scheduler(optimizer, updates_per_epoch=updates_per_epoch(data.train, cfg), **scheduler_kwargs(cfg))
     ema = None
     if cfg.ieb.teacher in EMA_TEACHERS:
@@ -55,7 +60,8 @@ def train_supernet(cfg: Config) -> Path:
     size = input_shape(cfg, model)
 
     def evaluate(epoch: int) -> Evaluation:
-        report = evaluate_static(ema.module if cfg.train.eval_ema else model, data.val, runtime.device, size,
+        val = Progress(data.val, "evaluate", cfg.train.progress and runtime.is_main)
+        report = evaluate_static(ema.module if cfg.train.eval_ema else model, val, runtime.device, size,
                                  setup.autocast, channels_last=cfg.train.channels_last)
         return Evaluation(report, {"top1_largest": report["largest"]["top1"],
                                    "top1_slimmest": report["static"][0]["top1"]},

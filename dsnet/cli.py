@@ -1,5 +1,5 @@
 """The ``dsnet`` command: train-supernet, train-gate, train-baseline, evaluate, recalibrate,
-profile, export, bench, compare, convert.
+profile, export, bench, search, compare, convert.
 
 Each subcommand parses its arguments and calls one function of the module that owns the work.
 A user error (``dsnet.errors.UserError``: a bad path, model name, key, value, checkpoint) and an
@@ -25,6 +25,7 @@ from dsnet.models.madds import parse_madds
 from dsnet.prune.baseline_spec import PRUNERS, parse_subnet
 from dsnet.prune.baselines import train_static
 from dsnet.prune.budgets import BUDGETS
+from dsnet.prune.search_run import CALIB_BATCHES, IMAGES, search_command
 from dsnet.report.compare import compare_command
 from dsnet.report.evaluate import evaluate_command
 from dsnet.report.profile import profile_command
@@ -103,6 +104,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     print(convert(args.source, args.output, args.source_format, args.ema, args.data))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    print(search_command(args.checkpoint, args.target_madds, args.output, args.holdout, args.images,
+                         args.calib_batches, args.data, args.overrides))
     return 0
 
 
@@ -279,6 +286,26 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads (default: torch's)")
 
 
+def _add_search(sub) -> None:
+    p = _command(sub, "search", cmd_search, "the best static architecture of a supernet at a MAdds budget",
+                 "Slim a stage-one (or stage-two) supernet greedily from its largest route, one width choice of one "
+                 "channel space per step, scoring each candidate on held-back training images after re-estimating "
+                 "its BN statistics, down to --target-madds; writes the architecture (the --static-arch format), "
+                 "the search's log and plot, and the plain model as a baseline checkpoint.")
+    _checkpoint_arguments(p, "checkpoint", "a stage-one or stage-two checkpoint")
+    p.add_argument("--target-madds", required=True, metavar="MADDS", help="stop at or under this cost (e.g. 10M)")
+    p.add_argument("-o", "--output", metavar="FILE", help="the architecture record (FILE.json; or a folder for "
+                   "architecture.json); the log, plot, checkpoint and eval.json go beside it (default "
+                   "<run>/search-<target>/architecture.json); never overwritten")
+    p.add_argument("--holdout", type=float, metavar="F", help="fraction of the training images held back from "
+                   "calibration to score candidates (default gate.holdout, stage two's split)")
+    p.add_argument("--images", type=int, default=IMAGES, metavar="N",
+                   help=f"score on N of the held-back images (default {IMAGES})")
+    p.add_argument("--calib-batches", type=int, default=CALIB_BATCHES, metavar="N",
+                   help=f"training batches re-estimating each candidate's BN statistics (default {CALIB_BATCHES})")
+    _data_argument(p)
+
+
 def _add_compare(sub) -> None:
     p = _command(sub, "compare", cmd_compare, "supernet, dynamic model and static baselines in one accuracy-vs-MAdds table",
                  "Gather the eval.json of several runs (supernet, gate, baselines) into one table and plot; "
@@ -328,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, stage in TRAINERS.items():
         add_train_arguments(sub.add_parser(name, help=TRAIN_SUMMARIES[stage], description=TRAIN_DESCRIPTIONS[stage]),
                             stage)
-    for add in (_add_evaluate, _add_recalibrate, _add_profile, _add_export, _add_bench, _add_compare, _add_convert):
+    for add in (_add_evaluate, _add_recalibrate, _add_profile, _add_export, _add_bench, _add_search, _add_compare,
+                _add_convert):
         add(sub)
     return parser
 

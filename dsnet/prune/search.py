@@ -68,9 +68,9 @@ def check_target(supernet: DSNet, target: float, size: Sequence[int]) -> None:
     low = arch_cost(supernet, slimmest_architecture(supernet), size).madds
     high = arch_cost(supernet, full_architecture(supernet), size).madds
     if not low <= target < high:
-        raise UserError(f"--target-madds {target / 1e6:.2f}M is outside what {supernet.model_name} can be slimmed to "
-                        f"at {size[1]}x{size[2]}: give a target from {low / 1e6:.2f}M (every channel space at its "
-                        f"slimmest width) up to below {high / 1e6:.2f}M (the largest route)")
+        raise UserError(f"--target-madds {target:,.0f} is outside what {supernet.model_name} can be slimmed to at "
+                        f"{size[1]}x{size[2]}: give a target from {low:,} MAdds (every channel space at its slimmest "
+                        f"width) up to below {high:,} (the largest route)")
 
 
 # ---- scoring --------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from dsnet.config import load_config
 from dsnet.errors import UserError
 from dsnet.models.madds import measured_cost
 from dsnet.prune.arch import Architecture, arch_cost, build_plain, full_architecture, load_architecture, named_spaces
-from dsnet.prune.search import Scorer, ScoringSet, check_target, greedy_search, narrower, slimmest_architecture, space_choices
+from dsnet.prune.search import (Scorer, ScoringSet, check_target, greedy_search, narrower, slimmest_architecture,
+                                space_choices)
 from dsnet.prune.static import load_static
 from dsnet.report.compare import search_rows
 from dsnet.train.checkpoint import build_model, read_checkpoint, save_checkpoint
@@ -140,14 +141,16 @@ def test_targets_the_supernet_cannot_reach_are_refused_with_the_range():
     for bad in (low - 1, _largest(model)):
         with pytest.raises(UserError) as err:
             check_target(model, bad, SIZE)
-        assert str(err.value) == f"--target-madds {bad:,.0f} is outside what ds_resnet20 can be slimmed to at 8x8: {span}"
+        assert str(err.value) == (f"--target-madds {bad:,.0f} is outside what ds_resnet20 can be slimmed to "
+                                  f"at 8x8: {span}")
 
 
 def test_compare_puts_each_searched_architecture_beside_the_nearest_uniform_subnet_and_dynamic_model():
     def row(method, run, subnet, madds, top1, **extra):
         return {"method": method, "run": run, "subnet": subnet, "madds": madds, "params": 10, "top1": top1, **extra}
 
-    rows = [row("supernet", "/r", 0, 8e6, 50.0), row("supernet", "/r", 1, 10e6, 55.0), row("supernet", "/r", 2, 14e6, 60.0),
+    rows = [row("supernet", "/r", 0, 8e6, 50.0), row("supernet", "/r", 1, 10e6, 55.0),
+            row("supernet", "/r", 2, 14e6, 60.0),
             row("supernet", "/other", 1, 10.1e6, 10.0),  # another supernet's subnet, nearer the target
             row("search", "/r/search-10.2M", "arch", 10.1e6, 57.0, target_madds=10.2e6,
                 supernet="/r/checkpoints/last.pth"),
@@ -155,7 +158,8 @@ def test_compare_puts_each_searched_architecture_beside_the_nearest_uniform_subn
                 architecture_from="/r/search-10.2M/architecture.json"),
             row("scratch-e-arch", "/r/scratch-e-elsewhere", "arch", 10.1e6, 1.0,
                 architecture_from="/r/slimming0.4-largest/architecture.json"),
-            row("scratch-b", "/r/scratch-b-subnet1", 1, 10e6, 59.0), row("scratch-e", "/r/scratch-e-subnet2", 2, 14e6, 1.0),
+            row("scratch-b", "/r/scratch-b-subnet1", 1, 10e6, 59.0),
+            row("scratch-e", "/r/scratch-e-subnet2", 2, 14e6, 1.0),
             row("dynamic", "/r/gate", "dynamic", 12e6, 61.0), row("gate", "/r/gate", "s=+0.50", 10.5e6, 56.0)]
     assert search_rows(rows) == [{
         "run": "/r/search-10.2M", "target_madds": 10.2e6,

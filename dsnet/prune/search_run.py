@@ -73,7 +73,8 @@ def scoring_set(data: Data, images: int, calib_batches: int, seed: int, holdout:
     count = min(images, len(held))
     if count < MIN_HOLDOUT:
         raise UserError(f"the search would score candidates on {count} held-back training images (--holdout "
-                        f"{holdout:g}, --images {images}); it needs at least {MIN_HOLDOUT}: raise --holdout or --images")
+                        f"{holdout:g}, --images {images}); it needs at least {MIN_HOLDOUT}: "
+                        f"raise --holdout or --images")
     pick = sorted(torch.randperm(len(held), generator=torch.Generator().manual_seed(seed))[:count].tolist())
     loader = dsdata.build_loader(torch.utils.data.Subset(held, pick), data.holdout.batch_size, False,
                                  num_workers=data.holdout.num_workers)
@@ -168,7 +169,8 @@ def search_command(checkpoint: str, target_madds: str, output: str | None = None
     write_eval(paths["eval"], report)
     plotted = plot_search(log, paths["plot"])
     return (f"searched {supernet.model_name} down to {cost.madds / 1e6:.2f}M MAdds (target {target / 1e6:.2f}M) in "
-            f"{len(result.steps) - 1} steps, {scorer.evaluations} evaluations of {log['images_per_evaluation']} images, "
+            f"{len(result.steps) - 1} steps, {scorer.evaluations} evaluations of {log['images_per_evaluation']} "
+            f"images, "
             f"{log['wall_s']:.0f} s\nholdout top-1 {shipped.top1:.2f}, validation top-1 {acc['top1']:.2f} "
             f"(inherited weights, recalibrated)\n-> {paths['architecture']}\n-> {paths['checkpoint']}\n"
             f"-> {paths['log']}" + (f"\n-> {paths['plot']}" if plotted else

@@ -1,5 +1,5 @@
 """The ``dsnet`` command: train-supernet, train-gate, train-baseline, evaluate, recalibrate,
-profile, export, bench, compare, convert.
+profile, export, bench, search, compare, convert.
 
 The parser is ``dsnet_command`` (a top-level module that imports neither torch nor dsnet, so
 ``dsnet --help`` answers at once; the console script parses there and imports this module after);
@@ -26,6 +26,7 @@ from dsnet.errors import UserError
 from dsnet.models.madds import parse_madds
 from dsnet.prune.baseline_spec import parse_subnet
 from dsnet.prune.baselines import train_static
+from dsnet.prune.search_run import search_command
 from dsnet.report.compare import compare_command
 from dsnet.report.evaluate import evaluate_command
 from dsnet.report.profile import profile_command
@@ -106,6 +107,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    print(search_command(args.checkpoint, args.target_madds, args.output, args.holdout, args.images,
+                         args.calib_batches, args.data, args.overrides))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     print(compare_command(args.runs, args.json, args.plot))
     return 0
@@ -113,7 +120,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "evaluate": cmd_evaluate, "recalibrate": cmd_recalibrate, "profile": cmd_profile,
-    "export": cmd_export, "bench": cmd_bench, "compare": cmd_compare, "convert": cmd_convert}
+    "export": cmd_export, "bench": cmd_bench, "search": cmd_search, "compare": cmd_compare,
+    "convert": cmd_convert}
 
 
 # ---- entry points -------------------------------------------------------------------------------

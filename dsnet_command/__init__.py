@@ -23,6 +23,7 @@ TRAINERS = {"train-supernet": "supernet", "train-gate": "gate", "train-baseline"
 BUDGETS = ("scratch-e", "scratch-b", "scratch-b-supernet")  # dsnet.prune.budgets.BUDGETS
 PRUNERS = ("l1", "thinet", "regression", "weight", "slimming", "sss")  # dsnet.prune.baseline_spec.PRUNERS
 ONNX_EXPORTERS = ("dynamo", "torchscript")  # dsnet.deploy.onnx_export.ONNX_EXPORTERS, the first the default
+SEARCH_IMAGES, SEARCH_CALIB_BATCHES = 2000, 4  # dsnet.prune.search_run.IMAGES, CALIB_BATCHES
 OVERRIDES_HELP = ("config overrides applied to the checkpoint's stored config, e.g. train.batch_size=256 "
                   "data.num_workers=8 train.device=cpu train.amp=bf16 data.root=/data/imagenet")
 
@@ -206,6 +207,26 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads (default: torch's)")
 
 
+def _add_search(sub) -> None:
+    p = _command(sub, "search", "the best static architecture of a supernet at a MAdds budget",
+                 "Slim a stage-one (or stage-two) supernet greedily from its largest route, one width choice of one "
+                 "channel space per step, scoring each candidate on held-back training images after re-estimating "
+                 "its BN statistics, down to --target-madds; writes the architecture (the --static-arch format), "
+                 "the search's log and plot, and the plain model as a baseline checkpoint.")
+    _checkpoint_arguments(p, "checkpoint", "a stage-one or stage-two checkpoint")
+    p.add_argument("--target-madds", required=True, metavar="MADDS", help="stop at or under this cost (e.g. 10M)")
+    p.add_argument("-o", "--output", metavar="FILE", help="the architecture record (FILE.json; or a folder for "
+                   "architecture.json); the log, plot, checkpoint and eval.json go beside it (default "
+                   "<run>/search-<target>/architecture.json); never overwritten")
+    p.add_argument("--holdout", type=float, metavar="F", help="fraction of the training images held back from "
+                   "calibration to score candidates (default gate.holdout, stage two's split)")
+    p.add_argument("--images", type=int, default=SEARCH_IMAGES, metavar="N",
+                   help=f"score on N of the held-back images (default {SEARCH_IMAGES})")
+    p.add_argument("--calib-batches", type=int, default=SEARCH_CALIB_BATCHES, metavar="N",
+                   help=f"training batches re-estimating each candidate's BN statistics (default {SEARCH_CALIB_BATCHES})")
+    _data_argument(p)
+
+
 def _add_compare(sub) -> None:
     p = _command(sub, "compare", "supernet, dynamic model and static baselines in one accuracy-vs-MAdds table",
                  "Gather the eval.json of several runs (supernet, gate, baselines) into one table and plot; "
@@ -255,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, stage in TRAINERS.items():
         add_train_arguments(sub.add_parser(name, help=TRAIN_SUMMARIES[stage], description=TRAIN_DESCRIPTIONS[stage]),
                             stage)
-    for add in (_add_evaluate, _add_recalibrate, _add_profile, _add_export, _add_bench, _add_compare, _add_convert):
+    for add in (_add_evaluate, _add_recalibrate, _add_profile, _add_export, _add_bench, _add_search, _add_compare,
+                _add_convert):
         add(sub)
     return parser
 

@@ -17,6 +17,7 @@ import yaml
 
 import dsnet
 from dsnet import cli
+from dsnet.prune import search_run
 from dsnet.train.checkpoint import CheckpointError
 from dsnet.cli import main, train_gate_main, train_supernet_main
 from dsnet.config import ConfigError, config_to_dict, load_config
@@ -332,6 +333,8 @@ def test_the_parsers_lists_of_allowed_values_are_the_modules_lists():
     from dsnet.prune.budgets import BUDGETS
 
     assert (dsnet_command.BUDGETS, dsnet_command.PRUNERS, dsnet_command.ONNX_EXPORTERS) == (BUDGETS, PRUNERS, ONNX_EXPORTERS)
+    assert (dsnet_command.SEARCH_IMAGES, dsnet_command.SEARCH_CALIB_BATCHES) == (search_run.IMAGES,
+                                                                             search_run.CALIB_BATCHES)
 
 
 def test_the_console_script_runs_the_command_after_parsing(capsys):

@@ -41,9 +41,9 @@ from dsnet.models.net import DenseNet, DSNet, RouteCost, init_weights
 from dsnet.models.spec import create
 from dsnet.prune.channels import ChannelSpace, channel_spaces
 
-__all__ = ["FORMAT", "VERSION", "Architecture", "architecture", "named_spaces", "removable_blocks", "full_architecture",
-           "subnet_architecture", "check_architecture", "lead", "build_plain", "fresh_plain", "arch_cost",
-           "build_supernet", "load_architecture", "save_architecture", "load_arch_state"]
+__all__ = ["FORMAT", "VERSION", "Architecture", "architecture", "named_spaces", "unit_of", "removable_blocks",
+           "full_architecture", "subnet_architecture", "check_architecture", "lead", "build_plain", "fresh_plain",
+           "arch_cost", "build_supernet", "load_architecture", "save_architecture", "load_arch_state"]
 
 FORMAT, VERSION = "dsnet-architecture", 1
 _KEYS = ("format", "version", "model", "model_kwargs", "widths", "removed_blocks")
@@ -100,7 +100,8 @@ def named_spaces(supernet: DSNet) -> dict[str, ChannelSpace]:
     return {names[id(s.writers[0])]: s for s in channel_spaces(supernet, 0)}
 
 
-def _unit_of(name: str) -> int:
+def unit_of(name: str) -> int:
+    """The index (into ``supernet.units``) of the unit a channel space's name points into."""
     return int(name.split(".")[1])
 
 
@@ -119,7 +120,7 @@ def full_architecture(supernet: DSNet, removed: Sequence[int] = ()) -> Architect
     """The largest route as an architecture: every space at full width, blocks ``removed``
     (unit indices) removed with their inner spaces."""
     return architecture(supernet, {n: s.writers[0].shape[0] for n, s in named_spaces(supernet).items()
-                              if _unit_of(n) not in removed}, removed)
+                              if unit_of(n) not in removed}, removed)
 
 
 def subnet_architecture(supernet: DSNet, subnet: int) -> Architecture:
@@ -136,7 +137,7 @@ def check_architecture(arch: Architecture, supernet: DSNet, source: str = "the a
     if bad:
         raise UserError(f"{source}: units {bad} of {arch.model} are not residual blocks with an identity "
                         f"shortcut; the removable blocks are {removable}")
-    spaces = {n: s for n, s in named_spaces(supernet).items() if _unit_of(n) not in arch.removed}
+    spaces = {n: s for n, s in named_spaces(supernet).items() if unit_of(n) not in arch.removed}
     unknown, missing = sorted(set(arch.widths) - set(spaces)), [n for n in spaces if n not in arch.widths]
     if unknown or missing:
         raise UserError(f"{source}: {arch.model} with blocks {list(arch.removed)} removed has the channel "

@@ -4,7 +4,9 @@ baselines of several runs in one accuracy-vs-MAdds table and plot.
 Each argument is an ``eval.json`` or a folder searched recursively for them, so the supernet run
 directory alone (with its ``gate/`` and ``<method>-<subnet>/`` baseline runs inside) is enough.
 Every report must come from the same evaluation set (its ``data`` record and sample count); a run
-evaluated elsewhere is refused, naming both runs.
+evaluated elsewhere is refused, naming both runs. A ``dsnet search`` folder (its ``eval.json``)
+adds the searched architecture, shown beside the uniform subnet and the dynamic model nearest its
+target and with its and the subnet's Scratch-E and Scratch-B runs (``search_rows``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Sequence
 from dsnet.errors import UserError
 
 __all__ = ["SERIES", "PRUNED", "collect", "compare_rows", "format_compare", "study_rows", "format_study",
-           "plot_compare", "compare_command"]
+           "search_rows", "format_search", "plot_compare", "compare_command"]
 
 # plot and table order; labels as the table prints them
 SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (shipped policy)",
@@ -27,7 +29,8 @@ SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dyn
           "scratch-b-sparse": "Scratch-B (weight-pruned's zeros)",
           "slimming-train": "large model, slimming's BN penalty", "sss-train": "large model, SSS's factors",
           "slimming": "Network Slimming + fine-tuned", "sss": "SSS + fine-tuned",
-          "scratch-e-arch": "Scratch-E (found architecture)", "scratch-b-arch": "Scratch-B (found architecture)"}
+          "scratch-e-arch": "Scratch-E (found architecture)", "scratch-b-arch": "Scratch-B (found architecture)",
+          "search": "searched architecture (inherited)"}
 # the study's pruning methods, in Liu et al.'s order: predefined architectures, then found ones
 PRUNED = ("l1", "thinet", "regression", "weight", "slimming", "sss")
 
@@ -83,7 +86,8 @@ def compare_rows(reports: list[tuple[Path, dict]]) -> list[dict]:
                 b = r["baseline"]
                 rows.append({"method": b["method"] + ("-sparse" if sparse else ""), "run": run, **_row(row),
                              "epochs": b.get("epochs"), "madds_sparse": b.get("madds_sparse"),
-                             "sparsity": b.get("sparsity"), "architecture_from": b.get("architecture_from")})
+                             "sparsity": b.get("sparsity"), "architecture_from": b.get("architecture_from"),
+                             "target_madds": b.get("target_madds"), "supernet": b.get("supernet")})
             continue
         if r.get("dynamic") is None or not has_supernet:  # a gate run repeats its supernet's table
             rows += [{"method": "supernet", "run": run, **_row(row)} for row in r["static"]]
@@ -130,7 +134,7 @@ def format_compare(rows: list[dict]) -> str:
 
 def _same_architecture(pruned: dict, scratch: dict) -> bool:
     """Whether a scratch row trains the architecture of a pruned row."""
-    if pruned["method"] in ("slimming", "sss"):
+    if pruned["method"] in ("slimming", "sss", "search"):
         source = scratch.get("architecture_from")
         return source is not None and Path(source).resolve().parent == Path(pruned["run"]).resolve()
     if pruned["method"] == "weight":
@@ -169,6 +173,63 @@ def format_study(study: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _top1(rows: list[dict], match) -> float | None:
+    hits = [r["top1"] for r in rows if match(r)]
+    return hits[0] if hits else None
+
+
+def _nearest(rows: list[dict], madds: float) -> dict | None:
+    return min(rows, key=lambda r: abs(r["madds"] - madds)) if rows else None
+
+
+def search_rows(rows: list[dict]) -> list[dict]:
+    """Each searched architecture (``dsnet search``) beside the uniform subnet of its supernet
+    and the dynamic operating point (shipped policy or gate sweep) whose MAdds are nearest its
+    target, with the Scratch-E and Scratch-B runs of each architecture (None where missing)."""
+    out = []
+    for s in (r for r in rows if r["method"] == "search"):
+        target = s.get("target_madds") or s["madds"]
+        subnets = [r for r in rows if r["method"] == "supernet" and isinstance(r["subnet"], int)]
+        source = Path(s["supernet"]).resolve().parent.parent if s.get("supernet") else None
+        uniform = _nearest([r for r in subnets if Path(r["run"]).resolve() == source] or subnets, target)
+        dynamic = _nearest([r for r in rows if r["method"] in ("dynamic", "gate")], target)
+        entry = {"run": s["run"], "target_madds": target, "searched": {
+            "madds": s["madds"], "params": s["params"], "inherited": s["top1"],
+            **{b.replace("-", "_"): _top1(rows, lambda r, b=b: r["method"] == f"{b}-arch" and _same_architecture(s, r))
+               for b in ("scratch-e", "scratch-b")}}, "uniform": None, "dynamic": None}
+        if uniform is not None:
+            entry["uniform"] = {"subnet": uniform["subnet"], "madds": uniform["madds"], "inherited": uniform["top1"],
+                                **{b.replace("-", "_"): _top1(rows, lambda r, b=b: r["method"] == b and
+                                                             r["subnet"] == uniform["subnet"])
+                                   for b in ("scratch-e", "scratch-b")}}
+        if dynamic is not None:
+            label = "shipped policy" if dynamic["method"] == "dynamic" else f"gate {dynamic['subnet']}"
+            entry["dynamic"] = {"label": label, "madds": dynamic["madds"], "top1": dynamic["top1"]}
+        out.append(entry)
+    return out
+
+
+def format_search(searches: list[dict]) -> str:
+    """The search's table: per searched architecture, its row, the uniform subnet's and the dynamic model's."""
+    def cell(v):
+        return f"{v:>10.2f}" if v is not None else f"{'-':>10}"
+
+    lines = [f"{'model':<40} {'MAdds (M)':>9} {'inherited':>10} {'Scratch-E':>10} {'Scratch-B':>10}"]
+    for s in searches:
+        a = s["searched"]
+        lines.append(f"{'searched (' + Path(s['run']).name + ')':<40} {a['madds'] / 1e6:>9.2f} {cell(a['inherited'])} "
+                     f"{cell(a['scratch_e'])} {cell(a['scratch_b'])}")
+        if s["uniform"] is not None:
+            u = s["uniform"]
+            lines.append(f"{'uniform subnet ' + str(u['subnet']):<40} {u['madds'] / 1e6:>9.2f} {cell(u['inherited'])} "
+                         f"{cell(u['scratch_e'])} {cell(u['scratch_b'])}")
+        if s["dynamic"] is not None:
+            d = s["dynamic"]
+            lines.append(f"{'dynamic (' + d['label'] + ')':<40} {d['madds'] / 1e6:>9.2f} {cell(d['top1'])} "
+                         f"{cell(None)} {cell(None)}")
+    return "\n".join(lines)
+
+
 def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     """Accuracy vs MAdds (sparse MAdds for weight-pruned models), one series per method."""
     try:
@@ -180,7 +241,7 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
               "scratch-b": "^--", "scratch-b-supernet": "v--", "l1": "D:", "thinet": "P:", "regression": "X:",
               "weight": "h:", "scratch-e-sparse": "s", "scratch-b-sparse": "^", "slimming": "d", "sss": "p",
-              "scratch-e-arch": "s", "scratch-b-arch": "^", "slimming-train": "o", "sss-train": "o"}
+              "scratch-e-arch": "s", "scratch-b-arch": "^", "slimming-train": "o", "sss-train": "o", "search": "H"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     supernets = {r["run"] for r in rows if r["method"] == "supernet"}
     # a baseline series gathers its runs; each supernet (and its gate) is a series of its own
@@ -205,13 +266,18 @@ def compare_command(paths: Sequence[str], json_path: str | None, plot_path: str 
     """What ``dsnet compare`` does; returns the table it prints."""
     reports = collect(paths)
     rows = compare_rows(reports)
-    study = study_rows(rows)
+    study, searches = study_rows(rows), search_rows(rows)
     if json_path:
-        out = {"rows": rows, "study": study, "num_samples": reports[0][1]["num_samples"], "data": reports[0][1].get("data"),
-               "reports": [str(p) for p, _ in reports]}
+        out = {"rows": rows, "study": study, "search": searches, "num_samples": reports[0][1]["num_samples"],
+               "data": reports[0][1].get("data"), "reports": [str(p) for p, _ in reports]}
         Path(json_path).write_text(json.dumps(out, indent=2))
     if plot_path:
         plot_compare(rows, plot_path, title="accuracy vs MAdds")
     table = format_compare(rows)
-    return table + ("\n\nLiu et al.'s study: each pruned model against its architecture trained from scratch (top-1)\n"
-                    + format_study(study) if study else "")
+    if study:
+        table += ("\n\nLiu et al.'s study: each pruned model against its architecture trained from scratch (top-1)\n"
+                  + format_study(study))
+    if searches:
+        table += ("\n\nSearched architectures beside the uniform subnet and the dynamic model nearest their target "
+                  "(top-1)\n" + format_search(searches))
+    return table

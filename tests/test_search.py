@@ -1,0 +1,243 @@
+"""dsnet search: greedy slimming on hand-made supernets with known answers (a channel space planted
+useless goes first), each candidate scored from its first unit as from the input, the exact cost and
+the stop of the architecture found, its plain model against the supernet with the cut channels
+zeroed, the outputs that evaluate, export, bench, profile and compare read, and one-line errors."""
+import copy
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dsnet.cli import main as dsnet_main
+from dsnet.config import load_config
+from dsnet.errors import UserError
+from dsnet.models.madds import measured_cost
+from dsnet.prune.arch import Architecture, arch_cost, build_plain, full_architecture, load_architecture, named_spaces
+from dsnet.prune.search import (Scorer, ScoringSet, check_target, greedy_search, narrower, slimmest_architecture,
+                                space_choices)
+from dsnet.prune.static import load_static
+from dsnet.report.compare import search_rows
+from dsnet.train.checkpoint import build_model, read_checkpoint, save_checkpoint
+from dsnet.train.stage_one import train_supernet
+from tests.test_baselines import small_resnet
+from tests.test_runs import TINY
+
+SIZE = (3, 8, 8)
+CPU = torch.device("cpu")
+PLANTED = "units.2.body.0"  # a stage-1 block's inner conv: 8 channels, choices (4, 8)
+
+
+def _images(gen, n):
+    """Noise around a per-image colour: pooled features differ from image to image."""
+    return torch.randn(n, *SIZE, generator=gen) * 0.5 + torch.randn(n, 3, 1, 1, generator=gen)
+
+
+def _supernet(planted: bool):
+    """The small ResNet supernet with random weights; ``planted``: the channels of ``PLANTED``
+    beyond its next choice write exactly zero (conv filters, BN scale and shift zeroed)."""
+    gen = torch.Generator().manual_seed(2)
+    model = small_resnet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        if planted:
+            for tensor, dim in named_spaces(model)[PLANTED].members:
+                if dim == 0 and isinstance(tensor, torch.nn.Parameter):
+                    tensor[4:] = 0
+    return model, gen
+
+
+def _scoring(model, gen, n=128) -> ScoringSet:
+    """A calibration batch and ``n`` held-back images labelled with the largest architecture's own
+    predictions (after recalibration), so that the largest scores 100% and every change can only lose."""
+    calib, held = [_images(gen, 32)], _images(gen, n)
+    unlabelled = ScoringSet(calib, [(held, torch.zeros(n, dtype=torch.long))])
+    _, full = Scorer(model, unlabelled, SIZE, CPU).full(full_architecture(model))
+    with torch.no_grad():
+        labels = full(held).argmax(1)
+    return ScoringSet(calib, [(held[:n // 2], labels[:n // 2]), (held[n // 2:], labels[n // 2:])])
+
+
+def _largest(model) -> int:
+    return arch_cost(model, full_architecture(model), SIZE).madds
+
+
+@pytest.fixture(scope="module")
+def searched():
+    """(the planted supernet, its scoring set, the target, a search to 85% of the largest's MAdds)."""
+    model, gen = _supernet(planted=True)
+    data = _scoring(model, gen)
+    target = 0.85 * _largest(model)
+    return model, data, target, greedy_search(Scorer(model, data, SIZE, CPU), target)
+
+
+def test_a_channel_space_planted_useless_is_the_first_the_search_narrows(searched):
+    model, data, _, result = searched
+    first = result.steps[0]
+    assert first["top1"] == 100.0 and first["kept"] == PLANTED
+    planted = next(c for c in first["candidates"] if c["space"] == PLANTED)
+    assert planted["top1"] == 100.0 and planted["points_per_mmadds"] == 0.0
+    assert all(c["top1"] < 100.0 for c in first["candidates"] if c["space"] != PLANTED)
+    # the same supernet without the plant: another space goes first
+    clean, gen = _supernet(planted=False)
+    one = greedy_search(Scorer(clean, _scoring(clean, gen), SIZE, CPU), _largest(clean) - 1)
+    assert one.steps[0]["kept"] != PLANTED
+
+
+def test_each_candidate_scored_from_its_first_unit_scores_as_from_the_input(searched):
+    model, data, _, result = searched
+    scorer = Scorer(model, data, SIZE, CPU)
+    choices = space_choices(model)
+    base = full_architecture(model)
+    for cand in result.steps[0]["candidates"]:
+        if cand["space"] in ("units.0", "units.5.body.0", "units.10.body.0"):  # first units 0, 5 and 10
+            score = scorer.full(narrower(base, cand["space"], choices[cand["space"]]))[0]
+            assert score.top1 == cand["top1"] and score.madds == cand["madds"]
+            assert score.loss == pytest.approx(cand["loss"], rel=1e-5)
+    for step, after in zip(result.steps, result.steps[1:]):  # each step's base is the last step's choice
+        kept = next(c for c in step["candidates"] if c["space"] == step["kept"])
+        assert (kept["top1"], kept["madds"]) == (after["top1"], after["madds"])
+        assert kept["loss"] == pytest.approx(after["loss"], rel=1e-5)
+        assert after["widths"] == {**step["widths"], step["kept"]: kept["width"]}
+
+
+def test_the_search_stops_within_one_step_at_or_under_the_target_at_the_cost_flop_counter_counts(searched):
+    model, _, target, result = searched
+    assert len(result.steps) >= 3
+    assert result.steps[-1]["madds"] <= target < result.steps[-2]["madds"]
+    assert all(s["madds"] > target for s in result.steps[:-1])
+    plain = build_plain(model, result.arch).eval()
+    assert measured_cost(plain, SIZE).madds == result.score.madds == result.steps[-1]["madds"]
+    assert result.score.madds == arch_cost(model, result.arch, SIZE).madds
+    assert result.arch.widths == result.steps[-1]["widths"]
+
+
+def test_the_plain_model_with_inherited_weights_is_the_supernet_with_the_cut_channels_zeroed(searched, gen):
+    model, _, _, result = searched
+    assert result.arch.widths != full_architecture(model).widths
+    masked = copy.deepcopy(model)
+    with torch.no_grad():  # every channel beyond its space's width writes zero (train-mode BN: 0 scale, 0 shift)
+        for name, space in named_spaces(masked).items():
+            width = result.arch.widths[name]
+            for tensor, dim in space.members:
+                if dim == 0 and isinstance(tensor, torch.nn.Parameter):
+                    tensor[width:] = 0
+    x = _images(gen, 16)
+    plain = build_plain(model, result.arch).train()
+    with torch.no_grad():
+        assert_close(plain(x), masked.train()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_targets_the_supernet_cannot_reach_are_refused_with_the_range():
+    model = small_resnet()
+    low = arch_cost(model, slimmest_architecture(model), SIZE).madds
+    assert low == min(arch_cost(model, full_architecture(model), SIZE).madds, low)
+    assert all(w == c[0] for w, c in zip(slimmest_architecture(model).widths.values(), space_choices(model).values()))
+    check_target(model, low, SIZE)
+    check_target(model, _largest(model) - 1, SIZE)
+    span = f"give a target from {low:,} MAdds (every channel space at its slimmest width) up to below " \
+           f"{_largest(model):,} (the largest route)"
+    for bad in (low - 1, _largest(model)):
+        with pytest.raises(UserError) as err:
+            check_target(model, bad, SIZE)
+        assert str(err.value) == (f"--target-madds {bad:,.0f} is outside what ds_resnet20 can be slimmed to "
+                                  f"at 8x8: {span}")
+
+
+def test_compare_puts_each_searched_architecture_beside_the_nearest_uniform_subnet_and_dynamic_model():
+    def row(method, run, subnet, madds, top1, **extra):
+        return {"method": method, "run": run, "subnet": subnet, "madds": madds, "params": 10, "top1": top1, **extra}
+
+    rows = [row("supernet", "/r", 0, 8e6, 50.0), row("supernet", "/r", 1, 10e6, 55.0),
+            row("supernet", "/r", 2, 14e6, 60.0),
+            row("supernet", "/other", 1, 10.1e6, 10.0),  # another supernet's subnet, nearer the target
+            row("search", "/r/search-10.2M", "arch", 10.1e6, 57.0, target_madds=10.2e6,
+                supernet="/r/checkpoints/last.pth"),
+            row("scratch-e-arch", "/r/scratch-e-search-10.2M", "arch", 10.1e6, 58.0,
+                architecture_from="/r/search-10.2M/architecture.json"),
+            row("scratch-e-arch", "/r/scratch-e-elsewhere", "arch", 10.1e6, 1.0,
+                architecture_from="/r/slimming0.4-largest/architecture.json"),
+            row("scratch-b", "/r/scratch-b-subnet1", 1, 10e6, 59.0),
+            row("scratch-e", "/r/scratch-e-subnet2", 2, 14e6, 1.0),
+            row("dynamic", "/r/gate", "dynamic", 12e6, 61.0), row("gate", "/r/gate", "s=+0.50", 10.5e6, 56.0)]
+    assert search_rows(rows) == [{
+        "run": "/r/search-10.2M", "target_madds": 10.2e6,
+        "searched": {"madds": 10.1e6, "params": 10, "inherited": 57.0, "scratch_e": 58.0, "scratch_b": None},
+        "uniform": {"subnet": 1, "madds": 10e6, "inherited": 55.0, "scratch_e": None, "scratch_b": 59.0},
+        "dynamic": {"label": "gate s=+0.50", "madds": 10.5e6, "top1": 56.0}}]
+
+
+@pytest.fixture(scope="module")
+def supernet_run(tmp_path_factory):
+    """A tiny stage-one run on synthetic 16x16 images."""
+    out = tmp_path_factory.mktemp("search")
+    cfg = load_config(None, [*TINY, f"output.dir={out / 'sup'}", "train.epochs=1", "train.max_steps_per_epoch=2",
+                             "data.input_size=16"])
+    return train_supernet(cfg)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_dsnet_search_writes_what_evaluate_export_bench_profile_and_compare_read(supernet_run, capsys):
+    ckpt = str(supernet_run / "checkpoints" / "last.pth")
+    supernet = build_model(read_checkpoint(ckpt))
+    args = ["search", ckpt, "--target-madds", "2M", "--holdout", "0.3", "--images", "100", "--calib-batches", "1",
+            "data.synthetic_train_size=400"]
+    assert dsnet_main(args) == 0
+    out = capsys.readouterr().out
+    folder = supernet_run / "search-2M"
+    assert f"-> {folder / 'architecture.json'}" in out
+    arch, rebuilt = load_architecture(folder / "architecture.json")
+    log = json.loads((folder / "search.json").read_text())
+    assert log["holdout_images"] == 100 and log["calib_images"] == 16 and log["images_per_evaluation"] == 116
+    assert log["steps"][-1]["madds"] <= 2e6 < log["steps"][-2]["madds"]
+    assert log["evaluations"] == sum(len(s["candidates"]) + 1 for s in log["steps"]) + rebuilt.num_subnets
+    assert len(log["uniform"]) == rebuilt.num_subnets
+    static = read_checkpoint(folder / "checkpoints" / "last.pth", "static")
+    assert Architecture.from_dict(static["architecture"]) == arch and static["baseline"]["method"] == "search"
+    model, _ = load_static(static)
+    expected = build_plain(supernet, arch)
+    for key, value in expected.state_dict().items():  # the supernet's leading channels; statistics re-estimated
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(model.state_dict()[key], value), key
+    report = json.loads((folder / "eval.json").read_text())
+    assert report["static"][0]["madds"] == log["final"]["madds"] == arch_cost(rebuilt, arch, (3, 16, 16)).madds
+    assert dsnet_main(["evaluate", str(folder / "checkpoints" / "last.pth")]) == 0
+    assert f"{report['static'][0]['top1']:.2f}" in capsys.readouterr().out
+    for fmt in ("torchscript", "onnx", "safetensors"):
+        assert dsnet_main(["export", str(folder / "checkpoints" / "last.pth"), "--format", fmt, "--onnx-exporter",
+                           "torchscript", "-o", str(folder / f"m.{fmt}")]) == 0
+    assert dsnet_main(["bench", str(folder / "checkpoints" / "last.pth"), "--batch-sizes", "1", "--repeats", "1"]) == 0
+    assert dsnet_main(["profile", str(folder / "checkpoints" / "last.pth")]) == 0
+    capsys.readouterr()
+    assert dsnet_main(["compare", str(supernet_run)]) == 0
+    table = capsys.readouterr().out
+    assert "searched architecture (inherited)" in table and "searched (search-2M)" in table
+    # the same output again is refused, nothing touched
+    stamp = (folder / "search.json").stat().st_mtime_ns
+    assert dsnet_main(args) == 2
+    assert "search-2M/architecture.json exists; choose another -o" in capsys.readouterr().err
+    assert (folder / "search.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target-madds", "0.1M"], "--target-madds 100,000 is outside what ds_resnet20 can be slimmed to at 16x16"),
+    (["--target-madds", "90M"], "up to below 2,581,248 (the largest route)"),
+    (["--target-madds", "2M", "--images", "20"], "the search would score candidates on 20 held-back training images "
+                                                 "(--holdout 0.3, --images 20); it needs at least 100"),
+])
+def test_dsnet_search_refuses_bad_input_in_one_line_and_writes_nothing(supernet_run, capsys, extra, message):
+    out = supernet_run.parent / "refused"
+    args = ["search", str(supernet_run / "checkpoints" / "last.pth"), "--holdout", "0.3", "-o", str(out), *extra,
+            "data.synthetic_train_size=400"]
+    assert dsnet_main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_dsnet_search_refuses_a_static_checkpoint(tmp_path, capsys):
+    path = save_checkpoint({"stage": "static", "model_name": "ds_resnet20", "model_kwargs": {}}, tmp_path / "s.pth")
+    assert dsnet_main(["search", str(path), "--target-madds", "10M", "-o", str(tmp_path / "out")]) == 2
+    assert f"checkpoint {path} is from stage 'static', expected 'supernet' or 'gate'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

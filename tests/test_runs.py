@@ -251,8 +251,8 @@ def test_stage_two_recalibrates_a_supernet_saved_before_recalibration(tmp_path, 
     state = read_checkpoint(plain / "checkpoints" / "last.pth")
     assert state["bn_recalibrated"] is False and not bn_recalibrated(state)
     calls = []
-    original = dsnet.train.stage_two.recalibrate_bn
-    monkeypatch.setattr(dsnet.train.stage_two, "recalibrate_bn",
+    original = dsnet.train.stage_two.recalibrate_run
+    monkeypatch.setattr(dsnet.train.stage_two, "recalibrate_run",
                         lambda model, *a, **k: (calls.append(model), original(model, *a, **k)))
     gate = train_gate(tiny(tmp_path / "g"), plain / "checkpoints" / "last.pth")
     ckpt = read_checkpoint(gate / "checkpoints" / "last.pth")

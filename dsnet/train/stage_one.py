@@ -46,9 +46,11 @@ def train_supernet(cfg: Config) -> Path:
         logger.info("weights from %s%s", cfg.train.init_from, f" (kept as built: {', '.join(kept)})" if kept else "")
     model.gate.width_head.requires_grad_(False)  # stage two trains it
     opt = optimizer_kwargs(cfg, runtime)
-    if runtime.is_main:
+
+    def start(loop: Loop, resumed: dict | None) -> None:  # in the run (and its train.log), before training
         logger.info("lr %.4g: train.lr %g x global batch %d / train.lr_base_batch %d", opt["lr"], cfg.train.lr,
                     cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum, cfg.train.lr_base_batch)
+
     optimizer = build_optimizer(model, **opt)
     scheduler = build_scheduler(optimizer, updates_per_epoch=updates_per_epoch(data.train, cfg), **scheduler_kwargs(cfg))
     ema = None
@@ -71,7 +73,7 @@ def train_supernet(cfg: Config) -> Path:
         cfg, setup, stage="supernet", model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
         step=lambda x, y, g, backward: step(x, y, g, backward), evaluate=evaluate,
         epochs=cfg.train.epochs + cfg.train.cooldown_epochs, ema=ema, mixup=mixup, clip_grad=cfg.train.clip_grad,
-        extra_state={"classes": data.classes, "bn_recalibrated": False},
+        extra_state={"classes": data.classes, "bn_recalibrated": False}, start=start,
         finish=lambda loop: _recalibrate_last(cfg, loop, setup, evaluate), report={"dynamic": None})
 
 

@@ -25,6 +25,7 @@ from dsnet.train.checkpoint import build_model as rebuild
 from dsnet.train.checkpoint import read_checkpoint
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_gated, evaluate_static
+from dsnet.train.metrics import Progress
 from dsnet.train.policy_select import collect_outcomes, escalation_cost, reachable_madds, select_policy, target_kind
 from dsnet.train.recalibrate import recalibrate_run
 from dsnet.train.runs import (Data, build_optimizer, build_scheduler, input_shape, open_stage, optimizer_kwargs,
@@ -188,11 +189,14 @@ def train_gate(cfg: Config, supernet: str | Path) -> Path:
 
     static: dict = {}  # the frozen supernet's static subnets score the same every epoch: evaluated once
 
+    def val() -> Progress:  # the validation loader with a progress bar (the main rank's, train.progress)
+        return Progress(data.val, "evaluate", cfg.train.progress and runtime.is_main)
+
     def evaluate(epoch: int) -> Evaluation:
         if not static:
-            static.update(evaluate_static(shipped, data.val, runtime.device, size, autocast))
+            static.update(evaluate_static(shipped, val(), runtime.device, size, autocast))
         report = copy.deepcopy(static)
-        report.update(evaluate_gated(shipped, data.val, runtime.device, size, cfg.gate.rule, autocast,
+        report.update(evaluate_gated(shipped, val(), runtime.device, size, cfg.gate.rule, autocast,
                                      measure=cfg.gate.cascade_measure))
         return Evaluation(report, {"top1_dynamic": report["dynamic"]["top1"],
                                    "madds_dynamic": report["dynamic"]["madds_mean"]})  # no best.pth: see Evaluation

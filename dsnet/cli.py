@@ -1,8 +1,10 @@
 """The ``dsnet`` command: train-supernet, train-gate, train-baseline, evaluate, recalibrate,
 profile, export, bench, search, compare, convert.
 
-The parser is ``dsnet_command`` (a top-level module that imports neither torch nor dsnet, so
-``dsnet --help`` answers at once; the console script parses there and imports this module after);
+The parser is ``dsnet_command`` (a top-level package that imports neither torch nor dsnet, so
+``dsnet --help`` answers at once); the console script ``dsnet_console`` parses there and
+imports this module after. ``python -m dsnet.cli`` (torchrun's entry) and the root training
+scripts enter here and parse with the same parser;
 each subcommand's function here calls one function of the module that owns the work.
 A user error (``dsnet.errors.UserError``: a bad path, model name, key, value, checkpoint) and an
 OS error (a full disk, a folder it may not write) become one line on stderr and exit status 2; a

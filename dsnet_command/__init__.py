@@ -2,10 +2,10 @@
 
 ``dsnet --help``, ``dsnet COMMAND --help`` and a usage error answer from argparse alone: this
 module imports neither torch, timm nor dsnet (whose package face imports them, to register the
-supernets with timm). ``main`` parses, then imports ``dsnet.cli`` through importlib and runs the
-command there. It is a top-level package because importing any ``dsnet.*`` module first runs
-``dsnet/__init__.py``. The console script ``dsnet`` is ``dsnet_command:main``; ``python -m
-dsnet.cli`` parses with this same parser. A list of allowed values that belongs to a dsnet module
+supernets with timm). It is a top-level package because importing any ``dsnet.*`` module first
+runs ``dsnet/__init__.py``. The console script ``dsnet`` (``dsnet_console:main``) parses
+here, then runs the command in ``dsnet.cli``; ``python -m dsnet.cli`` and the root training
+scripts parse with this same parser. A list of allowed values that belongs to a dsnet module
 (budgets, pruners, ONNX exporters) is repeated here, and tests/test_cli.py holds each copy equal
 to its module's.
 """
@@ -16,7 +16,7 @@ import importlib
 import sys
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "parse_args", "subparsers", "train_parser", "check_train_args", "TRAINERS",
+__all__ = ["build_parser", "parse_args", "subparsers", "train_parser", "check_train_args", "TRAINERS",
            "BUDGETS", "PRUNERS", "ONNX_EXPORTERS"]
 
 TRAINERS = {"train-supernet": "supernet", "train-gate": "gate", "train-baseline": "baseline"}
@@ -309,12 +309,3 @@ def train_parser(prog: str, stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTIONS[stage])
     add_train_arguments(parser, stage)
     return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``dsnet`` console script: parse (help and usage errors exit here), then run the
-    command in ``dsnet.cli``; returns the exit status."""
-    args = parse_args(argv)
-    return importlib.import_module("dsnet.cli").run(args)
-
-

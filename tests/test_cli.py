@@ -80,7 +80,7 @@ def test_version_is_the_package_version(capsys):
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     assert setup["metadata"]["version"] == "attr: dsnet.__version__"  # one place for the version
-    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet_command:main"  # parses first
+    assert setup["options.entry_points"]["console_scripts"].strip() == "dsnet = dsnet_console:main"  # parses first
 
 
 # ---- trainers -----------------------------------------------------------------------------------
@@ -316,8 +316,8 @@ def test_a_command_leaves_its_process_group_at_the_end_even_on_an_error(monkeypa
 
 @pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["train-baseline", "--help"], ["bench", "-h"]])
 def test_help_imports_neither_torch_timm_nor_dsnet(argv):
-    code = ("import sys, dsnet_command\n"
-            f"try:\n    dsnet_command.main({argv!r})\nexcept SystemExit as done:\n    status = done.code\n"
+    code = ("import sys, dsnet_console\n"
+            f"try:\n    dsnet_console.main({argv!r})\nexcept SystemExit as done:\n    status = done.code\n"
             "print(status, sorted(m for m in ('torch', 'timm', 'dsnet', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -338,11 +338,11 @@ def test_the_parsers_lists_of_allowed_values_are_the_modules_lists():
 
 
 def test_the_console_script_runs_the_command_after_parsing(capsys):
-    import dsnet_command
+    import dsnet_console as console
 
-    assert dsnet_command.main(["profile", "ds_resnet20", "--json"]) == 0
+    assert console.main(["profile", "ds_resnet20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "ds_resnet20"
-    assert dsnet_command.main(["export", "nope.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx"]) == 2
+    assert console.main(["export", "nope.pth", "--subnet", "0", "--format", "onnx", "-o", "x.onnx"]) == 2
     assert "checkpoint nope.pth does not exist" in one_error_line(capsys, "dsnet export")
 
 

@@ -127,6 +127,17 @@ def test_the_training_loop_does_not_wait_for_the_device_at_every_step(tmp_path, 
     assert len(reads) <= 4  # the epoch-end finite check and loss means: a handful, not one per step
 
 
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_epoch_bar_shows_on_a_terminal_only(tmp_path, monkeypatch, capsys, terminal):
+    """A run whose stderr is a file (nohup, a scheduler's log) gets no bar frames in it."""
+    import sys
+
+    loop = _nan_loop(tmp_path, bad_steps=set(), log_interval=100, epochs=1)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    loop.train_epoch(progress=True)
+    assert ("static epoch 1/1" in capsys.readouterr().err) == terminal
+
 # ---- devices: one process (auto, cuda, cuda:N) and torchrun (LOCAL_RANK) -------------------------
 
 @pytest.fixture

@@ -28,12 +28,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from dsnet.errors import UserError
 from dsnet.layers import DSConv2d
 from dsnet.models.net import DenseNet, DSNet
 from dsnet.prune.arch import Architecture, arch_cost, build_plain, full_architecture, named_spaces, unit_of
+from dsnet.train.logs import progress_bar
 
 __all__ = ["ScoringSet", "Score", "Scorer", "SearchResult", "space_choices", "slimmest_architecture", "narrower",
            "check_target", "reset_bn", "greedy_search"]
@@ -223,8 +223,7 @@ def greedy_search(scorer: Scorer, target: float, progress: bool = False) -> Sear
         if last:
             moves, (base, cands) = [], (scorer.full(arch)[0], [])
         else:
-            with tqdm(total=len(moves) + 1, desc=f"search step {len(steps)}", leave=False, disable=not progress,
-                      dynamic_ncols=True) as bar:
+            with progress_bar(len(moves) + 1, f"search step {len(steps)}", progress) as bar:
                 base, cands = scorer.step(arch, moves, bar.update)
         record = {"step": len(steps), "widths": dict(arch.widths), **_record(base),
                   "candidates": [{"space": n, "width": a.widths[n], **_record(s),

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from dsnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config, replace, save_config
 from dsnet.errors import UserError
 from dsnet.train.checkpoint import build_model, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dsnet.train.logs import RunLog, check_tensorboard
+from dsnet.train.logs import RunLog, check_tensorboard, progress_bar
 
 __all__ = ["Runtime", "resolve_device", "setup_runtime", "close_runtime", "autocast_factory", "prepare_run_dir", "Loop",
            "loop_kwargs", "Evaluation", "TrainingError", "route_generator", "epoch_seed", "cudnn_autotune", "checkpoint_run",
@@ -557,8 +557,6 @@ class Loop:
                                 f"{self.run_dir / 'checkpoints' / 'last.pth'}")
 
     def train_epoch(self, progress: bool) -> dict:
-        from tqdm import tqdm
-
         self.train_model.train(self.train_mode)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -570,8 +568,7 @@ class Loop:
         total = len(self.train_loader) if limit is None else min(limit * self.grad_accum, len(self.train_loader))
         if self.total_steps is not None:  # the last epoch of a step budget stops early
             total = min(total, (self.total_steps - self.global_step) * self.grad_accum)
-        bar = tqdm(total=total, desc=f"{self.stage} epoch {self.epoch + 1}/{self.epochs}",
-                   disable=not (progress and self.runtime.is_main), leave=False, dynamic_ncols=True)
+        bar = progress_bar(total, f"{self.stage} epoch {self.epoch + 1}/{self.epochs}", progress and self.runtime.is_main)
         sums: dict[str, Tensor] = {}
         start = time.perf_counter()
         with cudnn_autotune(self.runtime):

@@ -4,6 +4,7 @@
 - ``train.log``: what the console showed while the stage ran (``ConsoleLog``): every log line, each
   with its time, the final table, and the error that stopped the stage; not the progress bars. A
   resumed run appends to it.
+- Progress bars (``progress_bar``) go to stderr only when it is a terminal.
 
 - ``metrics.jsonl``: one JSON object per logged step and per epoch (DESIGN.md's contract).
 - ``summary.csv``: one row per epoch, as timm's ``train.py`` writes it: ``epoch``, the epoch's
@@ -24,9 +25,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from dsnet.errors import UserError
 
-__all__ = ["RunLog", "ConsoleLog", "check_tensorboard", "append_summary", "scalars"]
+__all__ = ["RunLog", "ConsoleLog", "check_tensorboard", "append_summary", "scalars", "progress_bar"]
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, shown only when ``enabled`` and stderr is a terminal: a run whose
+    output goes to a file (nohup, a job scheduler) gets its log lines, not every frame of a bar."""
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def check_tensorboard(enabled: bool) -> None:

@@ -12,9 +12,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm import tqdm
 
 from dsnet.data import ShardSampler
+from dsnet.train.logs import progress_bar
 
 __all__ = ["Autocast", "topk_hits", "topk_correct", "sharded", "sum_over_shards_", "device_batches", "Progress"]
 
@@ -75,5 +75,4 @@ class Progress:
 
     def __iter__(self) -> Iterator:
         total = len(self.loader) if hasattr(self.loader, "__len__") else None
-        return iter(tqdm(self.loader, desc=self.desc, total=total, leave=False, dynamic_ncols=True,
-                         disable=None if self.enabled else True))
+        return iter(progress_bar(total, self.desc, self.enabled, iterable=self.loader))

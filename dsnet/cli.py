@@ -116,7 +116,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    print(compare_command(args.runs, args.json, args.plot))
+    print(compare_command(args.runs, args.json, args.plot, args.curves))
     return 0
 
 

@@ -234,6 +234,8 @@ def _add_compare(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (searched for eval.json) or eval.json files")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy-vs-MAdds plot (needs matplotlib)")
+    p.add_argument("--curves", metavar="FILE", help="write the learning curves of the stage-one runs: top-1 of "
+                   "the slimmest and largest route at each evaluated epoch (needs matplotlib)")
 
 
 def _add_convert(sub) -> None:

@@ -249,9 +249,14 @@ def test_compare_gathers_supernet_dynamic_and_baselines_and_refuses_other_data(t
     rows = compare_rows(collect([tmp_path]))
     methods = [r["method"] for r in rows]
     assert methods.count("supernet") == 4 and methods.count("dynamic") == 1 and methods.count("scratch-e") == 1
-    assert dsnet_main(["compare", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0
+    assert dsnet_main(["compare", str(tmp_path), "--json", str(tmp_path / "c.json"), "--curves",
+                       str(tmp_path / "curves.png")]) == 0
     assert "Scratch-E" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == len(rows)
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert len(out["rows"]) == len(rows)
+    report = json.loads((sup / "eval.json").read_text())  # the stage-one run alone has a curve: its last epoch
+    assert out["curves"] == [{"run": str(sup), "epoch": [1], "slimmest": [report["static"][0]["top1"]],
+                              "largest": [report["largest"]["top1"]]}] and (tmp_path / "curves.png").stat().st_size
     other = tmp_path / "other" / "eval.json"
     other.parent.mkdir()
     report = json.loads((sup / "eval.json").read_text())

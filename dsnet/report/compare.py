@@ -7,6 +7,10 @@ Every report must come from the same evaluation set (its ``data`` record and sam
 evaluated elsewhere is refused, naming both runs. A ``dsnet search`` folder (its ``eval.json``)
 adds the searched architecture, shown beside the uniform subnet and the dynamic model nearest its
 target and with its and the subnet's Scratch-E and Scratch-B runs (``search_rows``).
+
+``--curves`` adds learning curves: the top-1 of the slimmest and the largest route at every
+evaluated epoch of each stage-one run (its ``metrics.jsonl``), one line per run, to compare runs
+that differ in one setting (``ieb.teacher``, a seed) along the way, not only at the end.
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ from pathlib import Path
 from typing import Sequence
 
 from dsnet.errors import UserError
+from dsnet.train.evaluate import check_plot_path
 
 __all__ = ["SERIES", "PRUNED", "collect", "compare_rows", "format_compare", "study_rows", "format_study",
-           "search_rows", "format_search", "plot_compare", "compare_command"]
+           "search_rows", "format_search", "plot_compare", "learning_curves", "format_curves", "plot_curves",
+           "compare_command"]
 
 # plot and table order; labels as the table prints them
 SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dynamic (shipped policy)",
@@ -262,13 +268,79 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def compare_command(paths: Sequence[str], json_path: str | None, plot_path: str | None) -> str:
+def _json_line(line: str) -> dict:
+    """A metrics.jsonl record; {} for a line a killed run left half written."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def learning_curves(paths: Sequence[str | Path]) -> list[dict]:
+    """Each stage-one run under ``paths`` (a folder with a ``metrics.jsonl`` of stage
+    ``supernet``): its evaluated epochs and the top-1 of its slimmest and largest route at each."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += [p] if p.name == "metrics.jsonl" else sorted(p.rglob("metrics.jsonl")) if p.is_dir() else []
+    curves = []
+    for f in dict.fromkeys(files):
+        evaluated = [r for r in map(_json_line, f.read_text().splitlines())
+                     if r.get("stage") == "supernet" and "eval" in r]
+        if evaluated:
+            curves.append({"run": str(f.parent), "epoch": [r["epoch"] for r in evaluated],
+                           "slimmest": [r["eval"]["static"][0]["top1"] for r in evaluated],
+                           "largest": [r["eval"]["largest"]["top1"] for r in evaluated]})
+    if not curves:
+        raise UserError(f"--curves: no stage-one run with an evaluated epoch under {', '.join(map(str, paths))} "
+                        "(curves come from a supernet run's metrics.jsonl; train.eval_interval sets how often it "
+                        "evaluates)")
+    return curves
+
+
+def format_curves(curves: list[dict]) -> str:
+    """One line per run: top-1 of the slimmest / largest route at each evaluated epoch."""
+    width = max(len(c["run"]) for c in curves)
+    return "\n".join(f"{c['run']:<{width}}  " + "  ".join(f"ep{e} {s:.2f}/{l:.2f}" for e, s, l in
+                                                        zip(c["epoch"], c["slimmest"], c["largest"]))
+                     for c in curves)
+
+
+def plot_curves(curves: list[dict], path: str | Path) -> None:
+    """Top-1 vs epoch, the slimmest route on the left and the largest on the right, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    common = Path(*Path(curves[0]["run"]).parts[:-1]) if len(curves) > 1 else None
+    for c in curves:
+        label = str(Path(c["run"]).relative_to(common)) if common and Path(c["run"]).is_relative_to(common) else c["run"]
+        for ax, route in zip(axes, ("slimmest", "largest")):
+            ax.plot(c["epoch"], c[route], "o-", label=label)
+    for ax, route in zip(axes, ("slimmest route", "largest route")):
+        ax.set_title(route)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare_command(paths: Sequence[str], json_path: str | None, plot_path: str | None,
+                    curves_path: str | None = None) -> str:
     """What ``dsnet compare`` does; returns the table it prints."""
+    for option, path in (("--plot", plot_path), ("--curves", curves_path)):
+        if path:
+            check_plot_path(path, option)
     reports = collect(paths)
+    curves = learning_curves(paths) if curves_path else []
     rows = compare_rows(reports)
     study, searches = study_rows(rows), search_rows(rows)
     if json_path:
-        out = {"rows": rows, "study": study, "search": searches, "num_samples": reports[0][1]["num_samples"],
+        out = {"rows": rows, "study": study, "search": searches, "curves": curves, "num_samples": reports[0][1]["num_samples"],
                "data": reports[0][1].get("data"), "reports": [str(p) for p, _ in reports]}
         Path(json_path).write_text(json.dumps(out, indent=2))
     if plot_path:
@@ -280,4 +352,8 @@ def compare_command(paths: Sequence[str], json_path: str | None, plot_path: str 
     if searches:
         table += ("\n\nSearched architectures beside the uniform subnet and the dynamic model nearest their target "
                   "(top-1)\n" + format_search(searches))
+    if curves:
+        plot_curves(curves, curves_path)
+        table += ("\n\nLearning curves: top-1 of the slimmest / largest route at each evaluated epoch\n"
+                  + format_curves(curves))
     return table

@@ -211,20 +211,21 @@ def format_sweep_row(report: dict, row: dict) -> str:
             + _against_curve(report, row["madds_mean"], row["top1"]))
 
 
-def check_plot_path(path: str) -> None:
-    """Refuse ``--plot path`` before any evaluation: matplotlib missing, a folder that does not
-    exist, or an extension matplotlib cannot write (naming the ones it can)."""
+def check_plot_path(path: str, option: str = "--plot") -> None:
+    """Refuse ``--plot path`` (or another ``option`` that writes a plot) before any evaluation:
+    matplotlib missing, a folder that does not exist, or an extension matplotlib cannot write
+    (naming the ones it can)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'dsnet[plot]'") from None
+        raise UserError(f"{option} needs matplotlib: pip install 'dsnet[plot]'") from None
     folder = Path(path).parent
     if not folder.is_dir():
-        raise UserError(f"--plot {path}: the folder {folder} does not exist; create it or choose another path")
+        raise UserError(f"{option} {path}: the folder {folder} does not exist; create it or choose another path")
     kinds = Figure().canvas.get_supported_filetypes()
     ext = Path(path).suffix.lstrip(".").lower()
     if ext not in kinds:
-        raise UserError(f"--plot {path}: matplotlib cannot write '{Path(path).suffix or 'no extension'}'; "
+        raise UserError(f"{option} {path}: matplotlib cannot write '{Path(path).suffix or 'no extension'}'; "
                         f"use one of {', '.join('.' + k for k in sorted(kinds))}")
 
 

@@ -279,7 +279,9 @@ def _json_line(line: str) -> dict:
 
 def learning_curves(paths: Sequence[str | Path]) -> list[dict]:
     """Each stage-one run under ``paths`` (a folder with a ``metrics.jsonl`` of stage
-    ``supernet``): its evaluated epochs and the top-1 of its slimmest and largest route at each."""
+    ``supernet``): its evaluated epochs and the top-1 of its slimmest and largest route at each,
+    with the running BN statistics the loop evaluates with; and ``final``, the same two after the
+    last epoch's BN recalibration (what its eval.json reports), where the run did that."""
     files: list[Path] = []
     for p in map(Path, paths):
         files += [p] if p.name == "metrics.jsonl" else sorted(p.rglob("metrics.jsonl")) if p.is_dir() else []
@@ -287,10 +289,15 @@ def learning_curves(paths: Sequence[str | Path]) -> list[dict]:
     for f in dict.fromkeys(files):
         evaluated = [r for r in map(_json_line, f.read_text().splitlines())
                      if r.get("stage") == "supernet" and "eval" in r]
-        if evaluated:
-            curves.append({"run": str(f.parent), "epoch": [r["epoch"] for r in evaluated],
-                           "slimmest": [r["eval"]["static"][0]["top1"] for r in evaluated],
-                           "largest": [r["eval"]["largest"]["top1"] for r in evaluated]})
+        during = [r for r in evaluated if not r.get("recalibrated")]
+        if not during:
+            continue
+        top1 = lambda r: {"slimmest": r["eval"]["static"][0]["top1"], "largest": r["eval"]["largest"]["top1"]}
+        final = [top1(r) for r in evaluated if r.get("recalibrated")]
+        curves.append({"run": str(f.parent), "epoch": [r["epoch"] for r in during],
+                       "slimmest": [r["eval"]["static"][0]["top1"] for r in during],
+                       "largest": [r["eval"]["largest"]["top1"] for r in during],
+                       "final": final[-1] if final else None})
     if not curves:
         raise UserError(f"--curves: no stage-one run with an evaluated epoch under {', '.join(map(str, paths))} "
                         "(curves come from a supernet run's metrics.jsonl; train.eval_interval sets how often it "
@@ -299,15 +306,21 @@ def learning_curves(paths: Sequence[str | Path]) -> list[dict]:
 
 
 def format_curves(curves: list[dict]) -> str:
-    """One line per run: top-1 of the slimmest / largest route at each evaluated epoch."""
+    """One line per run: top-1 of the slimmest / largest route at each evaluated epoch, then after
+    the final BN recalibration."""
     width = max(len(c["run"]) for c in curves)
-    return "\n".join(f"{c['run']:<{width}}  " + "  ".join(f"ep{e} {s:.2f}/{l:.2f}" for e, s, l in
-                                                        zip(c["epoch"], c["slimmest"], c["largest"]))
-                     for c in curves)
+    lines = []
+    for c in curves:
+        points = [f"ep{e} {s:.2f}/{l:.2f}" for e, s, l in zip(c["epoch"], c["slimmest"], c["largest"])]
+        if c["final"]:
+            points.append(f"recalibrated {c['final']['slimmest']:.2f}/{c['final']['largest']:.2f}")
+        lines.append(f"{c['run']:<{width}}  " + "  ".join(points))
+    return "\n".join(lines)
 
 
 def plot_curves(curves: list[dict], path: str | Path) -> None:
-    """Top-1 vs epoch, the slimmest route on the left and the largest on the right, one line per run."""
+    """Top-1 vs epoch, the slimmest route on the left and the largest on the right, one line per
+    run; a star at the last epoch for the value after the final BN recalibration."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -317,9 +330,11 @@ def plot_curves(curves: list[dict], path: str | Path) -> None:
     for c in curves:
         label = str(Path(c["run"]).relative_to(common)) if common and Path(c["run"]).is_relative_to(common) else c["run"]
         for ax, route in zip(axes, ("slimmest", "largest")):
-            ax.plot(c["epoch"], c[route], "o-", label=label)
+            (line,) = ax.plot(c["epoch"], c[route], "o-", label=label)
+            if c["final"]:
+                ax.plot([c["epoch"][-1]], [c["final"][route]], "*", markersize=11, color=line.get_color())
     for ax, route in zip(axes, ("slimmest route", "largest route")):
-        ax.set_title(route)
+        ax.set_title(f"{route} (star: after the final BN recalibration)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)

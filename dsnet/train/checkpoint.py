@@ -23,8 +23,8 @@ from dsnet.models.policy import Policy, with_policy
 from dsnet.models.spec import create
 from dsnet.models.weights import is_torchscript
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint", "build_model", "init_from_checkpoint", "rng_state", "set_rng_state", "input_size_of"]
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint",
+           "build_model", "same_supernet", "init_from_checkpoint", "rng_state", "set_rng_state", "input_size_of"]
 
 FORMAT, VERSION = "dsnet-checkpoint", 1
 STAGES = ("supernet", "gate", "static")
@@ -173,18 +173,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def same_supernet(model: DSNet, state: dict[str, Any]) -> bool:
+    """Whether a checkpoint ``state`` holds the supernet ``model`` is, up to what a new run may
+    change about it (its classes, routing space and dropout)."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    ours, theirs = dict(model.model_kwargs), dict(state.get("model_kwargs") or {})
+    shared = ours.keys() & theirs.keys() - {"num_classes", "routing_space", "drop_rate"}
+    return state.get("model_name") == model.model_name and all(plain(ours[k]) == plain(theirs[k]) for k in shared)
+
+
 def init_from_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
     """Load the weights of a supernet checkpoint (a run's or ``dsnet convert``'s) into ``model``
     to start a new run from them; optimizer and schedule are the new run's. A classifier for
     another number of classes is left as ``model`` built it. Returns the keys left as built."""
     state = read_checkpoint(path, ("supernet", "gate"))
-    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    ours, theirs = dict(model.model_kwargs), dict(state.get("model_kwargs") or {})
-    differ = [k for k in ours.keys() & theirs.keys() - {"num_classes", "routing_space", "drop_rate"}
-              if plain(ours[k]) != plain(theirs[k])]
-    if state.get("model_name") != model.model_name or differ:
-        raise CheckpointError(f"train.init_from={path} holds {state.get('model_name')}({theirs}), but the config "
-                              f"builds {model.model_name}({ours})")
+    if not same_supernet(model, state):
+        raise CheckpointError(f"train.init_from={path} holds {state.get('model_name')}({state.get('model_kwargs')}), "
+                              f"but the config builds {model.model_name}({dict(model.model_kwargs)})")
     own = model.state_dict()
     weights = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}
     kept = [k for k in own if k not in weights]

@@ -21,7 +21,7 @@ __all__ = ["build_parser", "parse_args", "subparsers", "train_parser", "check_tr
 
 TRAINERS = {"train-supernet": "supernet", "train-gate": "gate", "train-baseline": "baseline"}
 BUDGETS = ("scratch-e", "scratch-b", "scratch-b-supernet")  # dsnet.prune.budgets.BUDGETS
-PRUNERS = ("l1", "thinet", "regression", "weight", "slimming", "sss")  # dsnet.prune.baseline_spec.PRUNERS
+PRUNERS = ("l1", "thinet", "regression", "weight", "slimming", "sss", "inherited")  # dsnet.prune.baseline_spec.PRUNERS
 ONNX_EXPORTERS = ("dynamo", "torchscript")  # dsnet.deploy.onnx_export.ONNX_EXPORTERS, the first the default
 SEARCH_IMAGES, SEARCH_CALIB_BATCHES = 2000, 4  # dsnet.prune.search_run.IMAGES, CALIB_BATCHES
 OVERRIDES_HELP = ("config overrides applied to the checkpoint's stored config, e.g. train.batch_size=256 "
@@ -73,7 +73,8 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                       help="train static subnet I (or 'largest') as a plain model" +
                            ("" if required else " instead of the supernet (as dsnet train-baseline does)"))
     what.add_argument("--static-arch", metavar="FILE", help="train the architecture in FILE (a pruning run's "
-                      "architecture.json, e.g. of --prune slimming) from scratch, for --budget")
+                      "or dsnet search's architecture.json) from scratch, for --budget, or fine-tune it from the "
+                      "supernet with --prune inherited")
     base.add_argument("--budget", choices=BUDGETS, default="scratch-e",
                       help="scratch-e: train.epochs; scratch-b: epochs x MAdds(largest) / MAdds(I) (Liu et al.); "
                            "scratch-b-supernet: the supernet run's training MAdds (default scratch-e)")
@@ -81,7 +82,8 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                       "(Liu et al.'s ImageNet scripts: twice the epochs)")
     base.add_argument("--prune", choices=PRUNERS, help="prune the trained largest route to subnet I (l1, thinet, "
                       "regression), zero its smallest weights (weight) or find an architecture (slimming, sss; "
-                      "these two with --static-subnet largest), then fine-tune")
+                      "these two with --static-subnet largest), then fine-tune; inherited: fine-tune the trained "
+                      "supernet's own weights at subnet I or --static-arch")
     base.add_argument("--ratio", type=float, metavar="R", help="--prune slimming: the fraction of all channels "
                       "to remove by one global threshold on the BN scales (e.g. 0.4)")
     base.add_argument("--slimming-sparsity", type=float, metavar="S", help="--prune slimming: the L1 penalty on "
@@ -96,7 +98,8 @@ def _baseline_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     base.add_argument("--finetune-lr", type=float, metavar="LR", help="constant fine-tuning lr "
                       "(default train.lr / 100: Liu et al. fine-tune at 0.001 after training at 0.1)")
     base.add_argument("--prune-from", metavar="CHECKPOINT", help="the largest route's Scratch-E checkpoint "
-                      "to prune (default <output.dir>/scratch-e-largest, trained first if missing)")
+                      "to prune (default <output.dir>/scratch-e-largest, trained first if missing); for --prune "
+                      "inherited the supernet's (default <output.dir>/checkpoints/last.pth)")
     base.add_argument("--pretrained", metavar="CHECKPOINT", dest="prune_from", action=_DeprecatedPretrained,
                       help="deprecated name of --prune-from, removed in the next release")
 
@@ -107,7 +110,8 @@ def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         given = [f for f in ("prune", "prune_from", "finetune_epochs", "finetune_lr", "sparsity", "budget_cap_epochs",
                              "ratio", "slimming_sparsity", "sss_gamma") if getattr(args, f) is not None]
         if given or args.budget != "scratch-e":
-            parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I")
+            parser.error(f"--{(given or ['budget'])[0].replace('_', '-')} needs --static-subnet I"
+                         + (" or --static-arch FILE" if args.prune == "inherited" else ""))
 
 
 def _target_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -258,8 +262,8 @@ TRAIN_DESCRIPTIONS = {
     "supernet": "Stage one: train a DS-Net supernet with In-place Ensemble Bootstrapping (IEB).",
     "gate": "Stage two: freeze a stage-one supernet and train its gate with Sandwich Gate Sparsification (SGS).",
     "baseline": f"Train a static subnet or architecture from scratch (--budget {', '.join(BUDGETS)}) or pruned "
-                f"from the largest route and fine-tuned (--prune {', '.join(PRUNERS)}), with the supernet config's "
-                "data, optimizer and evaluation.",
+                f"from the largest route and fine-tuned (--prune {', '.join(PRUNERS)}; inherited: the trained "
+                "supernet's own weights, fine-tuned), with the supernet config's data, optimizer and evaluation.",
 }
 
 

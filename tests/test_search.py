@@ -1,7 +1,8 @@
 """dsnet search: greedy slimming on hand-made supernets with known answers (a channel space planted
 useless goes first), each candidate scored from its first unit as from the input, the exact cost and
 the stop of the architecture found, its plain model against the supernet with the cut channels
-zeroed, the outputs that evaluate, export, bench, profile and compare read, and one-line errors."""
+zeroed, the outputs that evaluate, export, bench, profile and compare read, and one-line errors;
+the inherited weights fine-tuned (``--prune inherited``)."""
 import copy
 import json
 
@@ -13,12 +14,16 @@ from dsnet.cli import main as dsnet_main
 from dsnet.config import load_config
 from dsnet.errors import UserError
 from dsnet.models.madds import measured_cost
+from dsnet.prune import baselines
 from dsnet.prune.arch import Architecture, arch_cost, build_plain, full_architecture, load_architecture, named_spaces
-from dsnet.prune.search import (Scorer, ScoringSet, check_target, greedy_search, narrower, slimmest_architecture,
-                                space_choices)
+from dsnet.prune.baselines import train_static
+from dsnet.prune.search import (Scorer, ScoringSet, check_target, greedy_search, narrower, reset_bn,
+                                slimmest_architecture, space_choices)
 from dsnet.prune.static import load_static
 from dsnet.report.compare import search_rows
 from dsnet.train.checkpoint import build_model, read_checkpoint, save_checkpoint
+from dsnet.train.evaluate import evaluate_plain
+from dsnet.train.runs import open_stage
 from dsnet.train.stage_one import train_supernet
 from tests.test_baselines import small_resnet
 from tests.test_runs import TINY
@@ -241,3 +246,100 @@ def test_dsnet_search_refuses_a_static_checkpoint(tmp_path, capsys):
     assert dsnet_main(["search", str(path), "--target-madds", "10M", "-o", str(tmp_path / "out")]) == 2
     assert f"checkpoint {path} is from stage 'static', expected 'supernet' or 'gate'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the inherited weights fine-tuned (train-baseline --prune inherited) -------------------------
+
+def _beside(supernet_run, *extra):
+    """The supernet run's config for a baseline beside it (``--prune-from`` defaults to its last.pth)."""
+    return load_config(None, [*TINY, f"output.dir={supernet_run}", "data.input_size=16", "train.log_interval=1",
+                              *extra])
+
+
+def _start_of(monkeypatch) -> list:
+    """Records, for each inherited run, the calibration batches and the weights it starts from."""
+    seen = []
+
+    def spy(trained, spec, batches, device, autocast):
+        model = real(trained, spec, batches, device, autocast)
+        seen.append((batches, copy.deepcopy(model.state_dict())))
+        return model
+
+    real = baselines._inherited
+    monkeypatch.setattr(baselines, "_inherited", spy)
+    return seen
+
+
+def _reestimated(model, batches):
+    """``model`` with its BN statistics zeroed and averaged over ``batches``, in eval mode."""
+    reset_bn(model)
+    with torch.no_grad():
+        model.train()
+        for x in batches:
+            model(x)
+    return model.eval()
+
+
+def test_an_inherited_run_starts_from_the_supernet_at_its_subnet_with_bn_reestimated_and_finetunes_at_a_constant_lr(
+        supernet_run, monkeypatch):
+    cfg = _beside(supernet_run)
+    seen = _start_of(monkeypatch)
+    run = train_static(cfg, 1, prune="inherited", finetune_epochs=2, finetune_lr=0.0123)
+    assert run.name == "inherited-subnet1"
+    (batches, start), = seen
+    assert len(batches) == cfg.train.recalibrate_batches
+    ckpt = supernet_run / "checkpoints" / "last.pth"
+    supernet = build_model(read_checkpoint(ckpt))
+    expected = _reestimated(supernet.extract(supernet.routes.resolve(1)), batches)
+    assert start.keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert_close(start[key], value, rtol=0, atol=0, msg=key)
+    record = json.loads((run / "eval.json").read_text())["baseline"]
+    val = open_stage(cfg).data.val
+    assert record["top1_before_finetune"] == evaluate_plain(expected, val, CPU)["top1"]
+    assert record["prune_from"] == str(ckpt) and record["method"] == "inherited" and record["subnet"] == 1
+    # fine-tuned like every pruned model: finetune_epochs x updates per epoch steps at the constant lr given
+    per_epoch = 96 // 16
+    state = read_checkpoint(run / "checkpoints" / "last.pth", "static")
+    assert state["step"] == state["total_steps"] == record["steps"] == 2 * per_epoch
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in steps if "losses" in r] == [0.0123] * (2 * per_epoch)
+    assert not torch.equal(state["model"]["fc.weight"], start["fc.weight"])  # it did train
+
+
+def _static_checkpoint(tmp_path):
+    return save_checkpoint({"stage": "static", "model_name": "ds_resnet20", "model_kwargs": {}}, tmp_path / "s.pth")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--static-subnet", "1", "--prune-from", "{static}"],
+     "--prune-from {static} is a 'static' checkpoint of ds_resnet20({{}}); --prune inherited starts from a stage-one "
+     "or stage-two ('supernet' or 'gate') checkpoint of ds_resnet20("),
+    (["--static-subnet", "1", "--prune-from", "{supernet}"],
+     "--prune-from {supernet} is a 'supernet' checkpoint of ds_resnet20({{'num_classes': 4, "),
+    (["--static-subnet", "1"], "--prune inherited fine-tunes the supernet trained in {out}, but "
+                               "{out}/checkpoints/last.pth does not exist: train it first or give its checkpoint "
+                               "with --prune-from"),
+])
+def test_prune_inherited_refuses_a_checkpoint_that_is_not_the_configs_supernet_in_one_line(
+        supernet_run, tmp_path, capsys, extra, message):
+    paths = {"static": _static_checkpoint(tmp_path), "supernet": supernet_run / "checkpoints" / "last.pth",
+             "out": tmp_path / "x"}  # the supernet run is a ds_resnet20 of other widths than quickstart's
+    args = ["train-baseline", "-c", "configs/quickstart.yml", f"output.dir={tmp_path / 'x'}", "--prune", "inherited"]
+    assert dsnet_main([*args, *(a.format(**paths) for a in extra)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(**paths) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_prune_inherited_needs_a_subnet_or_an_architecture(tmp_path, capsys):
+    args = ["-c", "configs/quickstart.yml", f"output.dir={tmp_path / 'x'}", "--prune", "inherited"]
+    with pytest.raises(SystemExit) as exit_:
+        dsnet_main(["train-baseline", *args])
+    assert exit_.value.code == 2
+    assert "one of the arguments --static-subnet --static-arch is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        dsnet_main(["train-supernet", *args])
+    assert exit_.value.code == 2
+    assert "--prune needs --static-subnet I or --static-arch FILE" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

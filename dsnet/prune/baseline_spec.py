@@ -4,7 +4,8 @@
 ``BaselineSpec`` or one UserError naming the combination that does not go, before anything runs.
 The method is what ``dsnet compare`` groups by; the run directory is ``<method>-<subnet>``
 (``scratch-b-subnet0``, ``l1-subnet2``), ``weight<S>-largest`` and ``<budget>-weight<S>-largest``
-for weight pruning, and ``dsnet.prune.found``'s names for slimming, SSS and ``--static-arch`` runs.
+for weight pruning, and ``dsnet.prune.found``'s names for slimming, SSS and ``--static-arch`` runs
+(``inherited-<label>`` for an architecture fine-tuned from the supernet, as ``scratch-e-<label>``).
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from dsnet.prune.arch import Architecture, load_architecture
 from dsnet.prune.budgets import BUDGETS, Subnet
 from dsnet.prune.reconstruct import METHODS as RECONSTRUCTIONS
 
-__all__ = ["PRUNERS", "METHODS", "BaselineSpec", "baseline_spec", "run_name", "parse_subnet", "check_subnet"]
+__all__ = ["INHERITED", "PRUNERS", "METHODS", "BaselineSpec", "baseline_spec", "run_name", "parse_subnet",
+           "check_subnet"]
 
-PRUNERS = ("l1", *RECONSTRUCTIONS, "weight", *found.FINDERS)
+INHERITED = "inherited"  # no pruning: the supernet's own weights at a subnet or architecture, fine-tuned
+PRUNERS = ("l1", *RECONSTRUCTIONS, "weight", *found.FINDERS, INHERITED)
 METHODS = (*BUDGETS, *PRUNERS)
 
 
@@ -72,11 +75,13 @@ def baseline_spec(subnet: Subnet | None, budget: str, prune: str | None, sparsit
     if finetune_epochs < 1:
         raise UserError(f"--finetune-epochs must be a positive integer, got {finetune_epochs}")
     if static_arch is not None:
-        if subnet is not None or prune is not None or sparsity is not None:
-            raise UserError("--static-arch trains that architecture from scratch: give it with --budget alone, "
-                            "without --static-subnet, --prune or --sparsity")
+        if subnet is not None or prune not in (None, INHERITED) or sparsity is not None:
+            raise UserError("--static-arch trains that architecture from scratch or, with --prune inherited, "
+                            "fine-tunes it from the supernet: give it with --budget or --prune inherited alone, "
+                            "without --static-subnet, another --prune or --sparsity")
         arch = load_architecture(static_arch)[0]
-        return BaselineSpec(f"{budget}-arch", f"{budget}-{found.arch_label(static_arch)}", "arch", budget,
+        method = INHERITED if prune else f"{budget}-arch"
+        return BaselineSpec(method, f"{prune or budget}-{found.arch_label(static_arch)}", "arch", budget, prune,
                      arch=arch, arch_file=str(static_arch))
     if subnet is None:
         raise UserError("a baseline needs --static-subnet I (or 'largest') or --static-arch FILE")
@@ -102,7 +107,7 @@ def _check_sparsity(subnet: Subnet, prune: str | None, sparsity: float | None) -
     if prune == "weight" and (subnet != "largest" or sparsity is None):
         raise UserError("--prune weight keeps the largest route's shape and zeroes a fraction of its weights: "
                          "give --static-subnet largest and --sparsity S (e.g. 0.5)")
-    if prune not in (None, "weight") and subnet == "largest":
+    if prune not in (None, "weight", INHERITED) and subnet == "largest":
         raise UserError(f"--prune {prune} needs --static-subnet I, the subnet whose width to prune to")
     if sparsity is not None and prune not in (None, "weight"):
         raise UserError("--sparsity sets the fraction of weights --prune weight zeroes; it goes with --prune weight "

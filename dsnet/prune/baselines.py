@@ -35,6 +35,15 @@ fine-tune 40 epochs at 0.001 after 160 at 0.1.
 ``--prune slimming|sss`` and ``--static-arch FILE`` (architectures found by pruning, trained
 from scratch) are described in ``dsnet.prune.found``.
 
+``--prune inherited`` with ``--static-subnet I`` or ``--static-arch FILE`` (e.g. a ``dsnet search``
+result) prunes nothing: it fine-tunes the trained supernet's own weights, the plain model of subnet
+I or of that architecture holding the supernet's leading channels, its BN statistics re-estimated on
+``train.recalibrate_batches`` calibration batches as the search re-estimates them (``reset_bn``).
+``--prune-from`` gives the supernet, a stage-one or stage-two checkpoint of the config's model
+(default ``<output.dir>/checkpoints/last.pth``, the run the baselines sit beside); the run is
+``inherited-subnet<I>`` or ``inherited-<label>`` (the architecture's label, as its scratch runs'),
+the fine-tuned column beside the inherited weights and Scratch-E/B in ``dsnet compare``.
+
 Each run lives in ``<output.dir>/<method>-<subnet>`` (``scratch-b-subnet0``, ``l1-subnet2``,
 ``scratch-e-largest``; ``dsnet.prune.baseline_spec`` names them and checks the options, ``dsnet.prune.budgets``
 counts the steps), so baselines sit beside the supernet run that shares their config; its
@@ -57,14 +66,16 @@ from dsnet.config import Config, replace
 from dsnet.errors import UserError
 from dsnet.models.net import DenseNet, DSNet
 from dsnet.prune import found
-from dsnet.prune.arch import Architecture, arch_cost, check_architecture, fresh_plain, save_architecture
-from dsnet.prune.baseline_spec import BaselineSpec, baseline_spec, check_subnet, run_name
+from dsnet.prune.arch import Architecture, arch_cost, build_plain, check_architecture, fresh_plain, save_architecture
+from dsnet.prune.baseline_spec import INHERITED, BaselineSpec, baseline_spec, check_subnet, run_name
 from dsnet.prune.budgets import Subnet, budget_steps, finetune_epochs_default
 from dsnet.prune.channels import implant, l1_prune
 from dsnet.prune.reconstruct import reconstruct_prune
+from dsnet.prune.search import reset_bn
 from dsnet.prune.sparse import apply_masks, keep_masks, magnitude_masks, sparse_madds
 from dsnet.prune.static import baseline_report, load_static, plain_subnet, static_cost, tag_plain
-from dsnet.train.checkpoint import read_checkpoint
+from dsnet.train.checkpoint import build_model as rebuild
+from dsnet.train.checkpoint import read_checkpoint, same_supernet
 from dsnet.train.engine import Evaluation, Loop
 from dsnet.train.evaluate import evaluate_plain
 from dsnet.train.runs import (Setup, build_criterion, build_model, build_optimizer, build_scheduler, input_shape,
@@ -92,7 +103,10 @@ class StaticStep:
 
 def _prune_source(cfg: Config, base: Path, path: str | None, spec: "BaselineSpec") -> tuple[dict, Path]:
     """(state, path) of the finished run of the largest route that pruning starts from: its
-    Scratch-E run, or for slimming and SSS its penalty-trained run (``dsnet.prune.found``)."""
+    Scratch-E run, or for slimming and SSS its penalty-trained run (``dsnet.prune.found``); for
+    ``inherited``, the trained supernet."""
+    if spec.prune == INHERITED:
+        return _supernet_source(cfg, base, path)
     kind = spec.prune if spec.prune in found.FINDERS else None
     name = found.train_run_name(kind, spec.penalty) if kind else run_name("scratch-e", "largest")
     default = base / name / "checkpoints" / "last.pth"
@@ -115,10 +129,37 @@ def _prune_source(cfg: Config, base: Path, path: str | None, spec: "BaselineSpec
     return state, path
 
 
-def _pruned(spec: BaselineSpec, supernet: DSNet, large: DenseNet, calib, cfg: Config, device: torch.device,
+def _supernet_source(cfg: Config, base: Path, path: str | None) -> tuple[dict, Path]:
+    """(state, path) of the trained supernet ``--prune inherited`` takes its weights from: a
+    stage-one or stage-two checkpoint of the config's model, by default the run beside the baselines."""
+    default = base / "checkpoints" / "last.pth"
+    if path is None and not default.exists():
+        raise UserError(f"--prune inherited fine-tunes the supernet trained in {base}, but {default} does not "
+                         f"exist: train it first or give its checkpoint with --prune-from")
+    path = Path(path or default)
+    state = read_checkpoint(path)
+    supernet = build_model(cfg, cfg.model.num_classes or 2)
+    if state.get("stage") not in ("supernet", "gate") or not same_supernet(supernet, state):
+        raise UserError(f"--prune-from {path} is a '{state.get('stage')}' checkpoint of {state.get('model_name')}"
+                         f"({state.get('model_kwargs')}); --prune inherited starts from a stage-one or stage-two "
+                         f"('supernet' or 'gate') checkpoint of {supernet.model_name}({dict(supernet.model_kwargs)})")
+    return state, path
+
+
+def _pruned(spec: BaselineSpec, supernet: DSNet, state: dict, cfg: Config, setup: Setup,
             size) -> tuple[nn.Module, dict, dict | None, Architecture | None]:
     """(the pruned plain model, what its baseline record adds, the weight masks fine-tuning keeps
-    or None, the architecture found or None) of ``large``, the trained largest route."""
+    or None, the architecture found or None) of ``state``'s model: the trained largest route, or
+    for ``inherited`` the trained supernet."""
+    device = setup.runtime.device
+    if spec.prune == INHERITED:
+        batches = _calibration(setup.data.calib, cfg)
+        model = _inherited(rebuild(state), spec, batches, device, setup.autocast)
+        record = {"calib_images": sum(len(x) for x in batches)}
+        if spec.arch is not None:
+            record["architecture_from"] = spec.arch_file
+        return tag_plain(model, supernet), record, None, spec.arch
+    large = load_static(state)[0]
     if spec.prune == "weight":
         return (*_sparse(large, large, spec.sparsity, supernet, size), None)
     if spec.prune in found.FINDERS:
@@ -127,9 +168,32 @@ def _pruned(spec: BaselineSpec, supernet: DSNet, large: DenseNet, calib, cfg: Co
     net = implant(supernet, large)
     if spec.prune == "l1":
         return tag_plain(l1_prune(net, spec.subnet), supernet), {}, None, None
-    batches = [x for x, _ in itertools.islice(calib, cfg.train.recalibrate_batches)]
+    batches = _calibration(setup.data.calib, cfg)
     pruned = reconstruct_prune(net.to(device), spec.subnet, spec.prune, batches, cfg.train.seed)
     return tag_plain(pruned, supernet), {"calib_images": sum(len(x) for x in batches)}, None, None
+
+
+def _calibration(calib, cfg: Config) -> list[Tensor]:
+    """The first ``train.recalibrate_batches`` batches [B, C, H, W] of the calibration loader."""
+    return [x for x, _ in itertools.islice(calib, cfg.train.recalibrate_batches)]
+
+
+@torch.no_grad()
+def _inherited(trained: DSNet, spec: BaselineSpec, batches: list[Tensor], device: torch.device,
+               autocast: Callable[[], Any]) -> DenseNet:
+    """``trained`` (the supernet) at ``spec``'s static subnet or architecture as a plain model
+    holding its leading channels, on ``device``, its BN statistics zeroed and re-estimated as the
+    equal-weight average over ``batches`` (training mode, no update of any weight)."""
+    if spec.arch is None:
+        model = trained.extract(trained.routes.resolve(spec.subnet))
+    else:
+        model = build_plain(trained, spec.arch)
+    model = model.to(device).train()
+    reset_bn(model)
+    with autocast():
+        for x in batches:
+            model(x.to(device))
+    return model
 
 
 def _sparse(model: DenseNet, large: DenseNet, sparsity: float, supernet: DSNet,
@@ -251,11 +315,11 @@ def _plan(cfg: Config, setup: Setup, supernet: DSNet, spec: BaselineSpec, start:
     lr = optimizer_kwargs(cfg, setup.runtime)["lr"]
     info: dict[str, Any] = {"method": spec.method, "subnet": spec.subnet}
     if start is not None and list(start[0].get("classes") or data.classes) != data.classes:
-        raise UserError(f"the largest route to prune (--prune-from) was trained on other classes than {cfg.data.root}")
+        raise UserError(f"the model to prune (--prune-from {start[1]}) was trained on other classes than "
+                         f"{cfg.data.root}")
     if spec.prune:
         state, path = start
-        model, record, masks, arch = _pruned(spec, supernet, load_static(state)[0], data.calib, cfg,
-                                             setup.runtime.device, size)
+        model, record, masks, arch = _pruned(spec, supernet, state, cfg, setup, size)
         info.update(record, prune_from=str(path))
         steps, ratio = finetune_epochs * per_epoch, 1.0
         lr = finetune_lr if finetune_lr is not None else lr / 100

@@ -2,7 +2,7 @@
 useless goes first), each candidate scored from its first unit as from the input, the exact cost and
 the stop of the architecture found, its plain model against the supernet with the cut channels
 zeroed, the outputs that evaluate, export, bench, profile and compare read, and one-line errors;
-the inherited weights fine-tuned (``--prune inherited``)."""
+the inherited weights fine-tuned (``--prune inherited``) and their column in compare's search table."""
 import copy
 import json
 
@@ -20,7 +20,7 @@ from dsnet.prune.baselines import train_static
 from dsnet.prune.search import (Scorer, ScoringSet, check_target, greedy_search, narrower, reset_bn,
                                 slimmest_architecture, space_choices)
 from dsnet.prune.static import load_static
-from dsnet.report.compare import search_rows
+from dsnet.report.compare import collect, compare_rows, search_rows
 from dsnet.train.checkpoint import build_model, read_checkpoint, save_checkpoint
 from dsnet.train.evaluate import evaluate_plain
 from dsnet.train.runs import open_stage
@@ -165,11 +165,19 @@ def test_compare_puts_each_searched_architecture_beside_the_nearest_uniform_subn
                 architecture_from="/r/slimming0.4-largest/architecture.json"),
             row("scratch-b", "/r/scratch-b-subnet1", 1, 10e6, 59.0),
             row("scratch-e", "/r/scratch-e-subnet2", 2, 14e6, 1.0),
+            row("inherited", "/r/inherited-subnet2", 2, 14e6, 3.0),
+            row("inherited", "/r/inherited-elsewhere", "arch", 10.1e6, 2.0,
+                architecture_from="/r/slimming0.4-largest/architecture.json"),
+            row("inherited", "/r/inherited-search-10.2M", "arch", 10.1e6, 57.5,
+                architecture_from="/r/search-10.2M/architecture.json"),
+            row("inherited", "/r/inherited-subnet1", 1, 10e6, 56.0),
             row("dynamic", "/r/gate", "dynamic", 12e6, 61.0), row("gate", "/r/gate", "s=+0.50", 10.5e6, 56.0)]
     assert search_rows(rows) == [{
         "run": "/r/search-10.2M", "target_madds": 10.2e6,
-        "searched": {"madds": 10.1e6, "params": 10, "inherited": 57.0, "scratch_e": 58.0, "scratch_b": None},
-        "uniform": {"subnet": 1, "madds": 10e6, "inherited": 55.0, "scratch_e": None, "scratch_b": 59.0},
+        "searched": {"madds": 10.1e6, "params": 10, "inherited": 57.0, "fine_tuned": 57.5, "scratch_e": 58.0,
+                     "scratch_b": None},
+        "uniform": {"subnet": 1, "madds": 10e6, "inherited": 55.0, "fine_tuned": 56.0, "scratch_e": None,
+                    "scratch_b": 59.0},
         "dynamic": {"label": "gate s=+0.50", "madds": 10.5e6, "top1": 56.0}}]
 
 
@@ -305,6 +313,34 @@ def test_an_inherited_run_starts_from_the_supernet_at_its_subnet_with_bn_reestim
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in steps if "losses" in r] == [0.0123] * (2 * per_epoch)
     assert not torch.equal(state["model"]["fc.weight"], start["fc.weight"])  # it did train
+
+
+def test_compare_fills_the_fine_tuned_column_of_the_searched_architecture_and_of_the_uniform_subnet(
+        supernet_run, monkeypatch, capsys):
+    ckpt = supernet_run / "checkpoints" / "last.pth"
+    assert dsnet_main(["search", str(ckpt), "--target-madds", "2.2M", "--holdout", "0.3", "--images", "100",
+                       "--calib-batches", "1", "data.synthetic_train_size=400"]) == 0
+    folder = supernet_run / "search-2.2M"
+    cfg = _beside(supernet_run)
+    uniform = search_rows(compare_rows(collect([supernet_run])))[0]["uniform"]["subnet"]
+    seen = _start_of(monkeypatch)
+    found = train_static(cfg, None, prune="inherited", static_arch=str(folder / "architecture.json"))
+    beside = train_static(cfg, uniform, prune="inherited")
+    assert found.name == "inherited-search-2.2M" and beside.name == f"inherited-subnet{uniform}"
+    arch = load_architecture(folder / "architecture.json")[0]  # the architecture's start: build_plain, re-estimated
+    expected = _reestimated(build_plain(build_model(read_checkpoint(ckpt)), arch), seen[0][0])
+    for key, value in expected.state_dict().items():
+        assert_close(seen[0][1][key], value, rtol=0, atol=0, msg=key)
+    assert Architecture.from_dict(read_checkpoint(found / "checkpoints" / "last.pth")["architecture"]) == arch
+    top1 = {run: json.loads((run / "eval.json").read_text())["static"][0]["top1"] for run in (found, beside)}
+    assert dsnet_main(["compare", str(supernet_run), "--json", str(supernet_run.parent / "c.json")]) == 0
+    table = capsys.readouterr().out
+    entry = next(s for s in json.loads((supernet_run.parent / "c.json").read_text())["search"]
+                 if s["run"] == str(folder))
+    assert entry["searched"]["fine_tuned"] == top1[found] and entry["uniform"]["fine_tuned"] == top1[beside]
+    assert "fine-tuned" in table and "inherited from the supernet + fine-tuned" in table
+    searched = next(line for line in table.splitlines() if line.startswith("searched (search-2.2M)"))
+    assert f"{top1[found]:.2f}" in searched.split()[4]
 
 
 def _static_checkpoint(tmp_path):

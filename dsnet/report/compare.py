@@ -6,7 +6,8 @@ directory alone (with its ``gate/`` and ``<method>-<subnet>/`` baseline runs ins
 Every report must come from the same evaluation set (its ``data`` record and sample count); a run
 evaluated elsewhere is refused, naming both runs. A ``dsnet search`` folder (its ``eval.json``)
 adds the searched architecture, shown beside the uniform subnet and the dynamic model nearest its
-target and with its and the subnet's Scratch-E and Scratch-B runs (``search_rows``).
+target and with its and the subnet's fine-tuned (``--prune inherited``), Scratch-E and Scratch-B runs
+(``search_rows``).
 
 ``--curves`` adds learning curves: the top-1 of the slimmest and the largest route at every
 evaluated epoch of each stage-one run (its ``metrics.jsonl``), one line per run, to compare runs
@@ -36,9 +37,12 @@ SERIES = {"supernet": "DS-Net supernet (static subnets)", "dynamic": "DS-Net dyn
           "slimming-train": "large model, slimming's BN penalty", "sss-train": "large model, SSS's factors",
           "slimming": "Network Slimming + fine-tuned", "sss": "SSS + fine-tuned",
           "scratch-e-arch": "Scratch-E (found architecture)", "scratch-b-arch": "Scratch-B (found architecture)",
-          "search": "searched architecture (inherited)"}
-# the study's pruning methods, in Liu et al.'s order: predefined architectures, then found ones
-PRUNED = ("l1", "thinet", "regression", "weight", "slimming", "sss")
+          "search": "searched architecture (inherited)", "inherited": "inherited from the supernet + fine-tuned"}
+# the study's pruning methods, in Liu et al.'s order: predefined architectures, then found ones, then
+# the supernet's own weights fine-tuned at a subnet or architecture: Liu et al.'s question asked of the
+# supernet (does inheriting its weights beat training that architecture from scratch?), so it sits in
+# the study beside the Scratch-E/B runs of the same architecture as every fine-tuned model does
+PRUNED = ("l1", "thinet", "regression", "weight", "slimming", "sss", "inherited")
 
 
 def collect(paths: Sequence[str | Path]) -> list[tuple[Path, dict]]:
@@ -139,7 +143,10 @@ def format_compare(rows: list[dict]) -> str:
 
 
 def _same_architecture(pruned: dict, scratch: dict) -> bool:
-    """Whether a scratch row trains the architecture of a pruned row."""
+    """Whether a scratch (or inherited) row trains the architecture of a pruned row."""
+    if pruned.get("architecture_from") is not None:  # an architecture file fine-tuned (--prune inherited)
+        source = scratch.get("architecture_from")
+        return source is not None and Path(source).resolve() == Path(pruned["architecture_from"]).resolve()
     if pruned["method"] in ("slimming", "sss", "search"):
         source = scratch.get("architecture_from")
         return source is not None and Path(source).resolve().parent == Path(pruned["run"]).resolve()
@@ -191,7 +198,8 @@ def _nearest(rows: list[dict], madds: float) -> dict | None:
 def search_rows(rows: list[dict]) -> list[dict]:
     """Each searched architecture (``dsnet search``) beside the uniform subnet of its supernet
     and the dynamic operating point (shipped policy or gate sweep) whose MAdds are nearest its
-    target, with the Scratch-E and Scratch-B runs of each architecture (None where missing)."""
+    target, with the fine-tuned (``--prune inherited``), Scratch-E and Scratch-B runs of each
+    architecture (None where missing)."""
     out = []
     for s in (r for r in rows if r["method"] == "search"):
         target = s.get("target_madds") or s["madds"]
@@ -201,13 +209,15 @@ def search_rows(rows: list[dict]) -> list[dict]:
         dynamic = _nearest([r for r in rows if r["method"] in ("dynamic", "gate")], target)
         entry = {"run": s["run"], "target_madds": target, "searched": {
             "madds": s["madds"], "params": s["params"], "inherited": s["top1"],
-            **{b.replace("-", "_"): _top1(rows, lambda r, b=b: r["method"] == f"{b}-arch" and _same_architecture(s, r))
-               for b in ("scratch-e", "scratch-b")}}, "uniform": None, "dynamic": None}
+            **{key: _top1(rows, lambda r, m=m: r["method"] == m and _same_architecture(s, r))
+               for key, m in (("fine_tuned", "inherited"), ("scratch_e", "scratch-e-arch"),
+                              ("scratch_b", "scratch-b-arch"))}}, "uniform": None, "dynamic": None}
         if uniform is not None:
-            entry["uniform"] = {"subnet": uniform["subnet"], "madds": uniform["madds"], "inherited": uniform["top1"],
-                                **{b.replace("-", "_"): _top1(rows, lambda r, b=b: r["method"] == b and
-                                                             r["subnet"] == uniform["subnet"])
-                                   for b in ("scratch-e", "scratch-b")}}
+            subnet = uniform["subnet"]
+            entry["uniform"] = {"subnet": subnet, "madds": uniform["madds"], "inherited": uniform["top1"],
+                                **{key: _top1(rows, lambda r, m=m: r["method"] == m and r["subnet"] == subnet)
+                                   for key, m in (("fine_tuned", "inherited"), ("scratch_e", "scratch-e"),
+                                                  ("scratch_b", "scratch-b"))}}
         if dynamic is not None:
             label = "shipped policy" if dynamic["method"] == "dynamic" else f"gate {dynamic['subnet']}"
             entry["dynamic"] = {"label": label, "madds": dynamic["madds"], "top1": dynamic["top1"]}
@@ -220,19 +230,20 @@ def format_search(searches: list[dict]) -> str:
     def cell(v):
         return f"{v:>10.2f}" if v is not None else f"{'-':>10}"
 
-    lines = [f"{'model':<40} {'MAdds (M)':>9} {'inherited':>10} {'Scratch-E':>10} {'Scratch-B':>10}"]
+    lines = [f"{'model':<40} {'MAdds (M)':>9} {'inherited':>10} {'fine-tuned':>10} {'Scratch-E':>10} "
+             f"{'Scratch-B':>10}"]
     for s in searches:
         a = s["searched"]
         lines.append(f"{'searched (' + Path(s['run']).name + ')':<40} {a['madds'] / 1e6:>9.2f} {cell(a['inherited'])} "
-                     f"{cell(a['scratch_e'])} {cell(a['scratch_b'])}")
+                     f"{cell(a['fine_tuned'])} {cell(a['scratch_e'])} {cell(a['scratch_b'])}")
         if s["uniform"] is not None:
             u = s["uniform"]
             lines.append(f"{'uniform subnet ' + str(u['subnet']):<40} {u['madds'] / 1e6:>9.2f} {cell(u['inherited'])} "
-                         f"{cell(u['scratch_e'])} {cell(u['scratch_b'])}")
+                         f"{cell(u['fine_tuned'])} {cell(u['scratch_e'])} {cell(u['scratch_b'])}")
         if s["dynamic"] is not None:
             d = s["dynamic"]
             lines.append(f"{'dynamic (' + d['label'] + ')':<40} {d['madds'] / 1e6:>9.2f} {cell(d['top1'])} "
-                         f"{cell(None)} {cell(None)}")
+                         f"{cell(None)} {cell(None)} {cell(None)}")
     return "\n".join(lines)
 
 
@@ -247,7 +258,8 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> None:
     styles = {"supernet": "o-", "dynamic": "*", "gate": ".--", "cascade": "x:", "scratch-e": "s--",
               "scratch-b": "^--", "scratch-b-supernet": "v--", "l1": "D:", "thinet": "P:", "regression": "X:",
               "weight": "h:", "scratch-e-sparse": "s", "scratch-b-sparse": "^", "slimming": "d", "sss": "p",
-              "scratch-e-arch": "s", "scratch-b-arch": "^", "slimming-train": "o", "sss-train": "o", "search": "H"}
+              "scratch-e-arch": "s", "scratch-b-arch": "^", "slimming-train": "o", "sss-train": "o", "search": "H",
+              "inherited": "8"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     supernets = {r["run"] for r in rows if r["method"] == "supernet"}
     # a baseline series gathers its runs; each supernet (and its gate) is a series of its own

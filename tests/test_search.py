@@ -20,7 +20,7 @@ from dsnet.prune.baselines import train_static
 from dsnet.prune.search import (Scorer, ScoringSet, check_target, greedy_search, narrower, reset_bn,
                                 slimmest_architecture, space_choices)
 from dsnet.prune.static import load_static
-from dsnet.report.compare import collect, compare_rows, search_rows
+from dsnet.report.compare import collect, compare_rows, search_rows, study_rows
 from dsnet.train.checkpoint import build_model, read_checkpoint, save_checkpoint
 from dsnet.train.evaluate import evaluate_plain
 from dsnet.train.runs import open_stage
@@ -341,6 +341,21 @@ def test_compare_fills_the_fine_tuned_column_of_the_searched_architecture_and_of
     assert "fine-tuned" in table and "inherited from the supernet + fine-tuned" in table
     searched = next(line for line in table.splitlines() if line.startswith("searched (search-2.2M)"))
     assert f"{top1[found]:.2f}" in searched.split()[4]
+
+
+def test_the_study_puts_each_inherited_run_beside_the_scratch_runs_of_its_subnet_or_architecture_file():
+    def row(method, run, subnet, top1, **extra):
+        return {"method": method, "run": run, "subnet": subnet, "madds": 1e6, "params": 10, "top1": top1, **extra}
+
+    searched = {"architecture_from": "/r/search-2M/architecture.json"}
+    rows = [row("inherited", "/r/inherited-subnet1", 1, 56.0), row("scratch-e", "/r/scratch-e-subnet1", 1, 58.0),
+            row("scratch-b", "/r/scratch-b-subnet2", 2, 1.0),  # another subnet
+            row("inherited", "/r/inherited-search-2M", "arch", 57.0, **searched),
+            row("scratch-b-arch", "/r/scratch-b-search-2M", "arch", 59.0, **searched),
+            row("scratch-e-arch", "/r/scratch-e-other", "arch", 1.0,
+                architecture_from="/r/slimming0.4-largest/architecture.json")]  # another architecture
+    study = {s["run"]: (s["fine_tuned"], s["scratch_e"], s["scratch_b"]) for s in study_rows(rows)}
+    assert study == {"/r/inherited-subnet1": (56.0, 58.0, None), "/r/inherited-search-2M": (57.0, None, 59.0)}
 
 
 def _static_checkpoint(tmp_path):

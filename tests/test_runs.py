@@ -315,3 +315,19 @@ def test_stage_two_evaluates_the_frozen_subnets_once_and_the_gate_at_its_interva
     assert calls == {"static": 1, "gated": gated}
     report = json.loads((gate_run / "eval.json").read_text())
     assert len(report["static"]) == 3 and report["dynamic"]["madds_mean"] > 0
+
+
+def test_resume_auto_on_a_finished_stage_one_run_recalibrates_nothing_again(tmp_path, monkeypatch):
+    """The same command run again (``train.resume=auto``) after stage one finished: the
+    checkpoint's recalibrated statistics and eval.json stand, no second recalibration."""
+    import dsnet.train.stage_one
+
+    run = train_supernet(tiny(tmp_path))
+    before, report = weights(run / "checkpoints" / "last.pth"), (run / "eval.json").read_text()
+    calls = []
+    monkeypatch.setattr(dsnet.train.stage_one, "recalibrate_run", lambda *a, **k: calls.append(1))
+    assert train_supernet(tiny(tmp_path, "train.resume=auto")) == run
+    assert calls == [] and (run / "eval.json").read_text() == report
+    assert_same_weights(weights(run / "checkpoints" / "last.pth"), before)
+    train_supernet(tiny(tmp_path, "train.epochs=3", "train.resume=auto", "train.resume_changes=accept"))
+    assert calls  # an added epoch changed the weights: its statistics are recalibrated

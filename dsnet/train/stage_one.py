@@ -48,6 +48,8 @@ def train_supernet(cfg: Config) -> Path:
     opt = optimizer_kwargs(cfg, runtime)
 
     def start(loop: Loop, resumed: dict | None) -> None:  # in the run (and its train.log), before training
+        if resumed is not None and resumed.get("bn_recalibrated") and loop.epoch >= loop.epochs:
+            loop.extra_state["bn_recalibrated"] = True  # a finished run started again: nothing to redo
         logger.info("lr %.4g: train.lr %g x global batch %d / train.lr_base_batch %d", opt["lr"], cfg.train.lr,
                     cfg.train.batch_size * runtime.world_size * cfg.train.grad_accum, cfg.train.lr_base_batch)
 
@@ -80,8 +82,9 @@ def train_supernet(cfg: Config) -> Path:
 def _recalibrate_last(cfg: Config, loop: Loop, setup: Setup, evaluate: Callable[[int], Evaluation]) -> None:
     """After the last epoch of stage one (``train.recalibrate_bn``): recalibrate the BN statistics
     of the supernet and its EMA per width, evaluate again and save (``best.pth`` too when the last
-    epoch was the best)."""
-    if not (cfg.train.recalibrate_bn and loop.epoch == loop.epochs):
+    epoch was the best). A finished run resumed (``train.resume=auto`` run again) was recalibrated
+    already: its checkpoint and evaluation stand."""
+    if not (cfg.train.recalibrate_bn and loop.epoch == loop.epochs) or loop.extra_state.get("bn_recalibrated"):
         return
     final_is_best = loop.last_eval is not None and loop.last_eval.best_metric == loop.best  # best.pth is this epoch
     for net in [loop.model] + ([loop.ema.module] if loop.ema is not None else []):

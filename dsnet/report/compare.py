@@ -336,8 +336,10 @@ def plot_curves(curves: list[dict], path: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     common = Path(*Path(curves[0]["run"]).parts[:-1]) if len(curves) > 1 else None
     for c in curves:
         label = str(Path(c["run"]).relative_to(common)) if common and Path(c["run"]).is_relative_to(common) else c["run"]

@@ -111,7 +111,8 @@ def test_print_config_prints_every_key_after_overrides_and_feeds_back(tmp_path, 
 def test_print_config_fed_back_as_the_config_reproduces_the_run(tmp_path, capsys):
     """Run A: the quickstart config plus overrides. Run B: only the YAML that --print-config gave
     for A (output.dir aside). Deterministic runs of one config end on the same weights."""
-    overrides = [*TINY, "train.epochs=1", "train.max_steps_per_epoch=3", "train.lr=0.05", "ieb.ema_decay=0.5"]
+    overrides = [*TINY, "train.epochs=1", "train.max_steps_per_epoch=3", "train.lr=0.05", "ieb.teacher=ensemble",
+                 "ieb.ema_decay=0.5"]  # an EMA teacher, so the EMA is compared too
     assert main(["train-supernet", "-c", QUICKSTART, *overrides, "--print-config"]) == 0
     printed = tmp_path / "printed.yml"
     printed.write_text(capsys.readouterr().out)

@@ -176,13 +176,14 @@ def format_study(study: list[dict]) -> str:
     def cell(v):
         return f"{v:>10.2f}" if v is not None else f"{'-':>10}"
 
-    lines = [f"{'pruned model (its run)':<44} {'MAdds (M)':>9} {'params (M)':>10} {'fine-tuned':>10} "
+    names = [f"{SERIES[s['method']].removesuffix(' + fine-tuned')} ({Path(s['run']).name})" for s in study]
+    width = max([44, *map(len, names)])
+    lines = [f"{'pruned model (its run)':<{width}} {'MAdds (M)':>9} {'params (M)':>10} {'fine-tuned':>10} "
              f"{'Scratch-E':>10} {'Scratch-B':>10}"]
-    for s in study:
+    for s, name in zip(study, names):
         params = f"{s['params'] / 1e6:>10.3f}" if s.get("params") is not None else f"{'-':>10}"
-        name = f"{SERIES[s['method']].removesuffix(' + fine-tuned')} ({Path(s['run']).name})"
-        lines.append(f"{name:<44} {s['madds'] / 1e6:>9.2f} {params} {cell(s['fine_tuned'])} {cell(s['scratch_e'])} "
-                     f"{cell(s['scratch_b'])}")
+        lines.append(f"{name:<{width}} {s['madds'] / 1e6:>9.2f} {params} {cell(s['fine_tuned'])} "
+                     f"{cell(s['scratch_e'])} {cell(s['scratch_b'])}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,6 @@ from typing import Callable, Iterator, Sequence
 import timm
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from dsnet.config import check_root_used
 from dsnet.deploy.extract import extract_dynamic, extract_subnet
@@ -47,6 +46,7 @@ from dsnet.models.net import DSNet
 from dsnet.prune.static import load_static, static_cost
 from dsnet.train.checkpoint import build_model, read_checkpoint
 from dsnet.train.engine import checkpoint_run
+from dsnet.train.logs import progress_bar
 from dsnet.train.runs import build_val_loader
 
 __all__ = ["bench_command", "bench_batch", "bench_static_batch", "StaticPair", "static_pair", "time_interleaved", "spread_gate", "dense_limit_fns",
@@ -91,7 +91,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             fns[name]()
         loops[name] = max(1, int(min_ms / max(_sample_ms(fns[name], 1, device, clock), 1e-3)))
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in tqdm(range(max(1, repeats)), desc=progress, disable=None if progress else True, leave=False):
+    for r in progress_bar(None, progress, bool(progress), iterable=range(max(1, repeats))):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(_sample_ms(fns[name], loops[name], device, clock))

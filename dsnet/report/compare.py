@@ -290,6 +290,11 @@ def _json_line(line: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def _ends(record: dict) -> dict[str, float]:
+    """The top-1 of the slimmest and the largest route in an evaluated epoch's record."""
+    return {"slimmest": record["eval"]["static"][0]["top1"], "largest": record["eval"]["largest"]["top1"]}
+
+
 def learning_curves(paths: Sequence[str | Path]) -> list[dict]:
     """Each stage-one run under ``paths`` (a folder with a ``metrics.jsonl`` of stage
     ``supernet``): its evaluated epochs and the top-1 of its slimmest and largest route at each,
@@ -305,11 +310,10 @@ def learning_curves(paths: Sequence[str | Path]) -> list[dict]:
         during = [r for r in evaluated if not r.get("recalibrated")]
         if not during:
             continue
-        top1 = lambda r: {"slimmest": r["eval"]["static"][0]["top1"], "largest": r["eval"]["largest"]["top1"]}
-        final = [top1(r) for r in evaluated if r.get("recalibrated")]
+        final = [_ends(r) for r in evaluated if r.get("recalibrated")]
+        points = [_ends(r) for r in during]
         curves.append({"run": str(f.parent), "epoch": [r["epoch"] for r in during],
-                       "slimmest": [r["eval"]["static"][0]["top1"] for r in during],
-                       "largest": [r["eval"]["largest"]["top1"] for r in during],
+                       **{end: [p[end] for p in points] for end in ("slimmest", "largest")},
                        "final": final[-1] if final else None})
     if not curves:
         raise UserError(f"--curves: no stage-one run with an evaluated epoch under {', '.join(map(str, paths))} "

@@ -108,13 +108,18 @@ def setup_runtime(device: str, seed: int, deterministic: bool, timeout_s: float 
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s))
         rank = dist.get_rank()
-    torch.manual_seed(seed + rank)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
+    _seed_all(seed + rank)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     return Runtime(dev, rank, world, deterministic)
+
+
+def _seed_all(seed: int) -> None:
+    """Seed the global streams of torch, ``random`` and numpy (numpy's takes 32 bits)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def close_runtime() -> None:
@@ -463,10 +468,7 @@ class Loop:
         elif self.runtime.rank == 0:
             set_rng_state(state["rng"])
         else:
-            fresh = epoch_seed(self.seed, self.runtime.rank, self.epoch)
-            torch.manual_seed(fresh)
-            random.seed(fresh)
-            np.random.seed(fresh % 2**32)
+            _seed_all(epoch_seed(self.seed, self.runtime.rank, self.epoch))
             if self.runtime.rank == 1:
                 logger.warning("the checkpoint was saved by %d process(es), this run has %d: ranks 1.. start fresh "
                                "random streams, so the run continues but not bit for bit",
@@ -547,7 +549,6 @@ class Loop:
             flags = flags.to(torch.int32)
             dist.all_reduce(flags)  # a NaN on one rank stops them all
         bad = [name for name, flag in zip(names, flags.tolist()) if flag]
-        flags.zero_()
         self._nonfinite = None
         if bad:
             last = max(first, self.global_step)
